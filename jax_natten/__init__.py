@@ -1,0 +1,16 @@
+"""jax-natten: neighborhood attention for JAX (NATTEN semantics, XLA FFI kernels, Flax modules)."""
+from .ops import (
+    BACKENDS,
+    merge_attentions,
+    na1d, na1d_av, na1d_qk,
+    na2d, na2d_av, na2d_qk,
+    na3d, na3d_av, na3d_qk,
+)
+from .backends.ffi import available as backend_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "backend_available", "merge_attentions",
+    "na1d", "na1d_qk", "na1d_av", "na2d", "na2d_qk", "na2d_av", "na3d", "na3d_qk", "na3d_av",
+]

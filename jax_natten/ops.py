@@ -1,0 +1,278 @@
+"""Public neighborhood-attention ops: validation, layout, backend dispatch and custom_vjp.
+
+Every public call goes: validate (`_checks`) -> fold leading dims into the batch and pad to three
+spatial axes -> pick a backend -> run -> unpad. Native backends are differentiated by custom_vjp
+rules that call their backward kernels; the reference backend by autodiff.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from .backends import ffi, reference
+
+BACKENDS = ("fused", "gemm", "naive", "cpu", "reference")
+_CUDA_BACKENDS = ("fused", "gemm", "naive")
+_NATIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda")
+
+
+def _unsupported(backend: str, op: str, dtype) -> str | None:
+    """Why `backend` cannot serve this call, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "fused" and op != "attention":
+        return "'fused' has no unfused qk/av ops: use 'gemm', 'naive', 'cpu' or 'reference'"
+    if not ffi.available(backend):
+        return ffi.unavailable_reason(backend)
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NATIVE_DTYPES]:
+        return f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16 are)"
+    return None
+
+
+def resolve_backend(backend, op: str, dtype) -> str:
+    """The backend that serves a call: the user's choice (checked), or the best available one."""
+    if backend is None:
+        if _on_gpu():
+            prefs = ("fused", "gemm", "reference") if op == "attention" else \
+                ("gemm", "naive", "reference")
+        else:
+            prefs = ("cpu", "reference")
+        return next(b for b in prefs if _unsupported(b, op, dtype) is None)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None")
+    why = _unsupported(backend, op, dtype)
+    if why is not None:
+        raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
+    return backend
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _to_kernel_layout(x, problem: _checks.Problem):
+    """[*lead, *spatial, H, D] -> [B, X, Y, Z, H, D] (leading spatial axes of length 1)."""
+    pad = (1,) * (_checks.MAX_RANK - len(problem.spatial))
+    return x.reshape((problem.batch,) + pad + problem.spatial + tuple(x.shape[-2:]))
+
+
+def _from_kernel_layout(x, problem: _checks.Problem, tail: int):
+    """[B, X, Y, Z, (tail dims)] -> [*lead, *spatial, (tail dims)]."""
+    return x.reshape(problem.lead + problem.spatial + tuple(x.shape[x.ndim - tail:]))
+
+
+def _fold_additional(x, problem):
+    return None if x is None else x.reshape((problem.batch,) + tuple(x.shape[-3:]))
+
+
+def _pad_rpb(rpb, problem):
+    if rpb is None:
+        return None
+    pad = (1,) * (_checks.MAX_RANK - len(problem.spatial))
+    return rpb.reshape(rpb.shape[:1] + pad + rpb.shape[1:])
+
+
+# ----------------------------------------------------------------------------- differentiable cores
+# Arguments are in kernel layout; `params` is padded NAParams (static), like `scale` and `backend`.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
+    return ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale)
+
+
+def _native_attention_fwd(q, k, v, rpb, add_k, add_v, params, scale, backend):
+    o, lse = ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale)
+    return (o, lse), (q, k, v, rpb, add_k, add_v, o, lse)
+
+
+def _native_attention_bwd(params, scale, backend, res, cotangents):
+    q, k, v, rpb, add_k, add_v, o, lse = res
+    do, dlse = cotangents
+    dq, dk, dv, drpb, dak, dav = ffi.fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
+                                                  dlse, params, scale)
+    return (dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
+            None if add_k is None else dak, None if add_v is None else dav)
+
+
+_native_attention.defvjp(_native_attention_fwd, _native_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _native_qk(q, k, rpb, add_k, params, backend):
+    return ffi.qk_forward(backend, q, k, rpb, add_k, params)
+
+
+def _native_qk_fwd(q, k, rpb, add_k, params, backend):
+    return ffi.qk_forward(backend, q, k, rpb, add_k, params), (q, k, rpb, add_k)
+
+
+def _native_qk_bwd(params, backend, res, dw):
+    q, k, rpb, add_k = res
+    dq, dk, drpb, dak = ffi.qk_backward(backend, q, k, rpb, add_k, dw, params)
+    return (dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
+            None if add_k is None else dak)
+
+
+_native_qk.defvjp(_native_qk_fwd, _native_qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_av(w, v, add_v, params, backend):
+    return ffi.av_forward(backend, w, v, add_v, params)
+
+
+def _native_av_fwd(w, v, add_v, params, backend):
+    return ffi.av_forward(backend, w, v, add_v, params), (w, v, add_v)
+
+
+def _native_av_bwd(params, backend, res, do):
+    w, v, add_v = res
+    dw, dv, dav = ffi.av_backward(backend, w, v, add_v, do, params)
+    return dw, dv, None if add_v is None else dav
+
+
+_native_av.defvjp(_native_av_fwd, _native_av_bwd)
+
+
+def _qk(q, k, rpb, add_k, params, backend):
+    if backend == "reference":
+        return reference.qk(q, k, rpb, add_k, params)
+    return _native_qk(q, k, rpb, add_k, params, backend)
+
+
+def _av(w, v, add_v, params, backend):
+    if backend == "reference":
+        return reference.av(w, v, add_v, params)
+    return _native_av(w, v, add_v, params, backend)
+
+
+def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
+    if backend == "reference":
+        return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
+    if backend in ("cpu", "fused"):
+        return _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend)
+    # Unfused backends: qk -> softmax (float32) -> av, each op with its own backward kernels.
+    # Scaling q first keeps the bias unscaled: (scale q).k + rpb.
+    logits = _qk((q.astype(jnp.float32) * scale).astype(q.dtype), k, rpb, add_k, params, backend)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    weights = jnp.exp(logits - lse[..., None]).astype(q.dtype)
+    return _av(weights, v, add_v, params, backend), lse
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+        additional_keys, additional_values, return_lse, backend):
+    problem = _checks.check_attention(rank, query, key, value, kernel_size, stride, dilation,
+                                      is_causal, rpb, additional_keys, additional_values)
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values must be given together")
+    backend = resolve_backend(backend, "attention", query.dtype)
+    scale = problem.head_dim ** -0.5 if scale is None else float(scale)
+    lay = functools.partial(_to_kernel_layout, problem=problem)
+    out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
+                          _fold_additional(additional_keys, problem),
+                          _fold_additional(additional_values, problem),
+                          problem.params.padded(), scale, backend)
+    out = _from_kernel_layout(out, problem, 2)
+    return (out, _from_kernel_layout(lse, problem, 1)) if return_lse else out
+
+
+def _na_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, additional_keys,
+           backend):
+    problem = _checks.check_attention(rank, query, key, None, kernel_size, stride, dilation,
+                                      is_causal, rpb, additional_keys, None)
+    backend = resolve_backend(backend, "qk", query.dtype)
+    lay = functools.partial(_to_kernel_layout, problem=problem)
+    w = _qk(lay(query), lay(key), _pad_rpb(rpb, problem),
+            _fold_additional(additional_keys, problem), problem.params.padded(), backend)
+    return _from_kernel_layout(w, problem, 2)
+
+
+def _na_av(rank, weights, value, kernel_size, stride, dilation, is_causal, additional_values,
+           backend):
+    problem = _checks.check_weights(rank, weights, value, kernel_size, stride, dilation, is_causal,
+                                    additional_values)
+    backend = resolve_backend(backend, "av", value.dtype)
+    lay = functools.partial(_to_kernel_layout, problem=problem)
+    out = _av(lay(weights), lay(value), _fold_additional(additional_values, problem),
+              problem.params.padded(), backend)
+    return _from_kernel_layout(out, problem, 2)
+
+
+_NA_DOC = """{rank}-D neighborhood attention: softmax(scale * q.k + rpb) v over each query's window.
+
+    query: [batch..., {axes}, heads, D]; key/value: [batch..., {axes}, kv_heads, D / D_v]
+    (heads % kv_heads == 0). kernel_size, stride, dilation, is_causal: an int/bool or one per axis.
+    scale defaults to D ** -0.5. rpb: [heads, {rpb}] relative positional bias (non-causal, stride 1
+    only). additional_keys/values: [batch..., S, kv_heads, D / D_v], attended by every query.
+    Returns out [batch..., {axes}, heads, D_v], or (out, lse) with lse [batch..., {axes}, heads]
+    (natural log, float32) when return_lse. backend: None (best available), "fused", "gemm",
+    "naive", "cpu" or "reference".
+"""
+
+_QK_DOC = """{rank}-D neighborhood logits q.k (unscaled, + rpb) of every query with its window.
+
+    Returns [batch..., {axes}, heads, prod(kernel_size) (+ S_add)]: entry t is window offset t,
+    row-major over the kernel axes, from the window start; entries past a causal query are -inf;
+    logits of additional keys follow.
+"""
+
+_AV_DOC = """{rank}-D neighborhood aggregation: out = sum_t weights[..., t] * value[key t] (+ additional).
+
+    weights: [batch..., {axes}, heads, prod(kernel_size) (+ S_add)] as returned by na{rank}d_qk
+    (entries past a causal query are ignored); value: [batch..., {axes}, kv_heads, D_v].
+"""
+
+
+def _make(rank):
+    axes = ", ".join("XYZ"[3 - rank:])
+    rpb = ", ".join(f"2*k{i}-1" for i in range(rank))
+
+    def na(query, key, value, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
+           rpb=None, additional_keys=None, additional_values=None, return_lse=False,
+           backend=None):
+        return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                   additional_keys, additional_values, return_lse, backend)
+
+    def na_qk(query, key, kernel_size, *, stride=1, dilation=1, is_causal=False, rpb=None,
+              additional_keys=None, backend=None):
+        return _na_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb,
+                      additional_keys, backend)
+
+    def na_av(weights, value, kernel_size, *, stride=1, dilation=1, is_causal=False,
+              additional_values=None, backend=None):
+        return _na_av(rank, weights, value, kernel_size, stride, dilation, is_causal,
+                      additional_values, backend)
+
+    for f, doc, suffix in ((na, _NA_DOC, ""), (na_qk, _QK_DOC, "_qk"), (na_av, _AV_DOC, "_av")):
+        f.__name__ = f.__qualname__ = f"na{rank}d{suffix}"
+        f.__doc__ = doc.format(rank=rank, axes=axes, rpb=rpb)
+    return na, na_qk, na_av
+
+
+na1d, na1d_qk, na1d_av = _make(1)
+na2d, na2d_qk, na2d_av = _make(2)
+na3d, na3d_qk, na3d_av = _make(3)
+
+
+def merge_attentions(outputs, lses):
+    """Merge attention over disjoint key sets by their LSEs: -> (out, lse).
+
+    outputs: sequence of [..., heads, D]; lses: matching [..., heads] natural-log LSEs.
+    """
+    outputs, lses = list(outputs), list(lses)
+    _checks.check_merge(outputs, lses)
+    lse_all = jnp.stack([l.astype(jnp.float32) for l in lses])
+    lse = jax.nn.logsumexp(lse_all, axis=0)
+    weights = jnp.exp(lse_all - lse)[..., None]
+    out = sum(w * o.astype(jnp.float32) for w, o in zip(weights, outputs))
+    return out.astype(outputs[0].dtype), lse

@@ -1,0 +1,104 @@
+"""A float64 NumPy oracle written straight from SPEC section 1, independent of jax_natten.
+
+Literal: the window rules are typed again from the spec text (not imported) and enumerated per
+query in Python, so a mistake in `_window.py` cannot hide itself; only the arithmetic is vectorized.
+"""
+import functools
+import itertools
+import math
+
+import numpy as np
+
+
+def spec_axis_window(x, L, k, s, d, causal):
+    """SPEC 1.1-1.4 for global query x: per offset t, (global key or None past a causal query,
+    relative-position index j - i + k - 1 in local coordinates)."""
+    g, i = x % d, x // d
+    Lg = L // d + (1 if g < L % d else 0)
+    if causal:
+        leader = min((i // s) * s + s - 1, Lg - 1)
+        start = max(leader - k + 1, 0)
+        last = i
+    else:
+        leader = min((i // s) * s + s // 2, Lg - 1)
+        start = min(max(leader - k // 2, 0), Lg - k)
+        last = start + k - 1
+    out = []
+    for t in range(k):
+        j = start + t
+        out.append(((g + d * j) if j <= last else None, j - i + k - 1))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def windows(spatial, kernel, stride, dilation, causal):
+    """Every query's window, row-major over queries and offsets: `(keys [N, K], rel [N, K, rank])`,
+    keys[n, t] the flat key index or -1 where the offset lies past a causal query."""
+    keys, rels = [], []
+    for coord in itertools.product(*[range(L) for L in spatial]):
+        axes = [spec_axis_window(x, L, k, s, d, c) for x, L, k, s, d, c in
+                zip(coord, spatial, kernel, stride, dilation, causal)]
+        for combo in itertools.product(*axes):
+            ks = [key for key, _ in combo]
+            keys.append(-1 if None in ks else int(np.ravel_multi_index(ks, spatial)))
+            rels.append([rel for _, rel in combo])
+    N, K = math.prod(spatial), math.prod(kernel)
+    return np.array(keys).reshape(N, K), np.array(rels).reshape(N, K, len(kernel))
+
+
+def _flat(x):
+    """[B, *spatial, H, D] -> float64 [B, N, H, D]."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def _per_head(x, heads):
+    """kv-head tensor [..., KVH, D] -> one copy per query head [..., H, D] (GQA: h // groups)."""
+    return np.repeat(x, heads // x.shape[-2], axis=-2)
+
+
+def qk(q, k, kernel, stride, dilation, causal, rpb=None, add_k=None):
+    """Unscaled logits [B, *spatial, H, prod(k) (+S)], -inf past causal queries."""
+    spatial = q.shape[1:1 + len(kernel)]
+    keys, rel = windows(tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation),
+                        tuple(causal))
+    qf = _flat(q)
+    kf = _per_head(_flat(k), qf.shape[2])
+    out = np.einsum("bnhd,bnkhd->bnhk", qf, kf[:, np.maximum(keys, 0)])
+    if rpb is not None:
+        rpb = np.asarray(rpb, np.float64)
+        bias = rpb[(slice(None),) + tuple(rel[..., a] for a in range(len(kernel)))]  # [H, N, K]
+        out = out + bias.transpose(1, 0, 2)[None]
+    out = np.where(keys[None, :, None, :] >= 0, out, -np.inf)
+    if add_k is not None:
+        ak = _per_head(np.asarray(add_k, np.float64), qf.shape[2])
+        out = np.concatenate([out, np.einsum("bnhd,bshd->bnhs", qf, ak)], axis=-1)
+    return out.reshape(q.shape[:-1] + (out.shape[-1],))
+
+
+def av(w, v, kernel, stride, dilation, causal, add_v=None):
+    spatial = w.shape[1:1 + len(kernel)]
+    keys, _ = windows(tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation),
+                      tuple(causal))
+    wf = _flat(w)
+    K = keys.shape[1]
+    vf = _per_head(_flat(v), wf.shape[2])
+    wk = np.where(keys[None, :, None, :] >= 0, wf[..., :K], 0.0)
+    out = np.einsum("bnhk,bnkhd->bnhd", wk, vf[:, np.maximum(keys, 0)])
+    if add_v is not None:
+        out = out + np.einsum("bnhs,bshd->bnhd", wf[..., K:],
+                              _per_head(np.asarray(add_v, np.float64), wf.shape[2]))
+    return out.reshape(w.shape[:-1] + (vf.shape[-1],))
+
+
+def attention(q, k, v, kernel, stride, dilation, causal, scale=None, rpb=None, add_k=None,
+              add_v=None):
+    """-> (out, lse) in float64."""
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    logits = qk(np.asarray(q, np.float64) * scale, k, kernel, stride, dilation, causal, rpb, add_k)
+    m = logits.max(-1, keepdims=True)
+    e = np.exp(logits - m)
+    lse = np.log(e.sum(-1)) + m[..., 0]
+    p = e / e.sum(-1, keepdims=True)
+    return av(p, v, kernel, stride, dilation, causal, add_v), lse
