@@ -11,7 +11,7 @@ import jax_natten
 
 Q = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 7, 4, 8)), jnp.float16)
 KV = Q[..., :2, :]
-RPB = jnp.zeros((4, 5, 5), jnp.float32) + 0.1
+RPB = jnp.full((4, 9, 9), 0.1, jnp.float32)
 
 # CI sets JAX_NATTEN_EXPECT_CUDA=1 where nvcc is present: a build without CUDA kernels then fails.
 EXPECT_CUDA = os.environ.get("JAX_NATTEN_EXPECT_CUDA") == "1"

@@ -115,14 +115,15 @@ def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale):
 def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, scale):
     """-> dq, dk, dv, drpb (summed over batch; None when absent), dadd_k, dadd_v."""
     has_rpb = rpb is not None
-    outs = [(q.shape, q.dtype, True), (k.shape, k.dtype, True), (v.shape, v.dtype, True),
-            (_drpb_shape(q, rpb), jnp.float32, has_rpb),
-            (add_k.shape, add_k.dtype, True), (add_v.shape, add_v.dtype, True)]
+    drpb_shape = _drpb_shape(q, rpb)
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k, add_v = _additional(q, k, v, add_k, add_v)
+    outs = [(q.shape, q.dtype, True), (k.shape, k.dtype, True), (v.shape, v.dtype, True),
+            (drpb_shape, jnp.float32, has_rpb),
+            (add_k.shape, add_k.dtype, True), (add_v.shape, add_v.dtype, True)]
+    args = (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32))
     dq, dk, dv, drpb, dak, dav = _call(
-        f"natten_{backend}_fna_bwd", outs, (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype),
-                                dlse.astype(jnp.float32)),
+        f"natten_{backend}_fna_bwd", outs, args,
         (True, True, True, False, True, True, True, True, True, True), _attrs(params, scale))
     return dq, dk, dv, (drpb.sum(0) if has_rpb else None), dak, dav
 

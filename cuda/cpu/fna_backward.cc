@@ -1,0 +1,84 @@
+// Fused backward on the host. Recomputes P = exp(logits - lse) per query row, then
+// dS = P * (do.v - Delta) with Delta = rowsum(do * o) - dlse (dlse: the cotangent of lse, whose
+// gradient w.r.t. the logits is P), and scatters dS into dq, dk, drpb and P * do into dv
+// (additional keys/values included).
+#include "common.h"
+#include "natten/cpu_handlers.h"
+
+namespace natten::cpu {
+namespace {
+
+ffi::Error FnaBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rpb,
+                       ffi::AnyBuffer add_k, ffi::AnyBuffer add_v, ffi::AnyBuffer o,
+                       ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                       ffi::Result<ffi::AnyBuffer> dq,
+                       ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                       ffi::Result<ffi::AnyBuffer> drpb, ffi::Result<ffi::AnyBuffer> dadd_k,
+                       ffi::Result<ffi::AnyBuffer> dadd_v, I64Span kernel_size, I64Span stride,
+                       I64Span dilation, I64Span is_causal, float scale) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
+                              stride, dilation, is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  const ffi::DataType dtype = q.element_type();
+  NATTEN_TRY(check_like("output", o, dtype, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_like("output gradient", dout, dtype, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse gradient", dlse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_like("query gradient", *dq, dtype, {B, X, Y, Z, H, p.dim}));
+  NATTEN_TRY(check_like("key gradient", *dk, dtype, {B, X, Y, Z, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("value gradient", *dv, dtype, {B, X, Y, Z, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_like("additional_keys gradient", *dadd_k, dtype,
+                        {B, p.additional, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("additional_values gradient", *dadd_v, dtype,
+                        {B, p.additional, p.kv_heads, p.dim_v}));
+  Problem with_drpb = p;
+  NATTEN_TRY(decode_rpb(with_drpb, "rpb gradient", *drpb, /*per_batch=*/true));
+  if (with_drpb.has_rpb != p.has_rpb && B > 0)
+    return invalid("rpb gradient must have elements exactly when rpb does");
+
+  return guarded([&] {
+    InputF32 q32(q), k32(k), v32(v), add_k32(add_k), add_v32(add_v), o32(o), dout32(dout);
+    const float* lse32 = static_cast<const float*>(lse.untyped_data());
+    const float* dlse32 = static_cast<const float*>(dlse.untyped_data());
+    const float* rpb32 = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+    OutputF32 dq32(*dq, kUnwritten), dk32(*dk, 0.f), dv32(*dv, 0.f), drpb32(*drpb, 0.f),
+        dadd_k32(*dadd_k, 0.f), dadd_v32(*dadd_v, 0.f);
+    const Rows<const float> q_rows{q32.data(), p.tokens(), H, p.dim};
+    const Rows<const float> o_rows{o32.data(), p.tokens(), H, p.dim_v};
+    const Rows<const float> dout_rows{dout32.data(), p.tokens(), H, p.dim_v};
+    const Rows<float> dq_rows{dq32.data(), p.tokens(), H, p.dim};
+    const auto k_rows = key_rows<const float>(p, k32.data(), add_k32.data(), p.dim);
+    const auto v_rows = key_rows<const float>(p, v32.data(), add_v32.data(), p.dim_v);
+    const auto dk_rows = key_rows<float>(p, dk32.data(), dadd_k32.data(), p.dim);
+    const auto dv_rows = key_rows<float>(p, dv32.data(), dadd_v32.data(), p.dim_v);
+
+    for_each_row_by_kv_head(p, [&](int64_t b, int64_t token, int64_t h, int64_t kv_head,
+                                   RowScratch& row) {
+      const size_t n = row.keys.size();
+      float* probs = row.a.data();
+      float* dscores = row.b.data();
+      const float* q_row = q_rows(b, token, h);
+      const float* dout_row = dout_rows(b, token, h);
+      score_row(q_row, k_rows, b, kv_head, p.dim, row.keys, scale,
+                rpb32 ? rpb32 + h * p.rpb_per_head() : nullptr, probs);
+      const int64_t row_index = (b * p.tokens() + token) * H + h;
+      for (size_t i = 0; i < n; ++i) probs[i] = std::exp(probs[i] - lse32[row_index]);
+      const float delta = dot(dout_row, o_rows(b, token, h), p.dim_v) - dlse32[row_index];
+      weighted_sum_backward(probs, dout_row, v_rows, dv_rows, b, kv_head, p.dim_v, row.keys,
+                            dscores);
+      for (size_t i = 0; i < n; ++i) dscores[i] = probs[i] * (dscores[i] - delta);
+      score_row_backward(q_row, dscores, k_rows, dk_rows, b, kv_head, p.dim, row.keys, scale,
+                         dq_rows(b, token, h),
+                         p.has_rpb ? drpb32.data() + (b * H + h) * p.rpb_per_head() : nullptr);
+    });
+    for (OutputF32* out : {&dq32, &dk32, &dv32, &drpb32, &dadd_k32, &dadd_v32}) out->commit();
+    return ok();
+  });
+}
+
+}  // namespace
+}  // namespace natten::cpu
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenCpuFnaBwd, natten::cpu::FnaBackward,
+                              (natten::bind_handler<10, 6>().Attr<float>("scale")));

@@ -1,0 +1,13 @@
+// CUDA FFI handler symbols (platform "CUDA"), defined in cuda/naive/*.cu and registered by
+// cuda/module.cc as natten_naive_{qk,av}_{fwd,bwd}. The contract is cuda/README.md.
+// Plain C++: includable from host-only translation units.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+// qk_fwd: q, k, rpb, add_k -> w.        qk_bwd: q, k, add_k, dw -> dq, dk, drpb, dadd_k.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveQkFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveQkBwd);
+// av_fwd: w, v, add_v -> o.             av_bwd: w, v, add_v, do -> dw, dv, dadd_v.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvBwd);

@@ -1,0 +1,111 @@
+// The Python extension `jax_natten._natten_ext`: the one table of FFI handlers this library
+// registers with XLA. Python calls registrations() and hands each capsule to
+// jax.ffi.register_ffi_target(name, capsule, platform=platform).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "natten/cpu_handlers.h"
+#include "natten/window.h"
+#ifdef JAX_NATTEN_WITH_CUDA
+#include "natten/cuda_handlers.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+struct Entry {
+  const char* target;    // FFI target name, natten_<backend>_<op>
+  const char* platform;  // "cpu" or "CUDA"
+  XLA_FFI_Handler* handler;
+};
+
+const Entry kEntries[] = {
+    {"natten_cpu_fna_fwd", "cpu", NattenCpuFnaFwd},
+    {"natten_cpu_fna_bwd", "cpu", NattenCpuFnaBwd},
+    {"natten_cpu_qk_fwd", "cpu", NattenCpuQkFwd},
+    {"natten_cpu_qk_bwd", "cpu", NattenCpuQkBwd},
+    {"natten_cpu_av_fwd", "cpu", NattenCpuAvFwd},
+    {"natten_cpu_av_bwd", "cpu", NattenCpuAvBwd},
+#ifdef JAX_NATTEN_WITH_CUDA
+    {"natten_naive_qk_fwd", "CUDA", NattenNaiveQkFwd},
+    {"natten_naive_qk_bwd", "CUDA", NattenNaiveQkBwd},
+    {"natten_naive_av_fwd", "CUDA", NattenNaiveAvFwd},
+    {"natten_naive_av_bwd", "CUDA", NattenNaiveAvBwd},
+#endif
+};
+
+// The window math takes these as given; checked here so a test can't divide by zero.
+void check_axis(int length, int kernel, int stride, int dilation) {
+  if (kernel < 1 || stride < 1 || stride > kernel || dilation < 1 ||
+      static_cast<long long>(kernel) * dilation > length)
+    throw nb::value_error("need 1 <= stride <= kernel and kernel * dilation <= length");
+}
+
+}  // namespace
+
+NB_MODULE(_natten_ext, m) {
+  m.doc() = "jax-natten native kernels (XLA FFI handlers)";
+
+  m.def(
+      "registrations",
+      [] {
+        std::vector<std::tuple<std::string, std::string, nb::capsule>> out;
+        for (const Entry& e : kEntries)
+          out.emplace_back(e.target, e.platform,
+                           nb::capsule(reinterpret_cast<void*>(e.handler)));
+        return out;
+      },
+      "[(target_name, platform, capsule)] for jax.ffi.register_ffi_target.");
+
+  // window.h exposed so tests can check it against jax_natten/_window.py.
+  m.def(
+      "axis_windows",
+      [](int length, int kernel, int stride, int dilation, bool causal) {
+        check_axis(length, kernel, stride, dilation);
+        const natten::AxisParams axis{length, kernel, stride, dilation, causal};
+        std::vector<std::tuple<int, int, int, int>> out;
+        for (int x = 0; x < length; ++x) {
+          const natten::AxisWindow w = natten::axis_window(axis, x);
+          out.emplace_back(w.start, w.count, w.step, w.rpb0);
+        }
+        return out;
+      },
+      "[(start, count, step, rpb0)] of natten::axis_window for every query of one axis.");
+
+  m.def(
+      "inverse_windows",
+      [](int length, int kernel, int stride, bool causal) {
+        check_axis(length, kernel, stride, 1);
+        std::vector<std::pair<int, int>> out;
+        for (int j = 0; j < length; ++j) {
+          const natten::QueryRange r = natten::inverse_window(j, length, kernel, stride, causal);
+          out.emplace_back(r.first, r.last);
+        }
+        return out;
+      },
+      "[(first, last)] of natten::inverse_window for every key of one (undilated) axis.");
+
+  m.def(
+      "has_cuda",
+      [] {
+#ifdef JAX_NATTEN_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the CUDA handlers were compiled in.");
+
+  m.def(
+      "ffi_api_version", [] { return std::make_pair(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },
+      "(major, minor) XLA FFI API version of the headers this module was built against.");
+}

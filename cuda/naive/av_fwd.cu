@@ -1,0 +1,50 @@
+// natten_naive_av_fwd: w, v, add_v -> o [B, X, Y, Z, H, Dv] (dtype of v).
+//   o[b, n, h, :] = sum_{valid t < K} w[b, n, h, t] v[b, nbr t, h / G]
+//                 + sum_s w[b, n, h, K + s] add_v[b, s, h / G]
+// w may be f32 / f16 / bf16 independently of v. Weights past a causal query are never read.
+// One thread per element of o (window_gather_kernel).
+#include "kernels.cuh"
+#include "natten/cuda_common.h"
+#include "natten/cuda_handlers.h"
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace {
+
+ffi::Error NaiveAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v,
+                      ffi::Result<ffi::AnyBuffer> o, I64Span kernel_size, I64Span stride,
+                      I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_like("output (av)", *o, v.element_type(),
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
+  Params a;
+  NATTEN_TRY(make_params(p, p.dim_v, a));
+  NATTEN_TRY(poison_outputs(stream, *o));
+  return dispatch_float(w.element_type(), [&](auto wtag) -> ffi::Error {
+    return dispatch_float(v.element_type(), [&](auto vtag) -> ffi::Error {
+      using TW = typename decltype(wtag)::type;
+      using TV = typename decltype(vtag)::type;
+      return naive::launch_window_gather<TW, TV, TV>(stream, a, w.untyped_data(), v.untyped_data(),
+                                                     add_v.untyped_data(), o->untyped_data());
+    });
+  });
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace natten
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveAvFwd, natten::gpu::NaiveAvFwd,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // w
+                                  .Arg<xla::ffi::AnyBuffer>()  // v
+                                  .Arg<xla::ffi::AnyBuffer>()  // add_v
+                                  .Ret<xla::ffi::AnyBuffer>()  // o
+                                  .Attr<natten::I64Span>("kernel_size")
+                                  .Attr<natten::I64Span>("stride")
+                                  .Attr<natten::I64Span>("dilation")
+                                  .Attr<natten::I64Span>("is_causal"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

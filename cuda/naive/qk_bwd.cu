@@ -1,0 +1,75 @@
+// natten_naive_qk_bwd: q, k, add_k, dw -> dq, dk, drpb, dadd_k.
+//   dq[b, n, h, :]      = sum_{valid t} dw[b, n, h, t] k[nbr t]
+//                       + sum_s dw[b, n, h, K + s] add_k[b, s]
+//                         (window_gather_kernel, thread per element of dq)
+//   dk[b, j, kvh, :]    = sum_{queries c holding j, heads of kvh} dw[b, c, h, t(c, j)] q[b, c, h]
+//                         (inverse_gather_kernel, thread per element of dk)
+//   drpb[b, h, r]       = sum_n dw[b, n, h, t(n, r)]  (rpb_grad_kernel, block per element; skipped
+//                         when the drpb output has 0 elements)
+//   dadd_k[b, s, kvh, :] = sum_{n, heads of kvh} dw[b, n, h, K + s] q[b, n, h]
+//                         (additional_reduce_kernel, block per 32 features)
+// dw past a causal query is never read. dw has the dtype of q (it is the cotangent of w).
+#include "kernels.cuh"
+#include "natten/cuda_common.h"
+#include "natten/cuda_handlers.h"
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace {
+
+ffi::Error NaiveQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer add_k,
+                      ffi::AnyBuffer dw, ffi::Result<ffi::AnyBuffer> dq,
+                      ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> drpb,
+                      ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
+                      I64Span dilation, I64Span is_causal) {
+  Problem p;
+  // The drpb output plays the rpb role: present iff it has elements, layout [B, H, 2k-1 ...].
+  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, *drpb, /*rpb_is_grad=*/true,
+                              kernel_size, stride, dilation, is_causal));
+  const ffi::DataType dt = q.element_type();
+  NATTEN_TRY(check_like("dw (weights cotangent)", dw, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(check_like("dq", *dq, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
+  NATTEN_TRY(check_like("dk", *dk, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("dadd_k", *dadd_k, dt, {p.batch, p.additional, p.kv_heads, p.dim}));
+  Params a;
+  NATTEN_TRY(make_params(p, p.dim, a));
+  NATTEN_TRY(poison_outputs(stream, *dq, *dk, *drpb, *dadd_k));
+  return dispatch_float(dt, [&](auto tag) -> ffi::Error {
+    using T = typename decltype(tag)::type;
+    NATTEN_TRY((naive::launch_window_gather<T, T, T>(stream, a, dw.untyped_data(), k.untyped_data(),
+                                                     add_k.untyped_data(), dq->untyped_data())));
+    NATTEN_TRY((naive::launch_inverse_gather<T, T, T>(stream, a, dw.untyped_data(),
+                                                      q.untyped_data(), dk->untyped_data())));
+    NATTEN_TRY((naive::launch_additional_reduce<T, T, T>(
+        stream, a, dw.untyped_data(), q.untyped_data(), dadd_k->untyped_data())));
+    if (p.has_rpb)
+      NATTEN_TRY(naive::launch_rpb_grad<T>(stream, a, dw.untyped_data(),
+                                           static_cast<float*>(drpb->untyped_data())));
+    return ok();
+  });
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace natten
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkBwd, natten::gpu::NaiveQkBwd,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // q
+                                  .Arg<xla::ffi::AnyBuffer>()  // k
+                                  .Arg<xla::ffi::AnyBuffer>()  // add_k
+                                  .Arg<xla::ffi::AnyBuffer>()  // dw
+                                  .Ret<xla::ffi::AnyBuffer>()  // dq
+                                  .Ret<xla::ffi::AnyBuffer>()  // dk
+                                  .Ret<xla::ffi::AnyBuffer>()  // drpb
+                                  .Ret<xla::ffi::AnyBuffer>()  // dadd_k
+                                  .Attr<natten::I64Span>("kernel_size")
+                                  .Attr<natten::I64Span>("stride")
+                                  .Attr<natten::I64Span>("dilation")
+                                  .Attr<natten::I64Span>("is_causal"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,52 @@
+// natten_naive_qk_fwd: q, k, rpb, add_k -> w [B, X, Y, Z, H, K + S] (dtype of q).
+// w[..., t] = q . k[neighbor t] + rpb[h, rel(t)] for t < K (-inf past a causal query),
+// w[..., K + s] = q . add_k[b, s, kvh]. No scaling.
+// One thread per element of w (window_dot_kernel).
+#include <cmath>
+
+#include "kernels.cuh"
+#include "natten/cuda_common.h"
+#include "natten/cuda_handlers.h"
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace {
+
+ffi::Error NaiveQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer rpb,
+                      ffi::AnyBuffer add_k, ffi::Result<ffi::AnyBuffer> w, I64Span kernel_size,
+                      I64Span stride, I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
+                              kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_like("weights (qk output)", *w, q.element_type(),
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  Params a;
+  NATTEN_TRY(make_params(p, p.dim, a));
+  const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  NATTEN_TRY(poison_outputs(stream, *w));
+  return dispatch_float(q.element_type(), [&](auto tag) -> ffi::Error {
+    using T = typename decltype(tag)::type;
+    return naive::launch_window_dot<T, T, T>(stream, a, q.untyped_data(), k.untyped_data(),
+                                             add_k.untyped_data(), bias, w->untyped_data(),
+                                             -INFINITY);
+  });
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace natten
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkFwd, natten::gpu::NaiveQkFwd,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // q
+                                  .Arg<xla::ffi::AnyBuffer>()  // k
+                                  .Arg<xla::ffi::AnyBuffer>()  // rpb
+                                  .Arg<xla::ffi::AnyBuffer>()  // add_k
+                                  .Ret<xla::ffi::AnyBuffer>()  // w
+                                  .Attr<natten::I64Span>("kernel_size")
+                                  .Attr<natten::I64Span>("stride")
+                                  .Attr<natten::I64Span>("dilation")
+                                  .Attr<natten::I64Span>("is_causal"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,134 @@
+"""What the Flax NNX and Linen neighborhood-attention modules share.
+
+`jax_natten.nnx` and `jax_natten.linen` own only the framework glue (parameters, dropout, modes);
+the argument checks, the RPB shape and initializer, and the qkv -> heads -> NA -> tokens core live
+here once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+#: Relative positional bias initializer: truncated normal (at 2 std), std 0.02 like NATTEN's.
+default_rpb_init = jax.nn.initializers.truncated_normal(stddev=0.02)
+
+
+def _per_axis(name: str, value: Any, rank: int, kind: type) -> tuple:
+    if isinstance(value, (tuple, list)):
+        values = tuple(value)
+        if len(values) != rank:
+            raise ValueError(f"{name} has {len(values)} entries, expected {rank} (one per "
+                             f"spatial axis) or a single value: got {value!r}")
+    else:
+        values = (value,) * rank
+    for v in values:
+        # bool is an int subclass: reject it for integer fields, accept only it for flags.
+        is_bool = isinstance(v, bool)
+        if not (is_bool if kind is bool else isinstance(v, int) and not is_bool):
+            raise TypeError(f"{name} must be {kind.__name__} or a tuple of {kind.__name__}, "
+                            f"got {value!r}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class NAConfig:
+    """Static, validated configuration of one neighborhood-attention layer (any channel count)."""
+
+    rank: int
+    num_heads: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    rel_pos_bias: bool
+    scale: float | None
+    backend: str | None
+
+    @property
+    def rpb_shape(self) -> tuple[int, ...]:
+        """`[num_heads, 2*k_0-1, ..., 2*k_{r-1}-1]`."""
+        return (self.num_heads, *(2 * k - 1 for k in self.kernel_size))
+
+    def head_dim(self, features: int) -> int:
+        """Channels per head; ValueError unless `num_heads` divides `features`."""
+        if features % self.num_heads:
+            raise ValueError(f"NeighborhoodAttention{self.rank}D: features ({features}) must be "
+                             f"divisible by num_heads ({self.num_heads})")
+        return features // self.num_heads
+
+
+def make_config(rank: int, num_heads: int, kernel_size, *, stride=1, dilation=1, is_causal=False,
+                rel_pos_bias=False, scale=None, backend=None) -> NAConfig:
+    """Normalizes per-axis arguments; ValueError/TypeError for invalid values or combinations."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    kernel = _per_axis("kernel_size", kernel_size, rank, int)
+    stride = _per_axis("stride", stride, rank, int)
+    dilation = _per_axis("dilation", dilation, rank, int)
+    causal = _per_axis("is_causal", is_causal, rank, bool)
+    for a in range(rank):
+        if kernel[a] < 2:
+            raise ValueError(f"kernel_size must be >= 2 on every axis, got {kernel}")
+        if not 1 <= stride[a] <= kernel[a]:
+            raise ValueError(f"stride must be in [1, kernel_size] on every axis, got stride "
+                             f"{stride} for kernel_size {kernel}")
+        if dilation[a] < 1:
+            raise ValueError(f"dilation must be >= 1 on every axis, got {dilation}")
+    if rel_pos_bias and (any(causal) or any(s != 1 for s in stride)):
+        raise ValueError("rel_pos_bias=True is only defined for non-causal, stride-1 "
+                         f"neighborhood attention; got is_causal={causal}, stride={stride}")
+    return NAConfig(rank=rank, num_heads=num_heads, kernel_size=kernel, stride=stride,
+                    dilation=dilation, is_causal=causal, rel_pos_bias=bool(rel_pos_bias),
+                    scale=scale, backend=backend)
+
+
+def check_input(cfg: NAConfig, x: jax.Array, features: int | None = None) -> int:
+    """Checks `x` is `[batch..., *spatial, C]` (C == `features` if given); returns C."""
+    c = x.shape[-1] if x.ndim else None
+    if x.ndim < cfg.rank + 2 or (features is not None and c != features):
+        axes = ", ".join(f"L{a}" for a in range(cfg.rank))
+        raise ValueError(f"NeighborhoodAttention{cfg.rank}D expects input [batch, {axes}, "
+                         f"{features if features is not None else 'C'}], got shape "
+                         f"{tuple(x.shape)}")
+    cfg.head_dim(c)
+    return c
+
+
+def resolve_deterministic(name: str, call_value: bool | None, attribute: bool | None,
+                          default: bool | None = None) -> bool:
+    """`__call__`'s `deterministic` if given, else the module's attribute, else `default`."""
+    for value in (call_value, attribute, default):
+        if value is not None:
+            return bool(value)
+    raise ValueError(f"{name}: proj_dropout > 0 needs `deterministic`, passed to __call__ or the "
+                     "constructor, or set by model.train() / model.eval()")
+
+
+def na_function(rank: int):
+    """`jax_natten.na1d` / `na2d` / `na3d`, looked up at call time (no import cycle with the
+    package `__init__`)."""
+    import jax_natten
+
+    return getattr(jax_natten, f"na{rank}d")
+
+
+def attend(cfg: NAConfig, qkv: jax.Array, rpb: jax.Array | None) -> jax.Array:
+    """Core of the module: fused projection `[batch..., *spatial, 3C]` -> `[batch..., *spatial, C]`.
+
+    The 3C channels are ordered (q|k|v, head, head_dim), like NATTEN's `qkv` Linear, so its
+    weights port by transposing the kernel. Extra leading batch dimensions fold into one.
+    """
+    features = qkv.shape[-1] // 3
+    head_dim = cfg.head_dim(features)
+    spatial = qkv.shape[qkv.ndim - 1 - cfg.rank:-1]
+    batch = qkv.shape[:qkv.ndim - 1 - cfg.rank]
+    qkv = qkv.reshape(-1, *spatial, 3, cfg.num_heads, head_dim)
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
+    out = na_function(cfg.rank)(
+        q, k, v, cfg.kernel_size, stride=cfg.stride, dilation=cfg.dilation,
+        is_causal=cfg.is_causal, scale=cfg.scale,
+        rpb=None if rpb is None else jnp.asarray(rpb, jnp.float32), backend=cfg.backend)
+    return out.reshape(*batch, *spatial, features)
