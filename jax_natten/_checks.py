@@ -68,15 +68,13 @@ def _per_axis(name: str, value, rank: int, kind) -> tuple:
     return (check(value),) * rank
 
 
-def normalize_params(rank: int, spatial: tuple, kernel_size, stride=1, dilation=1,
-                     is_causal=False) -> NAParams:
-    """Validate NA parameters against the spatial shape (SPEC section 1)."""
+def make_params(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -> NAParams:
+    """Per-axis NA parameters, validated on their own (SPEC section 1)."""
     params = NAParams(_per_axis("kernel_size", kernel_size, rank, int),
                       _per_axis("stride", stride, rank, int),
                       _per_axis("dilation", dilation, rank, int),
                       _per_axis("is_causal", is_causal, rank, bool))
-    for ax, (L, k, s, d) in enumerate(zip(spatial, params.kernel_size, params.stride,
-                                          params.dilation)):
+    for ax, (k, s, d) in enumerate(zip(params.kernel_size, params.stride, params.dilation)):
         if k < 2:
             raise ValueError(f"kernel_size must be >= 2 on every axis, got {k} on axis {ax}")
         if d < 1:
@@ -84,13 +82,21 @@ def normalize_params(rank: int, spatial: tuple, kernel_size, stride=1, dilation=
         if not 1 <= s <= k:
             raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size, got stride {s} "
                              f"with kernel_size {k} on axis {ax}")
+    return params
+
+
+def normalize_params(rank: int, spatial: tuple, kernel_size, stride=1, dilation=1,
+                     is_causal=False) -> NAParams:
+    """Validate NA parameters, and against the spatial shape."""
+    params = make_params(rank, kernel_size, stride, dilation, is_causal)
+    for ax, (L, k, d) in enumerate(zip(spatial, params.kernel_size, params.dilation)):
         if k * d > L:
             raise ValueError(f"kernel_size * dilation must not exceed the axis length: axis {ax} "
                              f"has length {L} but kernel_size {k} * dilation {d} = {k * d}")
     return params
 
 
-def _check_float(name: str, x, allowed=None):
+def _check_float(name: str, x):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):

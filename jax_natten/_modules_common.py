@@ -12,25 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _checks, ops
+
 #: Relative positional bias initializer: truncated normal (at 2 std), std 0.02 like NATTEN's.
 default_rpb_init = jax.nn.initializers.truncated_normal(stddev=0.02)
-
-
-def _per_axis(name: str, value: Any, rank: int, kind: type) -> tuple:
-    if isinstance(value, (tuple, list)):
-        values = tuple(value)
-        if len(values) != rank:
-            raise ValueError(f"{name} has {len(values)} entries, expected {rank} (one per "
-                             f"spatial axis) or a single value: got {value!r}")
-    else:
-        values = (value,) * rank
-    for v in values:
-        # bool is an int subclass: reject it for integer fields, accept only it for flags.
-        is_bool = isinstance(v, bool)
-        if not (is_bool if kind is bool else isinstance(v, int) and not is_bool):
-            raise TypeError(f"{name} must be {kind.__name__} or a tuple of {kind.__name__}, "
-                            f"got {value!r}")
-    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,24 +50,14 @@ def make_config(rank: int, num_heads: int, kernel_size, *, stride=1, dilation=1,
     """Normalizes per-axis arguments; ValueError/TypeError for invalid values or combinations."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    kernel = _per_axis("kernel_size", kernel_size, rank, int)
-    stride = _per_axis("stride", stride, rank, int)
-    dilation = _per_axis("dilation", dilation, rank, int)
-    causal = _per_axis("is_causal", is_causal, rank, bool)
-    for a in range(rank):
-        if kernel[a] < 2:
-            raise ValueError(f"kernel_size must be >= 2 on every axis, got {kernel}")
-        if not 1 <= stride[a] <= kernel[a]:
-            raise ValueError(f"stride must be in [1, kernel_size] on every axis, got stride "
-                             f"{stride} for kernel_size {kernel}")
-        if dilation[a] < 1:
-            raise ValueError(f"dilation must be >= 1 on every axis, got {dilation}")
-    if rel_pos_bias and (any(causal) or any(s != 1 for s in stride)):
+    params = _checks.make_params(rank, kernel_size, stride, dilation, is_causal)
+    if rel_pos_bias and not params.rpb_allowed:
         raise ValueError("rel_pos_bias=True is only defined for non-causal, stride-1 "
-                         f"neighborhood attention; got is_causal={causal}, stride={stride}")
-    return NAConfig(rank=rank, num_heads=num_heads, kernel_size=kernel, stride=stride,
-                    dilation=dilation, is_causal=causal, rel_pos_bias=bool(rel_pos_bias),
-                    scale=scale, backend=backend)
+                         f"neighborhood attention; got is_causal={params.is_causal}, "
+                         f"stride={params.stride}")
+    return NAConfig(rank=rank, num_heads=num_heads, kernel_size=params.kernel_size,
+                    stride=params.stride, dilation=params.dilation, is_causal=params.is_causal,
+                    rel_pos_bias=bool(rel_pos_bias), scale=scale, backend=backend)
 
 
 def check_input(cfg: NAConfig, x: jax.Array, features: int | None = None) -> int:
@@ -108,11 +83,8 @@ def resolve_deterministic(name: str, call_value: bool | None, attribute: bool | 
 
 
 def na_function(rank: int):
-    """`jax_natten.na1d` / `na2d` / `na3d`, looked up at call time (no import cycle with the
-    package `__init__`)."""
-    import jax_natten
-
-    return getattr(jax_natten, f"na{rank}d")
+    """`na1d` / `na2d` / `na3d`."""
+    return {1: ops.na1d, 2: ops.na2d, 3: ops.na3d}[rank]
 
 
 def attend(cfg: NAConfig, qkv: jax.Array, rpb: jax.Array | None) -> jax.Array:
