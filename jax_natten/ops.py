@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, sharding
 from .backends import ffi, reference
 
 BACKENDS = ("fused", "gemm", "naive", "cpu", "reference")
@@ -97,8 +97,9 @@ def _native_attention_bwd(params, scale, backend, res, cotangents):
     do, dlse = cotangents
     dq, dk, dv, drpb, dak, dav = ffi.fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
                                                   dlse, params, scale)
-    return (dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
-            None if add_k is None else dak, None if add_v is None else dav)
+    return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
+                                  None if add_k is None else dak, None if add_v is None else dav),
+                                 (q, k, v, rpb, add_k, add_v))
 
 
 _native_attention.defvjp(_native_attention_fwd, _native_attention_bwd)
@@ -116,8 +117,8 @@ def _native_qk_fwd(q, k, rpb, add_k, params, backend):
 def _native_qk_bwd(params, backend, res, dw):
     q, k, rpb, add_k = res
     dq, dk, drpb, dak = ffi.qk_backward(backend, q, k, rpb, add_k, dw, params)
-    return (dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
-            None if add_k is None else dak)
+    return sharding.like_primals((dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
+                                  None if add_k is None else dak), (q, k, rpb, add_k))
 
 
 _native_qk.defvjp(_native_qk_fwd, _native_qk_bwd)
@@ -135,7 +136,7 @@ def _native_av_fwd(w, v, add_v, params, backend):
 def _native_av_bwd(params, backend, res, do):
     w, v, add_v = res
     dw, dv, dav = ffi.av_backward(backend, w, v, add_v, do, params)
-    return dw, dv, None if add_v is None else dav
+    return sharding.like_primals((dw, dv, None if add_v is None else dav), (w, v, add_v))
 
 
 _native_av.defvjp(_native_av_fwd, _native_av_bwd)

@@ -10,6 +10,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from .. import sharding
+
 try:
     from .. import _natten_ext as _ext
     _IMPORT_ERROR = None
@@ -53,18 +55,19 @@ def _attrs(params, scale=None) -> dict:
     return attrs
 
 
-def _call(target: str, outs, args, batched, attrs):
+def _call(target: str, outs, args, batched, attrs, lead: int = 1):
     """FFI call of `target` with `outs` = [(shape, dtype, has_batch)] and `args`.
 
-    `batched[i]` says whether `args[i]` starts with the batch dim; batch-less arguments (rpb) and
-    outputs (absent drpb) pass through a vmap unchanged. A vmapped batch-less argument (a per-example
-    rpb) cannot fold into the batch, so that case runs one call per vmapped element.
+    `batched[i]` says whether `args[i]` starts with the batch dims (`lead` of them: vmapped axes
+    stack in front of the batch; the kernels see them folded into one); batch-less arguments (rpb)
+    and outputs (absent drpb) pass through a vmap unchanged. A vmapped batch-less argument (a
+    per-example rpb) cannot fold into the batch, so that case runs one call per vmapped element.
     """
     out_types = [jax.ShapeDtypeStruct(s, d) for s, d, _ in outs]
 
     @jax.custom_batching.custom_vmap
     def call(*args):
-        return tuple(jax.ffi.ffi_call(target, out_types)(*args, **attrs))
+        return sharding.ffi_call(target, out_types, args, attrs, lead)
 
     @call.def_vmap
     def fold(axis_size, in_batched, *args):
@@ -72,20 +75,15 @@ def _call(target: str, outs, args, batched, attrs):
             # e.g. per-example rpb: one call per element (always correct, rarely needed).
             full = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
                     for a, b in zip(args, in_batched)]
-            res = jax.lax.map(lambda xs: _call(target, outs, xs, batched, attrs), full)
+            res = jax.lax.map(lambda xs: _call(target, outs, xs, batched, attrs, lead), full)
             return tuple(res), (True,) * len(outs)
-        folded = []
-        for a, b, has_b in zip(args, in_batched, batched):
-            if has_b:
-                a = a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                a = a.reshape((axis_size * a.shape[1],) + a.shape[2:])
-            folded.append(a)
-        inner = [((axis_size * s[0],) + tuple(s[1:]) if has_b else s, d, has_b)
-                 for s, d, has_b in outs]
-        res = _call(target, inner, folded, batched, attrs)
-        res = tuple(r.reshape((axis_size, -1) + r.shape[1:]) if has_b else r
-                    for r, (_, _, has_b) in zip(res, outs))
-        return res, tuple(has_b for _, _, has_b in outs)
+        # The vmapped axis becomes one more leading batch dim (folded inside the call, so a
+        # sharded vmapped or batch axis stays sharded under jit).
+        full = [a if b or not has_b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                for a, b, has_b in zip(args, in_batched, batched)]
+        inner = [((axis_size,) + tuple(s) if has_b else s, d, has_b) for s, d, has_b in outs]
+        res = _call(target, inner, full, batched, attrs, lead + 1)
+        return tuple(res), tuple(has_b for _, _, has_b in outs)
 
     return call(*args)
 
