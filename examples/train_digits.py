@@ -30,13 +30,18 @@ from jax_natten.nnx import NeighborhoodAttention2D
 BLOCKS = [(3, 1), (3, 2), (3, 1)]
 
 
+def library_attention(dim, heads, kernel_size, dilation, *, backend, rngs):
+    """The library's Flax module: 2-D NA with relative positional bias."""
+    return NeighborhoodAttention2D(dim, heads, kernel_size, dilation=dilation, rel_pos_bias=True,
+                                   backend=backend, rngs=rngs)
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: x + NA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim, heads, kernel_size, dilation, *, backend, rngs):
+    def __init__(self, dim, heads, kernel_size, dilation, *, backend, attention, rngs):
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = NeighborhoodAttention2D(dim, heads, kernel_size, dilation=dilation,
-                                            rel_pos_bias=True, backend=backend, rngs=rngs)
+        self.attn = attention(dim, heads, kernel_size, dilation, backend=backend, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
         self.fc1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
         self.fc2 = nnx.Linear(2 * dim, dim, rngs=rngs)
@@ -49,11 +54,11 @@ class Block(nnx.Module):
 class DigitsNAT(nnx.Module):
     """[B, 8, 8] images in [0, 1] -> [B, 10] logits."""
 
-    def __init__(self, *, dim=32, heads=4, backend=None, rngs):
+    def __init__(self, *, dim=32, heads=4, backend=None, attention=library_attention, rngs):
         self.embed = nnx.Conv(1, dim, kernel_size=(3, 3), rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (8, 8, dim)))
-        self.blocks = nnx.List([Block(dim, heads, k, d, backend=backend, rngs=rngs)
-                                for k, d in BLOCKS])
+        self.blocks = nnx.List([Block(dim, heads, k, d, backend=backend, attention=attention,
+                                      rngs=rngs) for k, d in BLOCKS])
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, 10, rngs=rngs)
 
@@ -62,6 +67,14 @@ class DigitsNAT(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x.mean(axis=(1, 2))))
+
+
+def load_data():
+    """1797 digit images (8x8, scaled to [0, 1]) in a fixed, stratified 80/20 train/test split."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    return train_test_split(images, digits.target, test_size=0.2, stratify=digits.target,
+                            random_state=0)
 
 
 def loss_fn(model, images, labels):
@@ -92,10 +105,7 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
 
-    digits = load_digits()  # 1797 images, 8x8, values 0..16; a fixed train/test split
-    images = (digits.images / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    x_train, x_test, y_train, y_test = load_data()
 
     model = DigitsNAT(backend=args.backend, rngs=nnx.Rngs(args.seed))
     steps_per_epoch = len(x_train) // args.batch_size  # drop the last partial batch: one shape

@@ -34,13 +34,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import jax_natten
-from jax_natten.nnx import NeighborhoodAttention2D
-
-BLOCKS = [(3, 1), (3, 2), (3, 1)]  # (kernel, dilation) of the attention blocks
+# The model, data and steps of the single-device example (this script's folder is on sys.path).
+from train_digits import DigitsNAT, library_attention, load_data, predict, train_step
 
 
 class HeadParallelNA(nnx.Module):
@@ -68,61 +65,6 @@ class HeadParallelNA(nnx.Module):
         return self.proj(out.reshape(x.shape))
 
 
-class Block(nnx.Module):
-    """Pre-norm transformer block: x + NA(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, dim, heads, kernel_size, dilation, *, head_parallel, backend, rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        if head_parallel:
-            self.attn = HeadParallelNA(dim, heads, kernel_size, dilation, backend=backend,
-                                       rngs=rngs)
-        else:  # the library's Flax module, unchanged
-            self.attn = NeighborhoodAttention2D(dim, heads, kernel_size, dilation=dilation,
-                                                rel_pos_bias=True, backend=backend, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
-        self.fc2 = nnx.Linear(2 * dim, dim, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
-
-
-class DigitsNAT(nnx.Module):
-    """[B, 8, 8] images in [0, 1] -> [B, 10] logits."""
-
-    def __init__(self, *, dim=32, heads=4, head_parallel=False, backend=None, rngs):
-        self.embed = nnx.Conv(1, dim, kernel_size=(3, 3), rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (8, 8, dim)))
-        self.blocks = nnx.List([Block(dim, heads, k, d, head_parallel=head_parallel,
-                                      backend=backend, rngs=rngs) for k, d in BLOCKS])
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, 10, rngs=rngs)
-
-    def __call__(self, images):
-        x = self.embed(images[..., None]) + self.pos[...]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x.mean(axis=(1, 2))))
-
-
-def loss_fn(model, images, labels):
-    logits = model(images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, images, labels):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
-    optimizer.update(model, grads)
-    return loss
-
-
-@nnx.jit
-def predict(model, images):
-    return model(images).argmax(-1)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
@@ -145,10 +87,7 @@ def main():
     if args.batch_size % mesh.shape["data"]:
         raise SystemExit(f"--batch-size must be divisible by the {mesh.shape['data']} data shards")
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    x_train, x_test, y_train, y_test = load_data()
     n_test = len(x_test) // mesh.shape["data"] * mesh.shape["data"]  # evenly split test batch
     x_test, y_test = x_test[:n_test], y_test[:n_test]
 
@@ -160,7 +99,8 @@ def main():
     def create():
         """Model and optimizer, each parameter placed by its partitioning annotation
         (replicated unless annotated)."""
-        model = DigitsNAT(head_parallel=m > 1, backend=args.backend, rngs=nnx.Rngs(args.seed))
+        model = DigitsNAT(attention=HeadParallelNA if m > 1 else library_attention,
+                          backend=args.backend, rngs=nnx.Rngs(args.seed))
         optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.05),
                                   wrt=nnx.Param)
         state = nnx.state((model, optimizer))
