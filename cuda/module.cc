@@ -40,6 +40,10 @@ const Entry kEntries[] = {
     {"natten_naive_qk_bwd", "CUDA", NattenNaiveQkBwd},
     {"natten_naive_av_fwd", "CUDA", NattenNaiveAvFwd},
     {"natten_naive_av_bwd", "CUDA", NattenNaiveAvBwd},
+    {"natten_gemm_qk_fwd", "CUDA", NattenGemmQkFwd},
+    {"natten_gemm_qk_bwd", "CUDA", NattenGemmQkBwd},
+    {"natten_gemm_av_fwd", "CUDA", NattenGemmAvFwd},
+    {"natten_gemm_av_bwd", "CUDA", NattenGemmAvBwd},
 #endif
 };
 

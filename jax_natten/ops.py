@@ -25,7 +25,12 @@ def _on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
 
-def _unsupported(backend: str, op: str, dtype) -> str | None:
+# Head dims the tensor-core tiles of each CUDA backend take (D for qk, D_v for av, both for the
+# fused op); the others take any head dim.
+_HEAD_DIM_MULTIPLE = {"gemm": 8}
+
+
+def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
     """Why `backend` cannot serve this call, or None if it can."""
     if backend == "reference":
         return None
@@ -35,21 +40,26 @@ def _unsupported(backend: str, op: str, dtype) -> str | None:
         return ffi.unavailable_reason(backend)
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NATIVE_DTYPES]:
         return f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16 are)"
+    multiple = _HEAD_DIM_MULTIPLE.get(backend)
+    if multiple and any(d % multiple for d in head_dims):
+        return (f"head dims must be multiples of {multiple} (8, 16, ..., any size), got "
+                f"{', '.join(map(str, head_dims))}")
     return None
 
 
-def resolve_backend(backend, op: str, dtype) -> str:
-    """The backend that serves a call: the user's choice (checked), or the best available one."""
+def resolve_backend(backend, op: str, dtype, head_dims: tuple) -> str:
+    """The backend that serves a call: the user's choice (checked), or the best available one.
+    `head_dims`: the head dims the op's kernels see (D and D_v; D for qk; D_v for av)."""
     if backend is None:
         if _on_gpu():
             prefs = ("fused", "gemm", "reference") if op == "attention" else \
                 ("gemm", "naive", "reference")
         else:
             prefs = ("cpu", "reference")
-        return next(b for b in prefs if _unsupported(b, op, dtype) is None)
+        return next(b for b in prefs if _unsupported(b, op, dtype, head_dims) is None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None")
-    why = _unsupported(backend, op, dtype)
+    why = _unsupported(backend, op, dtype, head_dims)
     if why is not None:
         raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
     return backend
@@ -176,7 +186,8 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
                                       is_causal, rpb, additional_keys, additional_values)
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
-    backend = resolve_backend(backend, "attention", query.dtype)
+    backend = resolve_backend(backend, "attention", query.dtype,
+                              (problem.head_dim, problem.value_dim))
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
@@ -191,7 +202,7 @@ def _na_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, addi
            backend):
     problem = _checks.check_attention(rank, query, key, None, kernel_size, stride, dilation,
                                       is_causal, rpb, additional_keys, None)
-    backend = resolve_backend(backend, "qk", query.dtype)
+    backend = resolve_backend(backend, "qk", query.dtype, (problem.head_dim,))
     lay = functools.partial(_to_kernel_layout, problem=problem)
     w = _qk(lay(query), lay(key), _pad_rpb(rpb, problem),
             _fold_additional(additional_keys, problem), problem.params.padded(), backend)
@@ -202,7 +213,7 @@ def _na_av(rank, weights, value, kernel_size, stride, dilation, is_causal, addit
            backend):
     problem = _checks.check_weights(rank, weights, value, kernel_size, stride, dilation, is_causal,
                                     additional_values)
-    backend = resolve_backend(backend, "av", value.dtype)
+    backend = resolve_backend(backend, "av", value.dtype, (problem.value_dim,))
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out = _av(lay(weights), lay(value), _fold_additional(additional_values, problem),
               problem.params.padded(), backend)

@@ -51,7 +51,7 @@ CASES = [
     Case("1d-basic", (13,), (5,)),
     Case("1d-even-stride-dil-gqa", (17,), (4,), (3,), (2,), heads=4, kv_heads=2),
     Case("1d-causal-stride-mqa", (15,), (6,), (2,), (1,), (True,), heads=3, kv_heads=1),
-    Case("1d-rpb-add", (11,), (3,), rpb=True, additional=3, value_dim=12),
+    Case("1d-rpb-add", (11,), (3,), rpb=True, additional=3, value_dim=16),
     Case("1d-causal-dil-add", (19,), (4,), (1,), (3,), (True,), additional=2),
     # 2-D
     Case("2d-mixed", (9, 11), (3, 4), (1, 2), (2, 1), (True, False), heads=2, kv_heads=1),
@@ -59,6 +59,7 @@ CASES = [
     Case("2d-blocked-dil", (8, 9), (2, 3), (2, 3), (1, 3)),
     Case("2d-even-rpb-dil", (9, 8), (4, 2), (1, 1), (2, 3), rpb=True, heads=4, kv_heads=2),
     # 3-D
+    # value_dim 4: the gemm backend refuses it (head dims must be multiples of 8).
     Case("3d-mixed", (5, 6, 7), (2, 3, 3), (1, 2, 1), (2, 1, 2), (False, True, False),
          heads=4, kv_heads=2, value_dim=4),
     Case("3d-rpb-add", (4, 5, 6), (3, 3, 3), rpb=True, additional=2),
@@ -123,6 +124,11 @@ def require(backend):
             pytest.skip("no GPU")
     elif backend == "cpu":
         assert jax_natten.backend_available("cpu"), "the host kernels were not built"
+
+
+def refused_head_dims(backend, head_dims) -> bool:
+    """Whether `backend` refuses these head dims (its tensor-core tiles need multiples of 8)."""
+    return backend == "gemm" and any(d % 8 for d in head_dims)
 
 
 def on_backend(backend, fn, *args):

@@ -1,5 +1,6 @@
-// CUDA FFI handler symbols (platform "CUDA"), defined in cuda/naive/*.cu and registered by
-// cuda/module.cc as natten_naive_{qk,av}_{fwd,bwd}. The contract is cuda/README.md.
+// CUDA FFI handler symbols (platform "CUDA"), defined in cuda/naive/*.cu and cuda/gemm/*.cu and
+// registered by cuda/module.cc as natten_{naive,gemm}_{qk,av}_{fwd,bwd}. The contract is
+// cuda/README.md.
 // Plain C++: includable from host-only translation units.
 #pragma once
 
@@ -11,3 +12,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveQkBwd);
 // av_fwd: w, v, add_v -> o.             av_bwd: w, v, add_v, do -> dw, dv, dadd_v.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvBwd);
+
+// The same four ops on the GEMM-based kernels (cuda/gemm/gemm.cuh), same buffers and attributes.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkBwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvBwd);

@@ -1,0 +1,138 @@
+// The FFI handlers of backend="gemm": natten_gemm_{qk,av}_{fwd,bwd} (contract: cuda/README.md).
+// Decoding and validation are the naive handlers' (natten/ffi_helpers.h); the products run on the
+// tiled kernels of gemm.cuh (launch.h), the additional-token and rpb gradients on the naive
+// deterministic reductions (naive/kernels.cuh).
+//   qk_fwd: q, k, rpb, add_k -> w             PN(q, k)
+//   qk_bwd: q, k, add_k, dw -> dq, dk, drpb, dadd_k
+//           dq = NN(dw, k), dk = IN(dw, q), drpb / dadd_k: naive reductions
+//   av_fwd: w, v, add_v -> o                  NN(w, v)
+//   av_bwd: w, v, add_v, do -> dw, dv, dadd_v
+//           dw = PN(do, v) (0 past a causal query), dv = IN(w, do), dadd_v: naive reduction
+// Launches only on XLA's stream, allocates nothing, never synchronizes; every launch is checked.
+#include <cmath>
+
+#include "../naive/kernels.cuh"
+#include "launch.h"
+#include "natten/cuda_common.h"
+#include "natten/cuda_handlers.h"
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace {
+
+ffi::Error GemmQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer rpb,
+                     ffi::AnyBuffer add_k, ffi::Result<ffi::AnyBuffer> w, I64Span kernel_size,
+                     I64Span stride, I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
+                              kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_like("weights (qk output)", *w, q.element_type(),
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(gemm::check_head_dim("query/key", p.dim));
+  const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  NATTEN_TRY(poison_outputs(stream, *w));
+  return gemm::launch_pn(stream, q.element_type(), p, p.dim, q.untyped_data(), k.untyped_data(),
+                         add_k.untyped_data(), bias, w->untyped_data(), q.element_type(),
+                         -INFINITY);
+}
+
+ffi::Error GemmQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer add_k,
+                     ffi::AnyBuffer dw, ffi::Result<ffi::AnyBuffer> dq,
+                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> drpb,
+                     ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
+                     I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, *drpb, /*rpb_is_grad=*/true,
+                              kernel_size, stride, dilation, is_causal));
+  const ffi::DataType dt = q.element_type();
+  NATTEN_TRY(check_like("dw (weights cotangent)", dw, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(check_like("dq", *dq, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
+  NATTEN_TRY(check_like("dk", *dk, dt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("dadd_k", *dadd_k, dt, {p.batch, p.additional, p.kv_heads, p.dim}));
+  NATTEN_TRY(gemm::check_head_dim("query/key", p.dim));
+  Params a;
+  NATTEN_TRY(make_params(p, p.dim, a));
+  NATTEN_TRY(poison_outputs(stream, *dq, *dk, *drpb, *dadd_k));
+  NATTEN_TRY(gemm::launch_nn(stream, dt, p, p.dim, dw.untyped_data(), dt, k.untyped_data(),
+                             add_k.untyped_data(), dq->untyped_data()));
+  NATTEN_TRY(gemm::launch_in(stream, dt, p, p.dim, dw.untyped_data(), dt, q.untyped_data(),
+                             dk->untyped_data()));
+  return dispatch_float(dt, [&](auto tag) -> ffi::Error {
+    using T = typename decltype(tag)::type;
+    NATTEN_TRY((naive::launch_additional_reduce<T, T, T>(
+        stream, a, dw.untyped_data(), q.untyped_data(), dadd_k->untyped_data())));
+    if (p.has_rpb)
+      NATTEN_TRY(naive::launch_rpb_grad<T>(stream, a, dw.untyped_data(),
+                                           static_cast<float*>(drpb->untyped_data())));
+    return ok();
+  });
+}
+
+ffi::Error GemmAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v,
+                     ffi::Result<ffi::AnyBuffer> o, I64Span kernel_size, I64Span stride,
+                     I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_like("output (av)", *o, v.element_type(),
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
+  NATTEN_TRY(gemm::check_head_dim("value", p.dim_v));
+  NATTEN_TRY(poison_outputs(stream, *o));
+  return gemm::launch_nn(stream, v.element_type(), p, p.dim_v, w.untyped_data(), w.element_type(),
+                         v.untyped_data(), add_v.untyped_data(), o->untyped_data());
+}
+
+ffi::Error GemmAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v,
+                     ffi::AnyBuffer d_o, ffi::Result<ffi::AnyBuffer> dw,
+                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dadd_v,
+                     I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
+  Problem p;
+  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
+  const ffi::DataType wt = w.element_type(), vt = v.element_type();
+  NATTEN_TRY(check_like("do (output cotangent)", d_o, vt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
+  NATTEN_TRY(check_like("dw", *dw, wt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(check_like("dv", *dv, vt,
+                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_like("dadd_v", *dadd_v, vt, {p.batch, p.additional, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(gemm::check_head_dim("value", p.dim_v));
+  Params a;
+  NATTEN_TRY(make_params(p, p.dim_v, a));
+  NATTEN_TRY(poison_outputs(stream, *dw, *dv, *dadd_v));
+  NATTEN_TRY(gemm::launch_pn(stream, vt, p, p.dim_v, d_o.untyped_data(), v.untyped_data(),
+                             add_v.untyped_data(), /*rpb=*/nullptr, dw->untyped_data(), wt,
+                             /*fill=*/0.f));
+  NATTEN_TRY(gemm::launch_in(stream, vt, p, p.dim_v, w.untyped_data(), wt, d_o.untyped_data(),
+                             dv->untyped_data()));
+  return dispatch_float(wt, [&](auto wtag) -> ffi::Error {
+    return dispatch_float(vt, [&](auto vtag) -> ffi::Error {
+      using TW = typename decltype(wtag)::type;
+      using TV = typename decltype(vtag)::type;
+      return naive::launch_additional_reduce<TW, TV, TV>(
+          stream, a, w.untyped_data(), d_o.untyped_data(), dadd_v->untyped_data());
+    });
+  });
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace natten
+
+// Binding: the stream, then the buffers in the handler's parameter order, then the window
+// attributes (natten/ffi_helpers.h: bind_buffers).
+#define NATTEN_GEMM_BIND(args, rets)                                                              \
+  (natten::bind_buffers<args, rets>(                                                              \
+      xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()))
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkFwd, natten::gpu::GemmQkFwd, NATTEN_GEMM_BIND(4, 1),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkBwd, natten::gpu::GemmQkBwd, NATTEN_GEMM_BIND(4, 4),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvFwd, natten::gpu::GemmAvFwd, NATTEN_GEMM_BIND(3, 1),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvBwd, natten::gpu::GemmAvBwd, NATTEN_GEMM_BIND(4, 3),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
