@@ -2,6 +2,7 @@
 // additional values (w past a causal query is ignored). Its backward gives dw (0 past a causal
 // query) and scatters w * do into dv.
 #include "common.h"
+#include "natten/op_checks.h"
 #include "natten/cpu_handlers.h"
 
 namespace natten::cpu {
@@ -11,9 +12,8 @@ ffi::Error AvForward(ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v,
                      ffi::Result<ffi::AnyBuffer> o, I64Span kernel_size, I64Span stride,
                      I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  NATTEN_TRY(check_like("output", *o, v.element_type(), {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_av_fwd(p, w, v, add_v, *o, kernel_size, stride, dilation, is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 w32(w), v32(v), add_v32(add_v);
@@ -37,14 +37,8 @@ ffi::Error AvBackward(ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v, 
                       ffi::Result<ffi::AnyBuffer> dadd_v, I64Span kernel_size, I64Span stride,
                       I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  const ffi::DataType dtype = v.element_type();
-  NATTEN_TRY(check_like("output gradient", dout, dtype, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("weights gradient", *dw, w.element_type(), {B, X, Y, Z, H, p.slots()}));
-  NATTEN_TRY(check_like("value gradient", *dv, dtype, {B, X, Y, Z, p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("additional_values gradient", *dadd_v, dtype,
-                        {B, p.additional, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_av_bwd(p, w, v, add_v, dout, *dw, *dv, *dadd_v, kernel_size, stride, dilation, is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 w32(w), v32(v), add_v32(add_v), dout32(dout);

@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "common.h"
+#include "natten/op_checks.h"
 #include "natten/cpu_handlers.h"
 
 namespace natten::cpu {
@@ -12,10 +13,8 @@ ffi::Error QkForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer rpb, ffi
                      ffi::Result<ffi::AnyBuffer> w, I64Span kernel_size, I64Span stride,
                      I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
-                              kernel_size, stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  NATTEN_TRY(check_like("weights", *w, q.element_type(), {B, X, Y, Z, H, p.slots()}));
+  NATTEN_TRY(check_qk_fwd(p, q, k, rpb, add_k, *w, kernel_size, stride, dilation, is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 q32(q), k32(k), add_k32(add_k);
@@ -41,16 +40,8 @@ ffi::Error QkBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer add_k, 
                       ffi::Result<ffi::AnyBuffer> drpb, ffi::Result<ffi::AnyBuffer> dadd_k,
                       I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  // No rpb input here: the drpb output says whether there is a bias.
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, *drpb, /*rpb_is_grad=*/true,
-                              kernel_size, stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  const ffi::DataType dtype = q.element_type();
-  NATTEN_TRY(check_like("weights gradient", dw, dtype, {B, X, Y, Z, H, p.slots()}));
-  NATTEN_TRY(check_like("query gradient", *dq, dtype, {B, X, Y, Z, H, p.dim}));
-  NATTEN_TRY(check_like("key gradient", *dk, dtype, {B, X, Y, Z, p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("additional_keys gradient", *dadd_k, dtype,
-                        {B, p.additional, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride, dilation, is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 q32(q), k32(k), add_k32(add_k), dw32(dw);

@@ -16,6 +16,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 
 namespace natten {
 namespace gpu {
@@ -25,10 +26,7 @@ ffi::Error GemmQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                      ffi::AnyBuffer add_k, ffi::Result<ffi::AnyBuffer> w, I64Span kernel_size,
                      I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
-                              kernel_size, stride, dilation, is_causal));
-  NATTEN_TRY(check_like("weights (qk output)", *w, q.element_type(),
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(check_qk_fwd(p, q, k, rpb, add_k, *w, kernel_size, stride, dilation, is_causal));
   NATTEN_TRY(gemm::check_head_dim("query/key", p.dim));
   const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
   NATTEN_TRY(poison_outputs(stream, *w));
@@ -43,16 +41,8 @@ ffi::Error GemmQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                      ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
                      I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, *drpb, /*rpb_is_grad=*/true,
-                              kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride, dilation, is_causal));
   const ffi::DataType dt = q.element_type();
-  NATTEN_TRY(check_like("dw (weights cotangent)", dw, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
-  NATTEN_TRY(check_like("dq", *dq, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
-  NATTEN_TRY(check_like("dk", *dk, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("dadd_k", *dadd_k, dt, {p.batch, p.additional, p.kv_heads, p.dim}));
   NATTEN_TRY(gemm::check_head_dim("query/key", p.dim));
   Params a;
   NATTEN_TRY(make_params(p, p.dim, a));
@@ -76,9 +66,7 @@ ffi::Error GemmAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ff
                      ffi::Result<ffi::AnyBuffer> o, I64Span kernel_size, I64Span stride,
                      I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
-  NATTEN_TRY(check_like("output (av)", *o, v.element_type(),
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
+  NATTEN_TRY(check_av_fwd(p, w, v, add_v, *o, kernel_size, stride, dilation, is_causal));
   NATTEN_TRY(gemm::check_head_dim("value", p.dim_v));
   NATTEN_TRY(poison_outputs(stream, *o));
   return gemm::launch_nn(stream, v.element_type(), p, p.dim_v, w.untyped_data(), w.element_type(),
@@ -90,15 +78,8 @@ ffi::Error GemmAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ff
                      ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dadd_v,
                      I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation, is_causal));
   const ffi::DataType wt = w.element_type(), vt = v.element_type();
-  NATTEN_TRY(check_like("do (output cotangent)", d_o, vt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
-  NATTEN_TRY(check_like("dw", *dw, wt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
-  NATTEN_TRY(check_like("dv", *dv, vt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("dadd_v", *dadd_v, vt, {p.batch, p.additional, p.kv_heads, p.dim_v}));
   NATTEN_TRY(gemm::check_head_dim("value", p.dim_v));
   Params a;
   NATTEN_TRY(make_params(p, p.dim_v, a));

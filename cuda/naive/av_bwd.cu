@@ -11,6 +11,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 
 namespace natten {
 namespace gpu {
@@ -21,15 +22,8 @@ ffi::Error NaiveAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
                       ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dadd_v,
                       I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation, is_causal));
   const ffi::DataType wt = w.element_type(), vt = v.element_type();
-  NATTEN_TRY(check_like("do (output cotangent)", d_o, vt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
-  NATTEN_TRY(check_like("dw", *dw, wt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
-  NATTEN_TRY(check_like("dv", *dv, vt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("dadd_v", *dadd_v, vt, {p.batch, p.additional, p.kv_heads, p.dim_v}));
   Params a;
   NATTEN_TRY(make_params(p, p.dim_v, a));
   NATTEN_TRY(poison_outputs(stream, *dw, *dv, *dadd_v));

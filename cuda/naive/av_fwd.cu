@@ -7,6 +7,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 
 namespace natten {
 namespace gpu {
@@ -16,9 +17,7 @@ ffi::Error NaiveAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
                       ffi::Result<ffi::AnyBuffer> o, I64Span kernel_size, I64Span stride,
                       I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_av(p, w, v, add_v, kernel_size, stride, dilation, is_causal));
-  NATTEN_TRY(check_like("output (av)", *o, v.element_type(),
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim_v}));
+  NATTEN_TRY(check_av_fwd(p, w, v, add_v, *o, kernel_size, stride, dilation, is_causal));
   Params a;
   NATTEN_TRY(make_params(p, p.dim_v, a));
   NATTEN_TRY(poison_outputs(stream, *o));

@@ -13,6 +13,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 
 namespace natten {
 namespace gpu {
@@ -24,17 +25,8 @@ ffi::Error NaiveQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
                       ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
                       I64Span dilation, I64Span is_causal) {
   Problem p;
-  // The drpb output plays the rpb role: present iff it has elements, layout [B, H, 2k-1 ...].
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, *drpb, /*rpb_is_grad=*/true,
-                              kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride, dilation, is_causal));
   const ffi::DataType dt = q.element_type();
-  NATTEN_TRY(check_like("dw (weights cotangent)", dw, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
-  NATTEN_TRY(check_like("dq", *dq, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
-  NATTEN_TRY(check_like("dk", *dk, dt,
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("dadd_k", *dadd_k, dt, {p.batch, p.additional, p.kv_heads, p.dim}));
   Params a;
   NATTEN_TRY(make_params(p, p.dim, a));
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *drpb, *dadd_k));

@@ -8,6 +8,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 
 namespace natten {
 namespace gpu {
@@ -17,10 +18,7 @@ ffi::Error NaiveQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
                       ffi::AnyBuffer add_k, ffi::Result<ffi::AnyBuffer> w, I64Span kernel_size,
                       I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
-                              kernel_size, stride, dilation, is_causal));
-  NATTEN_TRY(check_like("weights (qk output)", *w, q.element_type(),
-                        {p.batch, p.extent[0], p.extent[1], p.extent[2], p.heads, p.slots()}));
+  NATTEN_TRY(check_qk_fwd(p, q, k, rpb, add_k, *w, kernel_size, stride, dilation, is_causal));
   Params a;
   NATTEN_TRY(make_params(p, p.dim, a));
   const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
