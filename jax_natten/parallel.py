@@ -9,10 +9,10 @@ With `mesh=None` the same functions run inside your own `jax.shard_map` (or `pma
 blocks, the named axes being manual there; with `mesh` they wrap themselves in a shard_map and take
 and return global arrays (`batch_axis` / `head_axis` also split the batch / the heads).
 
-How it works. A query's window depends only on its global coordinates (`_window.py`), and along an
-axis the windows of a contiguous block of queries cover a contiguous key range that reaches at most
-`halo_left` keys before the block and `halo_right` keys after it; both are computed statically for
-the worst device (`halo_sizes`). Each device receives those halos of k and v from its neighbours
+How it works (gather path; the native path is below). A query's window depends only on its
+global coordinates (`_window.py`), and along an axis the windows of a contiguous block of queries
+cover a contiguous key range that reaches at most `halo_left` keys before the block and
+`halo_right` keys after it; both are computed statically for the worst device (`halo_sizes`). Each device receives those halos of k and v from its neighbours
 with `jax.lax.ppermute` (axis by axis, so 2-D/3-D corners travel with the second exchange; a halo
 longer than a block is gathered from several neighbours), then computes its queries against the
 extended key block with the exact windows of the global problem, given as per-device index tables
@@ -29,11 +29,27 @@ of the kernel needs no halo), and short blocks need more near the borders, where
 inward (`halo_sizes` gives the exact figure). Per-device memory falls with the number of shards:
 each device holds its block plus halos.
 
+Native kernels (`backend`). When every split axis's block is a multiple of `stride * dilation`,
+the local compute is the regular op `jax_natten.na{r}d(..., backend=backend)` (None: the best
+available, e.g. `cpu` on the host, `fused` on a GPU) run on an *extended block*: k and v with
+`native_halo(k, s, d, causal)` rows on each side (non-causal `d * (k // 2 - s // 2)` before and
+`d * (ceil(k / 2) - ceil(s / 2))` after, causal `d * (k - s)` before and none after, each rounded
+up to a multiple of `s * d`: enough that the window clamps of the op's local window math never
+bind for the device's own queries; stride 1 gives the gather path's halos), q padded with zeros
+there (those queries' outputs are dropped), then the device's own queries are sliced out. Every
+device's block has the same shape, so at the global borders it is shifted inward (the first
+device's starts at 0, the last one's ends at the axis end) and those devices fetch `left + right`
+rows from one side only: every device receives `left + right` rows per split axis, like the
+gather path. `_native_plan` checks the extended windows against the global ones at trace time.
+Elsewhere `backend=None` falls back to the gather path and an explicit native backend raises
+ValueError; `backend="gather"` asks for the gather path. Gradients: autodiff through the slices
+and ppermutes around the op's custom_vjp (its backward kernels).
+
 Requirements (ValueError otherwise): each split axis's length is divisible by its mesh axis size,
 a spatial axis is split over at most one mesh axis and a mesh axis splits at most one spatial
-axis; with `mesh`, `batch_axis` must divide the batch and `head_axis` the kv heads. The local
-compute is the XLA gather path of the reference backend (any float dtype, any device), not the
-native kernels.
+axis; with `mesh`, `batch_axis` must divide the batch and `head_axis` the kv heads. The gather
+path (`_indexed.py`) is the XLA gather arithmetic of the reference backend (any float dtype, any
+device).
 """
 from __future__ import annotations
 
@@ -48,7 +64,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import _checks, _indexed, _window
 
-__all__ = ["na1d", "na2d", "na3d", "halo_sizes", "halo_bytes"]
+__all__ = ["na1d", "na2d", "na3d", "halo_sizes", "halo_bytes", "native_halo"]
 
 
 # ----------------------------------------------------------------------------- static plans
@@ -92,7 +108,62 @@ def halo_bytes(local_kv_shape: Sequence[int], value_dim: int, itemsize: int, axi
     return (halo[0] + halo[1]) * cross * kvh * (d + value_dim) * itemsize
 
 
+def native_halo(kernel: int, stride: int, dilation: int, causal: bool) -> tuple:
+    """(left, right): the halos, in tokens, that make an interior device's extended block
+    `[lo - left, hi + right)` reproduce the global windows of its queries with the window math run
+    in local coordinates (the native-kernel path). Per dilation group, a block starting at a
+    multiple of `stride * dilation` and a query's stride-group leader `(i // s) * s + s // 2`
+    (non-causal) / `+ s - 1` (causal): the left clamp `max(leader - k // 2, 0)` (causal
+    `leader - k + 1`) must not bind for the block's first stride group, the right clamps
+    `min(leader, Lg - 1)` and `Lg - k` not for its last. That needs `k // 2 - s // 2` /
+    `ceil(k / 2) - ceil(s / 2)` group tokens (non-causal; causal `k - s` / 0), times `d`, rounded
+    up to a multiple of `s * d` so that the extended block stays aligned."""
+    k, s, d = kernel, stride, dilation
+    if causal:
+        left, right = max(0, k - s), 0
+    else:
+        left, right = max(0, k // 2 - s // 2), max(0, -(-k // 2) - -(-s // 2))
+    m = s * d
+    return tuple(-(-(h * d) // m) * m for h in (left, right))
+
+
+@functools.lru_cache(maxsize=256)
+def _native_plan(length: int, shards: int, kernel: int, stride: int, dilation: int,
+                 causal: bool):
+    """The extended blocks of the native path along one axis, or None where it cannot serve.
+
+    Every device runs the op on `extent` tokens `[start_p, start_p + extent)`: its block with
+    `native_halo` around it, clipped to the axis by shifting inward at the borders (same shape on
+    every device). Returns `(extent, fetch_left, fetch_right, starts, halo)`: the exchange
+    fetches `fetch_left` / `fetch_right` rows, each piece only to the devices that read it
+    (interior ones read `halo = native_halo(...)`); every device's extended windows are checked
+    here against the global ones."""
+    block = length // shards
+    if block % (stride * dilation):
+        return None
+    left, right = native_halo(kernel, stride, dilation, causal)
+    extent = min(block + left + right, length)
+    lo = np.arange(shards) * block
+    starts = np.clip(lo - left, 0, length - extent)
+    fetch_left = int((lo - starts).max())
+    fetch_right = int((starts + extent - lo - block).max())
+    glob = _window.axis_neighborhood(length, kernel, stride, dilation, causal)
+    ext = _window.axis_neighborhood(extent, kernel, stride, dilation, causal)
+    for p in range(shards):
+        own = slice(lo[p] - starts[p], lo[p] - starts[p] + block)
+        mine = slice(lo[p], lo[p] + block)
+        if not (np.array_equal(ext[0][own] + starts[p], glob[0][mine])
+                and np.array_equal(ext[1][own], glob[1][mine])
+                and np.array_equal(ext[2][own], glob[2][mine])):
+            return None
+    return extent, fetch_left, fetch_right, tuple(int(a) for a in starts), (left, right)
+
+
 # ----------------------------------------------------------------------------- halo exchange
+
+def _ppermute(x, name, perm):
+    return jax.lax.ppermute(x, name, perm) if perm else jnp.zeros_like(x)
+
 
 def _extend(x, dim: int, name, shards: int, left: int, right: int):
     """x's local block along `dim` with `left` rows from the blocks before and `right` after.
@@ -113,6 +184,27 @@ def _extend(x, dim: int, name, shards: int, left: int, right: int):
         perm = [(i, i - hop) for i in range(hop, shards)]
         parts.append(jax.lax.ppermute(take(0, rows), name, perm))
     return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+
+
+def _fetch(x, dim: int, name, shards: int, first: int, last: int, cuts, needs):
+    """Rows `[lo + first, lo + last)` along `dim` (`lo`: the device's block start), in pieces
+    split at block boundaries and at the offsets `cuts`, each piece sent by one ppermute only to
+    the devices `r` with `needs(r, a, b)` for its offsets `[a, b)` (the others get zeros they
+    never read): the native path's extended blocks, whose border devices need more rows than
+    the interior ones."""
+    block = x.shape[dim]
+    edges = sorted({first, last, *(c for c in cuts if first < c < last),
+                    *range(-(-first // block) * block, last, block)})
+    parts = []
+    for a, b in zip(edges, edges[1:]):
+        hop = a // block
+        piece = jax.lax.slice_in_dim(x, a - hop * block, b - hop * block, axis=dim)
+        if hop == 0:
+            parts.append(piece)
+            continue
+        perm = [(r + hop, r) for r in range(shards) if 0 <= r + hop < shards and needs(r, a, b)]
+        parts.append(_ppermute(piece, name, perm))
+    return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else parts[0]
 
 
 # ----------------------------------------------------------------------------- local compute
@@ -155,8 +247,46 @@ def _shards(name) -> int:
                          f"jax.shard_map over that axis (or pass mesh=...)") from e
 
 
+def _local_native(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                  additional_keys, additional_values, names, plans, backend):
+    """The native path on each device: extend k and v by their halos (exchanged), q by zeros,
+    run the regular op on the extended blocks and keep the device's own queries."""
+    lead = query.ndim - rank - 2
+    q, k, v = query, key, value
+    own = []
+    for a, (name, plan) in enumerate(zip(names, plans)):
+        if plan is None:
+            continue
+        shards = _shards(name)
+        extent, fetch_left, fetch_right, starts, halo = plan
+        dim, block = lead + a, query.shape[lead + a]
+        lo = [p * block for p in range(shards)]
+
+        def needs(r, a, b, starts=starts, extent=extent, lo=lo):
+            return a < starts[r] + extent - lo[r] and starts[r] - lo[r] < b
+
+        # Interior devices read `native_halo` rows each side, border ones more: separate pieces.
+        cuts = (-halo[0], block + halo[1])
+        k, v = (_fetch(x, dim, name, shards, -fetch_left, block + fetch_right, cuts, needs)
+                for x in (k, v))
+        widths = [(0, 0)] * q.ndim
+        widths[dim] = (fetch_left, fetch_right)
+        q = jnp.pad(q, widths)
+        p = jax.lax.axis_index(name)
+        offset = jnp.asarray(np.array(starts) - np.array(lo) + fetch_left, jnp.int32)[p]
+        q, k, v = (jax.lax.dynamic_slice_in_dim(x, offset, extent, axis=dim) for x in (q, k, v))
+        own.append((dim, jnp.asarray(np.array(lo) - np.array(starts), jnp.int32)[p], block))
+    from . import ops
+    out, lse = ops._na(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
+                       additional_keys, additional_values, True, backend)
+    for dim, offset, block in own:
+        out = jax.lax.dynamic_slice_in_dim(out, offset, block, axis=dim)
+        lse = jax.lax.dynamic_slice_in_dim(lse, offset, block, axis=dim)
+    return out, lse
+
+
 def _local_na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-              additional_keys, additional_values, names):
+              additional_keys, additional_values, names, backend=None):
     """The body run on each device: local blocks in, local (out, lse) out."""
     shards = tuple(_shards(n) for n in names)
     lead = query.ndim - rank - 2
@@ -168,6 +298,23 @@ def _local_na(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                                       additional_values)
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
+    if backend != "gather":
+        prm = problem.params
+        plans = [None if n == 1 else _native_plan(
+            L, n, prm.kernel_size[a], prm.stride[a], prm.dilation[a], prm.is_causal[a])
+            for a, (L, n) in enumerate(zip(problem.spatial, shards))]
+        bad = [a for a, (n, pl) in enumerate(zip(shards, plans)) if n > 1 and pl is None]
+        if not bad:
+            return _local_native(rank, query, key, value, kernel_size, stride, dilation,
+                                 is_causal, scale, rpb, additional_keys, additional_values,
+                                 names, plans, backend)
+        if backend is not None:
+            a = bad[0]
+            raise ValueError(
+                f"backend {backend!r}: the native kernels need each split axis's block to be a "
+                f"multiple of stride * dilation (spatial axis {a}: block "
+                f"{problem.spatial[a] // shards[a]}, stride {prm.stride[a]}, dilation "
+                f"{prm.dilation[a]}); use backend=None or 'gather' for the XLA gather path")
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
     pad = _checks.MAX_RANK - rank
     params = problem.params.padded()
@@ -222,10 +369,16 @@ def _mesh_size(mesh, axis) -> int:
 
 def _parallel_na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                  additional_keys, additional_values, return_lse, spatial_axes, mesh,
-                 batch_axis, head_axis):
+                 batch_axis, head_axis, backend=None):
     names = _axis_names(rank, spatial_axes)
+    if backend is not None and backend != "gather":
+        from . import ops
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}, "
+                             f"'gather' or None")
     body = functools.partial(_local_na, rank, kernel_size=kernel_size, stride=stride,
-                             dilation=dilation, is_causal=is_causal, scale=scale, names=names)
+                             dilation=dilation, is_causal=is_causal, scale=scale, names=names,
+                             backend=backend)
     if mesh is None:
         if batch_axis is not None or head_axis is not None:
             raise ValueError("batch_axis / head_axis only apply with mesh=...; inside your own "
@@ -272,8 +425,10 @@ def _parallel_na(rank, query, key, value, kernel_size, stride, dilation, is_caus
 
 _DOC = """{rank}-D neighborhood attention with spatial axes split across devices (context parallel).
 
-    Same arguments and result as `jax_natten.na{rank}d` (no `backend`: the local compute is the
-    XLA gather path), plus:
+    Same arguments and result as `jax_natten.na{rank}d`, plus:
+    backend: None (the native kernels, best available, where every split block is a multiple of
+        stride * dilation, else the XLA gather path), a backend of `na{rank}d` (ValueError where
+        the blocks do not allow it) or "gather" (the XLA gather path).
     spatial_axes: one mesh axis name or None per spatial axis ({axes}), or a dict
         {{spatial axis index: mesh axis name}}: the axes split in contiguous blocks.
     mesh: a `jax.sharding.Mesh`: take and return global arrays, running a shard_map over it.
@@ -289,10 +444,10 @@ def _make(rank):
     def na(query, key, value, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
            rpb=None, additional_keys=None, additional_values=None, return_lse=False,
            spatial_axes, mesh: Optional[jax.sharding.Mesh] = None, batch_axis=None,
-           head_axis=None):
+           head_axis=None, backend=None):
         return _parallel_na(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                             scale, rpb, additional_keys, additional_values, return_lse,
-                            spatial_axes, mesh, batch_axis, head_axis)
+                            spatial_axes, mesh, batch_axis, head_axis, backend)
 
     na.__name__ = na.__qualname__ = f"na{rank}d"
     na.__doc__ = _DOC.format(rank=rank, axes=", ".join("XYZ"[3 - rank:]))

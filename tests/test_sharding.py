@@ -293,7 +293,8 @@ def test_spatial_parallel_matches_unsharded(case, monkeypatch):
     na = getattr(jax_natten, f"na{rank}d")
     pna = getattr(parallel, f"na{rank}d")
     ref = lambda x: na(**x, **kw, return_lse=True, backend="reference")
-    par = lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh)
+    par = lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh,
+                        backend="gather")  # the XLA gather path (native: below)
     cot = _cotangents(rng, ref, x)
     want, want_g = jax.jit(ref)(x), jax.jit(jax.grad(_loss(ref, cot)))(x)
     got, got_g = jax.jit(par)(x), jax.jit(jax.grad(_loss(par, cot)))(x)
@@ -336,7 +337,8 @@ def test_spatial_parallel_halo_traffic_and_memory():
         mesh = _mesh((n,), ("sp",))
         qs = jax.device_put(q, NamedSharding(mesh, P(None, "sp")))
         f = lambda q: parallel.na3d(q, q + 1, 2 * q, (3, 3, 3), dilation=(2, 1, 1),
-                                    spatial_axes=("sp", None, None), mesh=mesh)
+                                    spatial_axes=("sp", None, None), mesh=mesh,
+                                    backend="gather")
         compiled = jax.jit(f).lower(qs).compile()
         hlo = compiled.as_text()
         assert "all-gather" not in hlo
@@ -365,3 +367,99 @@ def test_spatial_parallel_errors():
         parallel.na2d(q, q, q, 3, spatial_axes=("a",), mesh=mesh)
     with pytest.raises(ValueError, match="kernel_size"):  # checks run on the global problem
         parallel.na2d(q, q, q, 9, spatial_axes=(None, "a"), mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- native local compute
+
+def test_native_halo_windows_brute_force():
+    """The extended-block windows (window math in local coordinates) equal the global windows of
+    every device's own queries, for the halos of `parallel.native_halo`, whenever the blocks are
+    multiples of stride * dilation: checked here independently of the plan's own check."""
+    from jax_natten import _window
+    checked = 0
+    for L in range(2, 25):
+        for n in (2, 3, 4, 6, 8):
+            if L % n:
+                continue
+            block = L // n
+            for k in range(1, 8):
+                for s in range(1, k + 1):
+                    for d in range(1, 4):
+                        if block % (s * d) or L // d < k:
+                            continue
+                        for causal in (False, True):
+                            hl, hr = parallel.native_halo(k, s, d, causal)
+                            E = min(block + hl + hr, L)
+                            glob = _window.axis_neighborhood(L, k, s, d, causal)
+                            ext = _window.axis_neighborhood(E, k, s, d, causal)
+                            for p in range(n):
+                                lo = p * block
+                                a = int(np.clip(lo - hl, 0, L - E))
+                                own = slice(lo - a, lo - a + block)
+                                assert np.array_equal(ext[0][own] + a, glob[0][lo:lo + block])
+                                assert np.array_equal(ext[1][own], glob[1][lo:lo + block])
+                                assert np.array_equal(ext[2][own], glob[2][lo:lo + block])
+                            assert parallel._native_plan(L, n, k, s, d, causal) is not None
+                            checked += 1
+    assert checked > 1000
+
+
+# (name, spatial, kernel, stride, dilation, causal, mesh shape, spatial_axes, extras)
+NATIVE = [
+    ("1d", (24,), 5, 1, 1, False, (4,), ("a",), {"rpb": True}),
+    ("1d-causal-dil-stride", (24,), 4, 3, 2, True, (4,), ("a",), {}),
+    ("1d-halo-over-blocks", (16,), 7, 1, 2, False, (8,), ("a",), {}),
+    ("2d-mixed", (8, 12), (3, 4), (1, 2), (2, 1), (True, False), (4, 2), ("a", "b"),
+     {"add": 2, "heads": (4, 2)}),
+    ("3d-mixed", (4, 6, 8), (2, 3, 3), (1, 1, 2), (2, 1, 1), (False, True, False), (2, 2, 2),
+     ("a", "b", "c"), {"heads": (4, 2)}),
+]
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=[c[0] for c in NATIVE])
+def test_spatial_parallel_native_matches_unsharded(case):
+    """backend="cpu": the host kernels on extended blocks, results and gradients == unsharded."""
+    name, spatial, kernel, stride, dilation, causal, mesh_shape, axes, extras = case
+    rng, seed = fresh_rng()
+    rank = len(spatial)
+    H, KVH = extras.get("heads", (2, 2))
+    kw = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    x = dict(query=_draw(rng, 2, *spatial, H, 4), key=_draw(rng, 2, *spatial, KVH, 4),
+             value=_draw(rng, 2, *spatial, KVH, 3))
+    if extras.get("rpb"):
+        x["rpb"] = _draw(rng, H, *(2 * k - 1 for k in ks))
+    if extras.get("add"):
+        x["additional_keys"] = _draw(rng, 2, extras["add"], KVH, 4)
+        x["additional_values"] = _draw(rng, 2, extras["add"], KVH, 3)
+    mesh = _mesh(mesh_shape, tuple("abc"[:len(mesh_shape)]))
+    na = getattr(jax_natten, f"na{rank}d")
+    pna = getattr(parallel, f"na{rank}d")
+    ref = lambda x: na(**x, **kw, return_lse=True, backend="reference")
+    par = lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh, backend="cpu")
+    cot = _cotangents(rng, ref, x)
+    want, want_g = jax.jit(ref)(x), jax.jit(jax.grad(_loss(ref, cot)))(x)
+    hlo = _compiled(par, x)
+    assert "custom-call" in hlo and "all-gather" not in hlo  # the host kernels, halos only
+    got, got_g = jax.jit(par)(x), jax.jit(jax.grad(_loss(par, cot)))(x)
+    _assert_close(got, want, seed, what=f"{name} ")
+    _assert_close(got_g, want_g, seed, 2e-5, what=f"{name} grad ")
+
+
+def test_spatial_parallel_native_fallback():
+    """Blocks that are not multiples of stride * dilation: backend=None falls back to the gather
+    path (still exact), an explicit native backend is refused."""
+    rng, seed = fresh_rng()
+    q = _draw(rng, 2, 12, 2, 4)
+    mesh = _mesh((4,), ("a",))
+    kw = dict(kernel_size=3, dilation=2)  # blocks of 3 tokens, dilation 2
+    want = jax_natten.na1d(q, q, q, **kw, backend="reference")
+    for backend in (None, "gather"):
+        f = lambda q: parallel.na1d(q, q, q, **kw, spatial_axes=("a",), mesh=mesh,
+                                    backend=backend)
+        assert "custom-call" not in _compiled(f, q)
+        _assert_close(jax.jit(f)(q), want, seed)
+    with pytest.raises(ValueError, match="multiple of stride \\* dilation"):
+        parallel.na1d(q, q, q, **kw, spatial_axes=("a",), mesh=mesh, backend="cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        parallel.na1d(q, q, q, **kw, spatial_axes=("a",), mesh=mesh, backend="nope")
