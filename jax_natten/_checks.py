@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import jax.numpy as jnp

@@ -1,5 +1,4 @@
 """Bad input raises ValueError/TypeError with a clear message, before anything runs."""
-import re
 
 import numpy as np
 import jax

@@ -1,5 +1,4 @@
 """jit, vmap (folded into the batch, nested, per-example rpb), grad under vmap, checkpoint."""
-import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest

@@ -1,6 +1,4 @@
 """The window math: Python (`_window.py`) and C++ (`window.h`) against the spec, and each other."""
-import itertools
-
 import numpy as np
 import pytest
 
