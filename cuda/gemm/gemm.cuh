@@ -420,20 +420,32 @@ __device__ __forceinline__ void mainloop(Loader& ld, int steps, unsigned char* s
 }
 
 // ---- loaders ------------------------------------------------------------------------------
-// 64 rows x kBK columns of row-major rows given by pointers (nullptr: zeros), columns [k0, k0+kBK)
-// masked at `dim`, into a [row][k] tile of pitch kLdA. 16-byte vectors.
+// Rows of a tile come from an array of row pointers or from a functor row_of(r); nullptr: zeros.
 template <typename T>
-struct RowTile {
+__device__ __forceinline__ const T* row_at(const T* const* rows, int r) {
+  return rows[r];
+}
+template <typename T, typename RowOf>
+__device__ __forceinline__ const T* row_at(const RowOf& row_of, int r) {
+  return row_of(r);
+}
+
+// A Rows x Cols tile of row-major rows: rows [r0, r0 + Rows) of `rows` (see row_at), columns
+// [c0, c0 + Cols) masked at `dim`, loaded as 16-byte vectors into registers (so the next step's
+// loads overlap this step's MMAs), then stored into shared memory with row pitch `Pitch`.
+template <typename T, int Rows, int Cols, int Pitch>
+struct StagedTile {
   static constexpr int kVec = Cfg<T>::kVec;
-  static constexpr int kVpr = kBK / kVec;
-  static constexpr int kN = kBM * kVpr / kCtaThreads;
+  static constexpr int kVpr = Cols / kVec;
+  static constexpr int kN = Rows * kVpr / kCtaThreads;
   uint4 r[kN];
-  __device__ __forceinline__ void load(const T* const* rows, int k0, int dim) {
+  template <typename RowSource>
+  __device__ __forceinline__ void load(const RowSource& rows, int r0, int c0, int dim) {
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int idx = threadIdx.x + i * kCtaThreads;
-      const int col = k0 + (idx % kVpr) * kVec;
-      const T* p = rows[idx / kVpr];
+      const int col = c0 + (idx % kVpr) * kVec;
+      const T* p = row_at<T>(rows, r0 + idx / kVpr);
       r[i] = (p != nullptr && col < dim) ? ldg16(p + col) : make_uint4(0, 0, 0, 0);
     }
   }
@@ -441,37 +453,17 @@ struct RowTile {
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int idx = threadIdx.x + i * kCtaThreads;
-      *reinterpret_cast<uint4*>(s + (idx / kVpr) * Cfg<T>::kLdA + (idx % kVpr) * kVec) = r[i];
+      *reinterpret_cast<uint4*>(s + (idx / kVpr) * Pitch + (idx % kVpr) * kVec) = r[i];
     }
   }
 };
 
-// kBK reduction rows x 64 columns [n0, n0 + 64) (masked at `dim`) into a [k][n] tile of pitch
-// kLdB; the row pointer of reduction index r comes from `row_of(r)` (nullptr: zeros).
+// 64 rows x kBK columns into a [row][k] tile (the A operand, pitch kLdA).
 template <typename T>
-struct ColTile {
-  static constexpr int kVec = Cfg<T>::kVec;
-  static constexpr int kVpr = kBN / kVec;
-  static constexpr int kN = kBK * kVpr / kCtaThreads;
-  uint4 r[kN];
-  template <typename RowOf>
-  __device__ __forceinline__ void load(const RowOf& row_of, int r0, int n0, int dim) {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) {
-      const int idx = threadIdx.x + i * kCtaThreads;
-      const int col = n0 + (idx % kVpr) * kVec;
-      const T* p = row_of(r0 + idx / kVpr);
-      r[i] = (p != nullptr && col < dim) ? ldg16(p + col) : make_uint4(0, 0, 0, 0);
-    }
-  }
-  __device__ __forceinline__ void store(T* s) const {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) {
-      const int idx = threadIdx.x + i * kCtaThreads;
-      *reinterpret_cast<uint4*>(s + (idx / kVpr) * Cfg<T>::kLdB + (idx % kVpr) * kVec) = r[i];
-    }
-  }
-};
+using RowTile = StagedTile<T, kBM, kBK, Cfg<T>::kLdA>;
+// kBK reduction rows x 64 columns into a [k][n] tile (the B operand, pitch kLdB).
+template <typename T>
+using ColTile = StagedTile<T, kBK, kBN, Cfg<T>::kLdB>;
 
 // Zeroes 16 consecutive elements of a shared row (16-byte aligned).
 template <typename T>
@@ -566,8 +558,8 @@ pn_kernel(GemmArgs g, const T* __restrict__ a, const T* __restrict__ kv,
     const T* const* brow;
     int dim;
     __device__ __forceinline__ void load(int s, T*, T*) {
-      A.load(arow, s * kBK, dim);
-      B.load(brow, s * kBK, dim);
+      A.load(arow, 0, s * kBK, dim);
+      B.load(brow, 0, s * kBK, dim);
     }
     __device__ __forceinline__ void store(T* As, T* Bs) const {
       A.store(As);
