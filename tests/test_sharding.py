@@ -272,11 +272,10 @@ SPATIAL = [
 ]
 
 
-@pytest.mark.parametrize("case", SPATIAL, ids=[c[0] for c in SPATIAL])
-def test_spatial_parallel_matches_unsharded(case, monkeypatch):
+def _spatial_problem(case):
+    """Random inputs of a spatial case, the unsharded reference, and the split call for a backend.
+    -> (name, x, ref, par(backend), seed)."""
     name, spatial, kernel, stride, dilation, causal, mesh_shape, axes, extras = case
-    if "chunk" in extras:
-        monkeypatch.setattr(jax_natten._indexed, "_CHUNK_ELEMENTS", extras["chunk"])
     rng, seed = fresh_rng()
     rank = len(spatial)
     H, KVH = extras.get("heads", (2, 2))
@@ -293,8 +292,17 @@ def test_spatial_parallel_matches_unsharded(case, monkeypatch):
     na = getattr(jax_natten, f"na{rank}d")
     pna = getattr(parallel, f"na{rank}d")
     ref = lambda x: na(**x, **kw, return_lse=True, backend="reference")
-    par = lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh,
-                        backend="gather")  # the XLA gather path (native: below)
+    par = lambda backend: lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh,
+                                        backend=backend)
+    return name, x, ref, par, rng, seed
+
+
+@pytest.mark.parametrize("case", SPATIAL, ids=[c[0] for c in SPATIAL])
+def test_spatial_parallel_matches_unsharded(case, monkeypatch):
+    if "chunk" in case[-1]:
+        monkeypatch.setattr(jax_natten._indexed, "_CHUNK_ELEMENTS", case[-1]["chunk"])
+    name, x, ref, split, rng, seed = _spatial_problem(case)
+    par = split("gather")  # the XLA gather path (native: below)
     cot = _cotangents(rng, ref, x)
     want, want_g = jax.jit(ref)(x), jax.jit(jax.grad(_loss(ref, cot)))(x)
     got, got_g = jax.jit(par)(x), jax.jit(jax.grad(_loss(par, cot)))(x)
@@ -419,24 +427,8 @@ NATIVE = [
 @pytest.mark.parametrize("case", NATIVE, ids=[c[0] for c in NATIVE])
 def test_spatial_parallel_native_matches_unsharded(case):
     """backend="cpu": the host kernels on extended blocks, results and gradients == unsharded."""
-    name, spatial, kernel, stride, dilation, causal, mesh_shape, axes, extras = case
-    rng, seed = fresh_rng()
-    rank = len(spatial)
-    H, KVH = extras.get("heads", (2, 2))
-    kw = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
-    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
-    x = dict(query=_draw(rng, 2, *spatial, H, 4), key=_draw(rng, 2, *spatial, KVH, 4),
-             value=_draw(rng, 2, *spatial, KVH, 3))
-    if extras.get("rpb"):
-        x["rpb"] = _draw(rng, H, *(2 * k - 1 for k in ks))
-    if extras.get("add"):
-        x["additional_keys"] = _draw(rng, 2, extras["add"], KVH, 4)
-        x["additional_values"] = _draw(rng, 2, extras["add"], KVH, 3)
-    mesh = _mesh(mesh_shape, tuple("abc"[:len(mesh_shape)]))
-    na = getattr(jax_natten, f"na{rank}d")
-    pna = getattr(parallel, f"na{rank}d")
-    ref = lambda x: na(**x, **kw, return_lse=True, backend="reference")
-    par = lambda x: pna(**x, **kw, return_lse=True, spatial_axes=axes, mesh=mesh, backend="cpu")
+    name, x, ref, split, rng, seed = _spatial_problem(case)
+    par = split("cpu")
     cot = _cotangents(rng, ref, x)
     want, want_g = jax.jit(ref)(x), jax.jit(jax.grad(_loss(ref, cot)))(x)
     hlo = _compiled(par, x)
