@@ -159,3 +159,14 @@ def test_timing_plan_and_device_events():
       planes { id: 2 name: "/host:CPU" }""")
     assert timing.module_durations(data) == pytest.approx([2e-3, 1e-3, 7e-3])
     assert timing.module_durations(data, "jit_fwdbwd") == pytest.approx([2e-3, 1e-3])
+    # traces with kernels only (on "Stream #N" lines): their busy time
+    kernels_only = jax.profiler.ProfileData.from_text_proto("""
+      planes { id: 1 name: "/device:GPU:0"
+        lines { id: 1 name: "Stream #14(Compute)"
+          events { metadata_id: 1 offset_ps: 0 duration_ps: 2000000000 }
+          events { metadata_id: 1 offset_ps: 3000000000 duration_ps: 1000000000 } }
+        event_metadata { key: 1 value { id: 1 name: "natten_kernel" } } }
+      planes { id: 2 name: "/host:CPU" lines { id: 1 name: "Stream #1" events {
+        metadata_id: 1 duration_ps: 9000000000 } } }""")
+    assert timing.module_durations(kernels_only) == []
+    assert timing.kernel_busy_seconds(kernels_only) == pytest.approx(3e-3)

@@ -7,7 +7,8 @@ the input sets so that repeated runs do not read the same buffers out of cache.
 
 Device time (GPU only, `timer="device"`): the same calls run under the JAX profiler, and the device
 spans of the compiled module ("XLA Modules" line of the GPU plane) give one duration per call; the
-median of those is reported. It is checked against the wall clock (a device span cannot be longer
+median of those is reported. Traces without that line (jax 0.11.2 with the CUDA 13 plugin records
+only the kernels, on "Stream #N" lines) give the kernels' busy time over the number of calls. It is checked against the wall clock (a device span cannot be longer
 than the wall-clock time per call) and dropped, with a note, if it fails that or finds no events.
 """
 from __future__ import annotations
@@ -143,7 +144,19 @@ def _device_durations(call: Callable, calls: int, module_name: Optional[str]) ->
         if not files:
             return []
         data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
-        return module_durations(data, module_name)
+        durations = module_durations(data, module_name)
+        if not durations:  # no module spans in this trace: the kernels' busy time per call
+            busy = kernel_busy_seconds(data)
+            durations = [busy / calls] * calls if busy > 0 else []
+        return durations
+
+
+def kernel_busy_seconds(data) -> float:
+    """Total duration of the kernels on the GPU planes' stream lines ("Stream #N(...)")."""
+    return sum(ev.duration_ns * 1e-9 for plane in data.planes
+               if plane.name.startswith("/device:GPU")
+               for line in plane.lines if line.name.startswith("Stream")
+               for ev in line.events)
 
 
 def module_durations(data, module_name: Optional[str] = None) -> list:
