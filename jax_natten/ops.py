@@ -15,7 +15,6 @@ from . import _checks, sharding
 from .backends import ffi, reference
 
 BACKENDS = ("fused", "gemm", "naive", "cpu", "reference")
-_CUDA_BACKENDS = ("fused", "gemm", "naive")
 _NATIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
