@@ -44,6 +44,8 @@ const Entry kEntries[] = {
     {"natten_gemm_qk_bwd", "CUDA", NattenGemmQkBwd},
     {"natten_gemm_av_fwd", "CUDA", NattenGemmAvFwd},
     {"natten_gemm_av_bwd", "CUDA", NattenGemmAvBwd},
+    {"natten_fused_fna_fwd", "CUDA", NattenFusedFnaFwd},
+    {"natten_fused_fna_bwd", "CUDA", NattenFusedFnaBwd},
 #endif
 };
 

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _checks, sharding
+from . import _checks, config, sharding
 from .backends import ffi, reference
 
 BACKENDS = ("fused", "gemm", "naive", "cpu", "reference")
@@ -26,7 +26,10 @@ def _on_gpu() -> bool:
 
 # Head dims the tensor-core tiles of each CUDA backend take (D for qk, D_v for av, both for the
 # fused op); the others take any head dim.
-_HEAD_DIM_MULTIPLE = {"gemm": 8}
+_HEAD_DIM_MULTIPLE = {"gemm": 8, "fused": 8}
+_HEAD_DIM_MAX = {"fused": 128}
+# The fused kernels run on tensor cores only; float32 goes to "gemm" (full-precision FFMA tiles).
+_TENSOR_CORE_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
 def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
@@ -39,10 +42,14 @@ def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
         return ffi.unavailable_reason(backend)
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NATIVE_DTYPES]:
         return f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16 are)"
-    multiple = _HEAD_DIM_MULTIPLE.get(backend)
-    if multiple and any(d % multiple for d in head_dims):
-        return (f"head dims must be multiples of {multiple} (8, 16, ..., any size), got "
-                f"{', '.join(map(str, head_dims))}")
+    if backend == "fused" and jnp.dtype(dtype) not in [jnp.dtype(d) for d in _TENSOR_CORE_DTYPES]:
+        return (f"dtype {jnp.dtype(dtype)} is not supported (float16 and bfloat16 are; "
+                "float32 runs on 'gemm')")
+    multiple, most = _HEAD_DIM_MULTIPLE.get(backend), _HEAD_DIM_MAX.get(backend)
+    if multiple and any(d % multiple or (most and d > most) for d in head_dims):
+        limit = f"up to {most}" if most else "any size"
+        return (f"head dims must be multiples of {multiple} ({multiple}, {2 * multiple}, ..., "
+                f"{limit}), got {', '.join(map(str, head_dims))}")
     return None
 
 
@@ -91,21 +98,22 @@ def _pad_rpb(rpb, problem):
 # ----------------------------------------------------------------------------- differentiable cores
 # Arguments are in kernel layout; `params` is padded NAParams (static), like `scale` and `backend`.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
-    return ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale)
+# `tuning`: (q_tile, kv_tile, deterministic) of the fused kernels (config.py), None for "cpu".
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning):
+    return ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning)
 
 
-def _native_attention_fwd(q, k, v, rpb, add_k, add_v, params, scale, backend):
-    o, lse = ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale)
+def _native_attention_fwd(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning):
+    o, lse = ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning)
     return (o, lse), (q, k, v, rpb, add_k, add_v, o, lse)
 
 
-def _native_attention_bwd(params, scale, backend, res, cotangents):
+def _native_attention_bwd(params, scale, backend, tuning, res, cotangents):
     q, k, v, rpb, add_k, add_v, o, lse = res
     do, dlse = cotangents
     dq, dk, dv, drpb, dak, dav = ffi.fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
-                                                  dlse, params, scale)
+                                                  dlse, params, scale, tuning)
     return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
                                   None if add_k is None else dak, None if add_v is None else dav),
                                  (q, k, v, rpb, add_k, add_v))
@@ -163,11 +171,12 @@ def _av(w, v, add_v, params, backend):
     return _native_av(w, v, add_v, params, backend)
 
 
-def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
+def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning=None):
     if backend == "reference":
         return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
     if backend in ("cpu", "fused"):
-        return _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend)
+        return _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend,
+                                 tuning if backend == "fused" else None)
     # Unfused backends: qk -> softmax (float32) -> av, each op with its own backward kernels.
     # Scaling q first keeps the bias unscaled: (scale q).k + rpb.
     logits = _qk((q.astype(jnp.float32) * scale).astype(q.dtype), k, rpb, add_k, params, backend)
@@ -188,11 +197,13 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     backend = resolve_backend(backend, "attention", query.dtype,
                               (problem.head_dim, problem.value_dim))
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
+    cfg = config.current()
+    tuning = config.padded_tiles(cfg, rank) + (cfg.deterministic,)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
                           _fold_additional(additional_keys, problem),
                           _fold_additional(additional_values, problem),
-                          problem.params.padded(), scale, backend)
+                          problem.params.padded(), scale, backend, tuning)
     out = _from_kernel_layout(out, problem, 2)
     return (out, _from_kernel_layout(lse, problem, 1)) if return_lse else out
 

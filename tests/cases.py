@@ -64,6 +64,16 @@ CASES = [
          heads=4, kv_heads=2, value_dim=4),
     Case("3d-rpb-add", (4, 5, 6), (3, 3, 3), rpb=True, additional=2),
     Case("3d-causal", (6, 5, 4), (3, 2, 4), (2, 1, 3), None, (True, True, True)),
+    # Several query / key tiles per axis (tiled kernels: full and masked tiles, pipelines), the
+    # head dims the fused kernels are tuned for, more than one tile of additional keys.
+    Case("1d-long-d64", (331,), (65,), heads=2, dim=64),
+    Case("1d-causal-long-add", (203,), (70,), (1,), (2,), (True,), heads=4, kv_heads=2, dim=32,
+         additional=67),
+    Case("2d-tiles-rpb-mqa", (37, 29), (13, 9), rpb=True, heads=3, kv_heads=1, dim=32, batch=1),
+    Case("2d-stride-dil-d128", (23, 26), (7, 6), (3, 2), (2, 3), (False, True), dim=128,
+         value_dim=64, batch=1),
+    Case("3d-tiles-d64", (9, 10, 11), (3, 5, 7), (1, 2, 3), (2, 1, 1), heads=2, dim=64,
+         value_dim=24, batch=1),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -126,9 +136,23 @@ def require(backend):
         assert jax_natten.backend_available("cpu"), "the host kernels were not built"
 
 
-def refused_head_dims(backend, head_dims) -> bool:
-    """Whether `backend` refuses these head dims (its tensor-core tiles need multiples of 8)."""
-    return backend == "gemm" and any(d % 8 for d in head_dims)
+def dtype_for(backend):
+    """A dtype `backend` serves, for tests that compare a backend with itself: float32, except on
+    the fused kernels (tensor cores only), which get float16."""
+    return jnp.float16 if backend == "fused" else jnp.float32
+
+
+def refusal(backend, dtype, head_dims):
+    """The error (a regex) an explicit `backend` raises for this dtype and these head dims, or None
+    when it serves them: the tensor-core tiles need head dims that are multiples of 8 (fused: up to
+    128), and the fused kernels take float16 / bfloat16 only."""
+    if backend == "fused" and jnp.dtype(dtype) == jnp.float32:
+        return "float16 and bfloat16"
+    if backend in ("gemm", "fused") and any(d % 8 for d in head_dims):
+        return "multiples of 8"
+    if backend == "fused" and any(d > 128 for d in head_dims):
+        return "up to 128"
+    return None
 
 
 def on_backend(backend, fn, *args):

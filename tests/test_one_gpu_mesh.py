@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cases import CUDA_BACKENDS, fresh_rng, rel_err
+from cases import CUDA_BACKENDS, dtype_for, fresh_rng, rel_err
 import jax_natten
 from jax_natten import parallel
 
@@ -19,8 +19,8 @@ def _gpu_mesh(name):
     return Mesh(np.array(jax.devices("gpu")[:1]), (name,))
 
 
-def _inputs(rng):
-    draw = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+def _inputs(rng, dtype=jnp.float32):
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     return draw(4, 11, 9, 4, 32), draw(4, 11, 9, 2, 32), draw(4, 11, 9, 2, 32)
 
 
@@ -29,10 +29,10 @@ def test_jit_over_one_gpu_mesh(backend):
     if backend is not None and not jax_natten.backend_available(backend):
         pytest.skip(f"this build has no '{backend}' kernels")
     rng, seed = fresh_rng()
-    q, k, v = _inputs(rng)
+    q, k, v = _inputs(rng, dtype_for(backend or "fused"))
     mesh = _gpu_mesh("dp")
     f = lambda q, k, v: jax_natten.na2d(q, k, v, **KW, backend=backend)
-    loss = lambda q, k, v: jnp.sum(f(q, k, v) ** 2)
+    loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2)
     want, want_g = jax.jit(f)(q, k, v), jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
     sharded = [jax.device_put(x, NamedSharding(mesh, P("dp"))) for x in (q, k, v)]
     got, got_g = jax.jit(f)(*sharded), jax.jit(jax.grad(loss, (0, 1, 2)))(*sharded)

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cases import CASES, backend_params, fresh_rng, make_inputs, on_backend, rel_err, require
+from cases import (CASES, backend_params, dtype_for, fresh_rng, make_inputs, on_backend, rel_err,
+                   require)
 import jax_natten
 
 CASE = next(c for c in CASES if c.name == "2d-rpb-add")  # rpb + additional kv: every input kind
@@ -22,7 +23,7 @@ def _attn(backend):
 def test_vmap_matches_loop(backend):
     require(backend)
     rng, seed = fresh_rng()
-    xs = [make_inputs(CASE, jnp.float32, rng) for _ in range(3)]
+    xs = [make_inputs(CASE, dtype_for(backend), rng) for _ in range(3)]
     for x in xs[1:]:
         x["rpb"] = xs[0]["rpb"]  # shared rpb: vmap folds the examples into the batch
     shared_rpb = xs[0]["rpb"]
@@ -39,7 +40,7 @@ def test_vmap_matches_loop(backend):
 def test_vmap_per_example_rpb_and_nested(backend):
     require(backend)
     rng, seed = fresh_rng()
-    xs = [[make_inputs(CASE, jnp.float32, rng) for _ in range(2)] for _ in range(2)]
+    xs = [[make_inputs(CASE, dtype_for(backend), rng) for _ in range(2)] for _ in range(2)]
     batched = _stack([_stack(row) for row in xs])  # [2, 2, ...] incl. a per-example rpb
     out = on_backend(backend, jax.vmap(jax.vmap(_attn(backend))), batched)
     for i in range(2):
@@ -52,7 +53,7 @@ def test_vmap_per_example_rpb_and_nested(backend):
 def test_extra_leading_dims_fold_into_batch(backend):
     require(backend)
     rng, seed = fresh_rng()
-    xs = [make_inputs(CASE, jnp.float32, rng) for _ in range(3)]
+    xs = [make_inputs(CASE, dtype_for(backend), rng) for _ in range(3)]
     rpb = xs[0].pop("rpb")
     for x in xs[1:]:
         del x["rpb"]
@@ -69,7 +70,7 @@ def test_per_example_grads_under_vmap(backend):
     """vmap(grad): the shared rpb gets one gradient per example, not their sum."""
     require(backend)
     rng, seed = fresh_rng()
-    xs = [make_inputs(CASE, jnp.float32, rng) for _ in range(3)]
+    xs = [make_inputs(CASE, dtype_for(backend), rng) for _ in range(3)]
     rpb = xs[0]["rpb"]
     cot = jnp.asarray(rng.standard_normal((CASE.batch, *CASE.spatial, CASE.heads, CASE.dim)),
                       jnp.float32)
@@ -88,7 +89,7 @@ def test_per_example_grads_under_vmap(backend):
 def test_checkpoint_grad(backend):
     require(backend)
     rng, seed = fresh_rng()
-    x = make_inputs(CASE, jnp.float32, rng)
+    x = make_inputs(CASE, dtype_for(backend), rng)
     loss = lambda x: jnp.sum(jnp.sin(_attn(backend)(x)))
     g = on_backend(backend, jax.grad(loss), x)
     gc = on_backend(backend, jax.grad(jax.checkpoint(loss)), x)

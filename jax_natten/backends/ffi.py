@@ -45,13 +45,16 @@ def unavailable_reason(backend: str) -> str:
     return f"this build has no '{backend}' kernels"
 
 
-def _attrs(params, scale=None) -> dict:
+def _attrs(params, scale=None, tuning=None) -> dict:
     attrs = dict(kernel_size=np.asarray(params.kernel_size, np.int64),
                  stride=np.asarray(params.stride, np.int64),
                  dilation=np.asarray(params.dilation, np.int64),
                  is_causal=np.asarray(params.is_causal, np.int64))
     if scale is not None:
         attrs["scale"] = np.float32(scale)
+    if tuning is not None:  # fused kernels: (q_tile, kv_tile) padded to 3 extents (0s: choose)
+        attrs["q_tile"] = np.asarray(tuning[0], np.int64)
+        attrs["kv_tile"] = np.asarray(tuning[1], np.int64)
     return attrs
 
 
@@ -101,17 +104,22 @@ def _drpb_shape(q, rpb):
     return (q.shape[0],) + tuple(rpb.shape) if rpb is not None else (0,)
 
 
-def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale):
+def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning=None):
+    """-> o, lse. `tuning`: the fused kernels' (q_tile, kv_tile, deterministic), None otherwise."""
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k, add_v = _additional(q, k, v, add_k, add_v)
     outs = [(q.shape[:-1] + (v.shape[-1],), q.dtype, True), (q.shape[:-1], jnp.float32, True)]
     o, lse = _call(f"natten_{backend}_fna_fwd", outs, (q, k, v, rpb, add_k, add_v),
-                   (True, True, True, False, True, True), _attrs(params, scale))
+                   (True, True, True, False, True, True), _attrs(params, scale, tuning))
     return o, lse
 
 
-def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, scale):
-    """-> dq, dk, dv, drpb (summed over batch; None when absent), dadd_k, dadd_v."""
+def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, scale,
+                 tuning=None):
+    """-> dq, dk, dv, drpb (summed over batch; None when absent), dadd_k, dadd_v.
+
+    The fused kernels also take a workspace output (delta = rowsum(do * o) - dlse, f32, shape of
+    lse: handlers allocate nothing) and the `deterministic` attribute."""
     has_rpb = rpb is not None
     drpb_shape = _drpb_shape(q, rpb)
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
@@ -120,9 +128,13 @@ def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, 
             (drpb_shape, jnp.float32, has_rpb),
             (add_k.shape, add_k.dtype, True), (add_v.shape, add_v.dtype, True)]
     args = (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32))
-    dq, dk, dv, drpb, dak, dav = _call(
+    attrs = _attrs(params, scale, tuning)
+    if tuning is not None:
+        outs.append((lse.shape, jnp.float32, True))  # delta workspace
+        attrs["deterministic"] = np.int64(bool(tuning[2]))
+    dq, dk, dv, drpb, dak, dav, *_ = _call(
         f"natten_{backend}_fna_bwd", outs, args,
-        (True, True, True, False, True, True, True, True, True, True), _attrs(params, scale))
+        (True, True, True, False, True, True, True, True, True, True), attrs)
     return dq, dk, dv, (drpb.sum(0) if has_rpb else None), dak, dav
 
 

@@ -18,3 +18,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkBwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvBwd);
+
+// Fused attention (cuda/fna/): fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse; fna_bwd: + o, lse,
+// do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v, delta (workspace). Extra attributes: scale,
+// q_tile, kv_tile (and deterministic for the backward).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenFusedFnaFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenFusedFnaBwd);

@@ -1,0 +1,297 @@
+// Fused neighborhood attention (FNA), backend="fused": flash-attention-style kernels that never
+// build the [N, prod(kernel)] attention matrix.
+//
+// ---- Tiles ------------------------------------------------------------------------------------
+// A query tile is a box of 64 tokens in the local coordinates of ONE dilation group (per axis a:
+// group g = x % d, local i = x / d), with power-of-two extents (1-D 64, 2-D e.g. 8x8, 3-D e.g.
+// 4x4x4; tiling.h picks them per problem or takes the user's). Window starts and ends never
+// decrease as the query grows (natten/window.h), so the keys of a query tile's windows lie per
+// axis in [start(first query), end(last query)): the kernel walks that "key box" in key tiles,
+// boxes of 64 keys of their own power-of-two shape. Key tiles inside the intersection of the
+// tile's windows ([start(last), end(first)) per axis) are "full": no element is tested. The
+// others test each score against the row's window (per axis: key in [start, end)). Dilation only
+// appears in token addresses (global = g + local * d).
+//   forward   fna_fwd_kernel: one CTA per (query tile, head, batch); online softmax over the key
+//             tiles, then over tiles of additional keys; writes o and lse.
+//   backward  fna_delta_kernel: delta = rowsum(do * o) - dlse, one f32 per query row.
+//             fna_dq_kernel: the forward's walk again; recomputes P = exp(logits - lse), then
+//             dS = P (do.v - delta), dq = scale * dS k, and accumulates d-rpb.
+//             fna_dkdv_kernel: one CTA per (key tile, kv head, batch) walks the inverse box
+//             (queries whose windows hold any key of the tile: [first(lo), last(hi - 1)] per
+//             axis, window.h) in query tiles, for every query head of the kv head (GQA: no
+//             repeated kv), accumulating dk = scale * dS^T q and dv = P^T do in registers.
+//             CTAs past the spatial key tiles own tiles of additional keys and walk every query.
+//   dq and dk / dv are computed by separate kernels: no atomics, deterministic. d-rpb is summed
+//   in shared memory per CTA and added to the output with one atomic per entry and CTA (default),
+//   or, in deterministic mode, written per CTA to a workspace that a fixed-order kernel reduces.
+//
+// ---- Inside a CTA ------------------------------------------------------------------------------
+// 4 warps; warp w owns rows 16w..16w+15 of the CTA's 64 (queries, or keys in dkdv). Operands are
+// staged in shared memory ([row][DT + 8] elements: the 16-byte pad makes ldmatrix conflict-free)
+// by 16-byte cp.async copies that zero-fill rows outside the problem and columns past the head
+// dim; the streamed operand is double buffered (tile j + 1 loads while tile j computes). DT is the
+// head-dim tile (32, 64 or 128) covering D and Dv. Scores stay in registers (mma C fragments,
+// natten/mma.cuh) and become the A operand of the next product without a trip to memory.
+// Softmax runs in base 2 (exp2 of logits * log2(e)); lse is stored in natural log.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "natten/mma.cuh"
+#include "natten/window.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+
+constexpr int kRows = 64;     // rows of every CTA tile (query tile, key tile)
+constexpr int kThreads = 128;  // 4 warps x 16 rows
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Kernel arguments (trivially copyable; built by the handlers, tiling.h).
+struct FnaArgs {
+  AxisParams ax[kMaxRank];
+  int64_t tokens;               // N = X * Y * Z
+  int Y, Z;
+  int heads, kv_heads, group;   // H, KVH, H / KVH
+  int dim, dim_v;               // D and Dv (multiples of 8, <= DT)
+  int S;                        // additional keys
+  int ry, rz, R;                // rpb extents of the y, z axes and per head (R = 0: no rpb)
+  float scale;                  // softmax scale
+  float scale_log2;             // scale * log2(e)
+  int qlog[kMaxRank], kvlog[kMaxRank];  // log2 of the query / key tile extents
+  int q_tpg[kMaxRank], q_units[kMaxRank];    // query tiles per dilation group; d * q_tpg
+  int kv_tpg[kMaxRank], kv_units[kMaxRank];  // the same for key tiles
+  int64_t q_tiles, kv_tiles;    // tile slots (product of units)
+  int add_tiles;                // ceil(S / 64)
+  int drpb_in_smem;             // d-rpb accumulates in shared memory (R floats fit)
+  int drpb_partials;            // deterministic: per-CTA d-rpb partials go to a workspace
+};
+
+// Device pointers of one call (unused ones are null).
+struct FnaPtrs {
+  const void *q, *k, *v, *add_k, *add_v, *o, *d_o;
+  const float *rpb, *lse, *dlse;
+  void *out, *dq, *dk, *dv, *dadd_k, *dadd_v;
+  float *out_lse, *delta, *drpb;
+};
+
+// ---- tile geometry -------------------------------------------------------------------------------
+// A tile slot (row-major over the axes' units = dilation groups x tiles per group) -> per axis its
+// dilation group, group length and local range [lo, hi). False when the tile is empty.
+struct Box {
+  int grp[kMaxRank], lg[kMaxRank], lo[kMaxRank], hi[kMaxRank];
+};
+
+__device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMaxRank],
+                                         const int (&tpg)[kMaxRank], const int (&units)[kMaxRank],
+                                         int64_t slot, Box& t) {
+  bool nonempty = true;
+#pragma unroll
+  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
+    const int u = static_cast<int>(slot % units[ax]);
+    slot /= units[ax];
+    t.grp[ax] = u / tpg[ax];
+    t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
+    t.lo[ax] = (u % tpg[ax]) << logs[ax];
+    t.hi[ax] = imin(t.lo[ax] + (1 << logs[ax]), t.lg[ax]);
+    nonempty = nonempty && t.lo[ax] < t.lg[ax];
+  }
+  return nonempty;
+}
+
+// Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
+__device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank], int (&o)[3]) {
+  o[2] = r & ((1 << logs[2]) - 1);
+  o[1] = (r >> logs[2]) & ((1 << logs[1]) - 1);
+  o[0] = r >> (logs[1] + logs[2]);
+}
+
+// Token index of local coordinates l in dilation groups grp.
+__device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3], const int (&l)[3]) {
+  const int x = grp[0] + l[0] * a.ax[0].dilation;
+  const int y = grp[1] + l[1] * a.ax[1].dilation;
+  const int z = grp[2] + l[2] * a.ax[2].dilation;
+  return (static_cast<int64_t>(x) * a.Y + y) * a.Z + z;
+}
+
+__device__ __forceinline__ int win_start(const AxisParams& p, int lg, int i) {
+  return window_start(i, lg, p.kernel, p.stride, p.causal);
+}
+__device__ __forceinline__ int win_end(const AxisParams& p, int lg, int i) {
+  return window_end(i, lg, p.kernel, p.stride, p.causal);
+}
+
+// rpb entry of (query i, key j) in local coordinates: rpb[h, j - i + k - 1 per axis].
+__device__ __forceinline__ int rpb_index(const FnaArgs& a, const int (&q)[3], const int (&k)[3]) {
+  const int ix = k[0] - q[0] + a.ax[0].kernel - 1;
+  const int iy = k[1] - q[1] + a.ax[1].kernel - 1;
+  const int iz = k[2] - q[2] + a.ax[2].kernel - 1;
+  return (ix * a.ry + iy) * a.rz + iz;
+}
+
+// The key tiles a query tile walks: spatial tiles over its key box, then tiles of additional keys.
+struct KeyWalk {
+  int box_lo[3];   // local origin of the key box
+  int n[3];        // key tiles per axis
+  int full_lo[3], full_hi[3];  // intersection of the query tile's windows
+  int spatial;     // n[0] * n[1] * n[2]
+  int total;       // spatial + additional tiles
+};
+
+__device__ __forceinline__ KeyWalk key_walk(const FnaArgs& a, const Box& qb) {
+  KeyWalk w;
+  w.spatial = 1;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const int lo = win_start(a.ax[ax], qb.lg[ax], qb.lo[ax]);
+    const int hi = win_end(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
+    const int t = 1 << a.kvlog[ax];
+    w.box_lo[ax] = lo;
+    w.n[ax] = (hi - lo + t - 1) / t;
+    w.full_lo[ax] = win_start(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
+    w.full_hi[ax] = win_end(a.ax[ax], qb.lg[ax], qb.lo[ax]);
+    w.spatial *= w.n[ax];
+  }
+  w.total = w.spatial + a.add_tiles;
+  return w;
+}
+
+// Local origin of spatial key tile j; `full`: every key of it is in every query's window.
+__device__ __forceinline__ void key_tile(const FnaArgs& a, const KeyWalk& w, int j, int (&o)[3],
+                                         bool& full) {
+  const int jz = j % w.n[2], jy = (j / w.n[2]) % w.n[1], jx = j / (w.n[2] * w.n[1]);
+  const int js[3] = {jx, jy, jz};
+  full = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    o[ax] = w.box_lo[ax] + (js[ax] << a.kvlog[ax]);
+    full = full && o[ax] >= w.full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= w.full_hi[ax];
+  }
+}
+
+// ---- staging ------------------------------------------------------------------------------------
+// Copies kRows rows of `cols` (<= DT) elements into a [kRows][DT + 8] shared tile; row_ptr(r)
+// gives the global row or nullptr (the row is then zero-filled, as are the columns past `cols`).
+template <typename T, int DT, typename RowPtr>
+__device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, const void* any) {
+  constexpr int kVecs = DT / 8;  // 16-byte vectors per row
+  constexpr int kLd = DT + 8;
+#pragma unroll
+  for (int v = threadIdx.x; v < kRows * kVecs; v += kThreads) {
+    const int r = v / kVecs, c = (v % kVecs) * 8;
+    const T* src = row_ptr(r);
+    const bool valid = src != nullptr && c < cols;
+    cp_async16(s + r * kLd + c, valid ? static_cast<const void*>(src + c) : any, valid);
+  }
+}
+
+// A fragment (16 rows of the warp, k16 step kk) of a [row][DT + 8] tile.
+template <typename T, int DT>
+__device__ __forceinline__ void a_frag(unsigned (&f)[4], const T* s, int row0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(f, s + (row0 + (lane & 15)) * (DT + 8) + kk * 16 + (lane >> 4) * 8);
+}
+
+// B fragments of two n8 blocks (columns n0..n0+15) at k16 step kk, from a [n][k] tile (rows are
+// the columns of the product: keys for q.k, queries for k.q).
+template <typename T, int DT>
+__device__ __forceinline__ void b_frag_nk(unsigned (&f)[4], const T* s, int n0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(f, s + (n0 + (lane & 7) + (lane >> 4) * 8) * (DT + 8) + kk * 16 + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments of two n8 blocks (columns n0..n0+15 of the tile's row) at k16 step kk (rows
+// kk*16..), from a [k][n] tile: p.v with the keys as k, or dS^T q with the queries as k.
+template <typename T, int DT>
+__device__ __forceinline__ void b_frag_kn(unsigned (&f)[4], const T* s, int n0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4_trans(f, s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (DT + 8) + n0 +
+                        (lane >> 4) * 8);
+}
+
+// acc[16 x 64] (8 n8 blocks) += A[16 x DT] B^T, A rows of `As` from row0, B rows of `Bs`.
+template <typename T, int DT>
+__device__ __forceinline__ void scores(float (&acc)[8][4], const T* As, int row0, const T* Bs) {
+#pragma unroll
+  for (int kk = 0; kk < DT / 16; ++kk) {
+    unsigned af[4];
+    a_frag<T, DT>(af, As, row0, kk);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      unsigned bf[4];
+      b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
+      mma16816<T>(acc[2 * np], af, bf[0], bf[1]);
+      mma16816<T>(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc[16 x DT] += P[16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile.
+template <typename T, int DT>
+__device__ __forceinline__ void apply(float (&acc)[DT / 8][4], const float (&p)[8][4], const T* Bs) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    unsigned pa[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                      pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                      pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int np = 0; np < DT / 16; ++np) {
+      unsigned bf[4];
+      b_frag_kn<T, DT>(bf, Bs, np * 16, kk);
+      mma16816<T>(acc[2 * np], pa, bf[0], bf[1]);
+      mma16816<T>(acc[2 * np + 1], pa, bf[2], bf[3]);
+    }
+  }
+}
+
+// Column of element e of n8 block nb in a C fragment.
+__device__ __forceinline__ int frag_col(int nb, int e) {
+  return nb * 8 + 2 * (threadIdx.x & 3) + (e & 1);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Stores a [16 x DT] C-fragment accumulator (times `mul`) to the warp's rows; row_ptr(which) gives
+// the global row of the thread's first (0) or second (1) row, or nullptr.
+template <typename T, int DT, typename RowPtr>
+__device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float mul0, float mul1,
+                                           RowPtr&& row_ptr, int cols) {
+  T* rows[2] = {row_ptr(0), row_ptr(1)};
+#pragma unroll
+  for (int nb = 0; nb < DT / 8; ++nb) {
+    const int c = frag_col(nb, 0);
+    if (c >= cols) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (rows[half] == nullptr) continue;
+      const float m = half ? mul1 : mul0;
+      const unsigned u = pack2<T>(acc[nb][2 * half] * m, acc[nb][2 * half + 1] * m);
+      *reinterpret_cast<unsigned*>(rows[half] + c) = u;
+    }
+  }
+}
+
+// Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
+constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
+constexpr int fwd_smem(int dt, int elem) { return 5 * tile_bytes(dt, elem); }  // q, 2 x (k, v)
+constexpr int dq_smem(int dt, int elem) { return 6 * tile_bytes(dt, elem); }   // q, do, 2 x (k, v)
+constexpr int dkdv_smem(int dt, int elem) {  // k, v, 2 x (q, do), 2 x (lse, delta)
+  return 6 * tile_bytes(dt, elem) + 4 * kRows * 4;
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten

@@ -1,0 +1,201 @@
+// The FFI handlers of backend="fused": natten_fused_fna_{fwd,bwd} (contract: cuda/README.md).
+//   fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse
+//   fna_bwd: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v,
+//            delta (workspace: f32, shape of lse; the caller discards it)
+// Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
+// tiling.h), and for the backward `deterministic` (int64 0/1).
+// Launches only on XLA's stream, allocates nothing, never synchronizes; every launch is checked.
+#include <string>
+
+#include "launch.h"
+#include "natten/cuda_common.h"
+#include "natten/cuda_handlers.h"
+#include "natten/ffi_helpers.h"
+#include "tiling.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+namespace {
+
+// Head-dim tile serving D and Dv, or an error naming what the kernels take.
+ffi::Error head_dim_tile(const Problem& p, int& dt) {
+  for (int64_t d : {p.dim, p.dim_v}) {
+    if (d % 8 != 0 || d < 8 || d > kMaxHeadDim)
+      return invalid("the fused backend supports head dims that are multiples of 8 up to " +
+                     std::to_string(kMaxHeadDim) + " (query/key " + std::to_string(p.dim) +
+                     ", value " + std::to_string(p.dim_v) + ")");
+  }
+  const int64_t need = p.dim > p.dim_v ? p.dim : p.dim_v;
+  for (int t : kHeadDimTiles) {
+    if (t >= need) {
+      dt = t;
+      return ok();
+    }
+  }
+  return invalid("no head-dim tile");
+}
+
+ffi::Error check_dtype(ffi::DataType t) {
+  if (t == ffi::DataType::F16 || t == ffi::DataType::BF16) return ok();
+  return invalid(std::string("the fused backend takes float16 or bfloat16 (tensor cores), got ") +
+                 dtype_name(t) + "; use backend='gemm' for float32");
+}
+
+// Kernel arguments of a validated problem with a tiling.
+ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a) {
+  if (p.heads > 65535 || p.kv_heads > 65535 || p.batch > 65535)
+    return invalid("the fused backend takes at most 65535 heads and 65535 batch elements");
+  for (int ax = 0; ax < kMaxRank; ++ax) a.ax[ax] = p.axis[ax];
+  a.tokens = p.tokens();
+  a.Y = static_cast<int>(p.extent[1]);
+  a.Z = static_cast<int>(p.extent[2]);
+  a.heads = static_cast<int>(p.heads);
+  a.kv_heads = static_cast<int>(p.kv_heads);
+  a.group = static_cast<int>(p.heads / p.kv_heads);
+  a.dim = static_cast<int>(p.dim);
+  a.dim_v = static_cast<int>(p.dim_v);
+  if (p.additional > (int64_t{1} << 30)) return invalid("too many additional keys");
+  a.S = static_cast<int>(p.additional);
+  a.ry = static_cast<int>(p.rpb_extent(1));
+  a.rz = static_cast<int>(p.rpb_extent(2));
+  a.R = p.has_rpb ? static_cast<int>(p.rpb_per_head()) : 0;
+  a.scale = scale;
+  a.scale_log2 = scale * kLog2e;
+  a.q_tiles = a.kv_tiles = 1;
+  for (int ax = 0; ax < kMaxRank; ++ax) {
+    const AxisParams& x = p.axis[ax];
+    const int lg0 = group_length(x.length, x.dilation, 0);  // the longest group
+    a.qlog[ax] = t.qlog[ax];
+    a.kvlog[ax] = t.kvlog[ax];
+    a.q_tpg[ax] = ceil_div(lg0, 1 << t.qlog[ax]);
+    a.kv_tpg[ax] = ceil_div(lg0, 1 << t.kvlog[ax]);
+    a.q_units[ax] = x.dilation * a.q_tpg[ax];
+    a.kv_units[ax] = x.dilation * a.kv_tpg[ax];
+    a.q_tiles *= a.q_units[ax];
+    a.kv_tiles *= a.kv_units[ax];
+  }
+  if (a.q_tiles + ceil_div(a.S, kRows) >= (int64_t{1} << 31) || a.kv_tiles >= (int64_t{1} << 31))
+    return invalid("problem too large for the fused kernels' grid");
+  a.add_tiles = ceil_div(a.S, kRows);
+  a.drpb_in_smem = 0;
+  a.drpb_partials = 0;
+  return ok();
+}
+
+ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
+                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                    I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal,
+                    float scale, I64Span q_tile, I64Span kv_tile) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
+                              stride, dilation, is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  const ffi::DataType t = q.element_type();
+  NATTEN_TRY(check_like("output", *o, t, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse", *lse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_dtype(t));
+  int dt = 0;
+  NATTEN_TRY(head_dim_tile(p, dt));
+  Tiling tiling;
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, tiling));
+  FnaArgs a;
+  NATTEN_TRY(make_args(p, tiling, scale, a));
+  NATTEN_TRY(poison_outputs(stream, *o, *lse));
+  if (B == 0 || p.tokens() == 0) return ok();
+  FnaPtrs ptr = {};
+  ptr.q = q.untyped_data();
+  ptr.k = k.untyped_data();
+  ptr.v = v.untyped_data();
+  ptr.add_k = add_k.untyped_data();
+  ptr.add_v = add_v.untyped_data();
+  ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  ptr.out = o->untyped_data();
+  ptr.out_lse = static_cast<float*>(lse->untyped_data());
+  return launch_forward(stream, t, dt, a, ptr, B);
+}
+
+ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
+                    ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer d_o, ffi::AnyBuffer dlse,
+                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                    ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> drpb,
+                    ffi::Result<ffi::AnyBuffer> dadd_k, ffi::Result<ffi::AnyBuffer> dadd_v,
+                    ffi::Result<ffi::AnyBuffer> delta, I64Span kernel_size, I64Span stride,
+                    I64Span dilation, I64Span is_causal, float scale, I64Span q_tile,
+                    I64Span kv_tile, int64_t deterministic) {
+  Problem p;
+  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
+                              stride, dilation, is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  const ffi::DataType t = q.element_type();
+  NATTEN_TRY(check_like("output", o, t, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_like("output gradient", d_o, t, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse gradient", dlse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_like("query gradient", *dq, t, {B, X, Y, Z, H, p.dim}));
+  NATTEN_TRY(check_like("key gradient", *dk, t, {B, X, Y, Z, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("value gradient", *dv, t, {B, X, Y, Z, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_like("additional_keys gradient", *dadd_k, t, {B, p.additional, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("additional_values gradient", *dadd_v, t,
+                        {B, p.additional, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32, {B, X, Y, Z, H}));
+  Problem with_drpb = p;
+  NATTEN_TRY(decode_rpb(with_drpb, "rpb gradient", *drpb, /*per_batch=*/true));
+  if (with_drpb.has_rpb != p.has_rpb && B > 0)
+    return invalid("rpb gradient must have elements exactly when rpb does");
+  NATTEN_TRY(check_dtype(t));
+  int dt = 0;
+  NATTEN_TRY(head_dim_tile(p, dt));
+  Tiling tiling;
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, tiling));
+  FnaArgs a;
+  NATTEN_TRY(make_args(p, tiling, scale, a));
+  a.drpb_in_smem = a.R > 0 && dq_smem(dt, 2) + a.R * 4 <= kMaxDqSmem;
+  a.drpb_partials = deterministic != 0;
+  NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));
+  if (B == 0 || p.tokens() == 0) return ok();
+  if (p.has_rpb) {  // the dq kernel adds its CTAs' partial sums
+    const cudaError_t e = cudaMemsetAsync(drpb->untyped_data(), 0, drpb->size_bytes(), stream);
+    if (e != cudaSuccess) return launch_error("zeroing the rpb gradient", e);
+  }
+  FnaPtrs ptr = {};
+  ptr.q = q.untyped_data();
+  ptr.k = k.untyped_data();
+  ptr.v = v.untyped_data();
+  ptr.add_k = add_k.untyped_data();
+  ptr.add_v = add_v.untyped_data();
+  ptr.o = o.untyped_data();
+  ptr.d_o = d_o.untyped_data();
+  ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  ptr.lse = static_cast<const float*>(lse.untyped_data());
+  ptr.dlse = static_cast<const float*>(dlse.untyped_data());
+  ptr.dq = dq->untyped_data();
+  ptr.dk = dk->untyped_data();
+  ptr.dv = dv->untyped_data();
+  ptr.dadd_k = dadd_k->untyped_data();
+  ptr.dadd_v = dadd_v->untyped_data();
+  ptr.drpb = p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr;
+  ptr.delta = static_cast<float*>(delta->untyped_data());
+  NATTEN_TRY(launch_backward_dq(stream, t, dt, a, ptr, B));
+  return launch_backward_dkdv(stream, t, dt, a, ptr, B);
+}
+
+}  // namespace
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten
+
+#define NATTEN_FUSED_BIND(args, rets)                                                  \
+  (natten::bind_buffers<args, rets>(                                                   \
+       xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())            \
+       .Attr<float>("scale")                                                           \
+       .Attr<natten::I64Span>("q_tile")                                                \
+       .Attr<natten::I64Span>("kv_tile"))
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd, NATTEN_FUSED_BIND(6, 2),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaBwd, natten::gpu::fna::FusedBwd,
+                              NATTEN_FUSED_BIND(10, 7).Attr<int64_t>("deterministic"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,62 @@
+// Host entry points of the FNA kernels (fna.cuh describes them), one .cu file per kernel so the
+// template instances compile in parallel. The handlers (handlers.cu) validate and tile first.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "fna.cuh"
+#include "natten/cuda_common.h"
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+
+// Head-dim tiles the kernels are compiled for; D and Dv are padded (with zeros) to one of them.
+constexpr int kHeadDimTiles[] = {32, 64, 128};
+constexpr int kMaxHeadDim = 128;
+// Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
+constexpr int kMaxDqSmem = 160 * 1024;
+
+inline ffi::Error launch_error(const char* what, cudaError_t e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));
+}
+
+// f(TypeTag<T>{}, std::integral_constant<int, DT>{}) for a tensor-core dtype and head-dim tile.
+template <typename F>
+ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
+  auto by_dim = [&](auto tag) -> ffi::Error {
+    switch (dt) {
+      case 32: return f(tag, std::integral_constant<int, 32>{});
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      default: return invalid("fused: no kernel for head-dim tile " + std::to_string(dt));
+    }
+  };
+  switch (t) {
+    case ffi::DataType::F16: return by_dim(TypeTag<__half>{});
+    case ffi::DataType::BF16: return by_dim(TypeTag<__nv_bfloat16>{});
+    default: return invalid("fused: the kernels take float16 or bfloat16");
+  }
+}
+
+// o, lse from q, k, v (+ rpb, additional kv). Grid: (a.q_tiles, heads, batch).
+ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                          const FnaPtrs& p, int64_t batch);
+// delta = rowsum(do * o) - dlse, then dq (+ d-rpb). Grid of dq: (a.q_tiles, heads, batch).
+ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                              const FnaPtrs& p, int64_t batch);
+// dk, dv, dadd_k, dadd_v. Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
+ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                                const FnaPtrs& p, int64_t batch);
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten

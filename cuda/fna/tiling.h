@@ -1,0 +1,110 @@
+// Tile shapes of the FNA kernels (host side): the user's, checked, or the cheapest by a count of
+// the (query tile, key tile) pairs a problem's forward walk visits.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "natten/ffi_helpers.h"
+#include "natten/window.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+
+constexpr int kTileLog = 6;  // tiles hold at most 2^6 = 64 tokens
+
+struct Tiling {
+  int qlog[kMaxRank];
+  int kvlog[kMaxRank];
+};
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Pairs visited by the forward walk, estimated from a query tile in the middle of the largest
+// dilation group of every axis (all interior tiles of an axis walk the same number of key tiles).
+inline double walk_cost(const Problem& p, const int (&qlog)[kMaxRank], const int (&kvlog)[kMaxRank]) {
+  double cost = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const AxisParams& ax = p.axis[a];
+    const int lg = group_length(ax.length, ax.dilation, 0);
+    const int tq = 1 << qlog[a], tk = 1 << kvlog[a];
+    const int nq = ceil_div(lg, tq);
+    const int lo = imin((nq / 2) * tq, lg - 1), hi = imin(lo + tq, lg);
+    const int span = window_end(hi - 1, lg, ax.kernel, ax.stride, ax.causal) -
+                     window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
+    cost *= static_cast<double>(ax.dilation) * nq * ceil_div(span, tk);
+  }
+  return cost;
+}
+
+// Every split of at most 2^6 tokens over the axes that is no longer than an axis needs.
+template <typename F>
+void for_each_shape(const Problem& p, F&& f) {
+  int cap[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int lg = group_length(p.axis[a].length, p.axis[a].dilation, 0);
+    cap[a] = 0;
+    while (cap[a] < kTileLog && (1 << cap[a]) < lg) ++cap[a];
+  }
+  for (int x = 0; x <= cap[0]; ++x)
+    for (int y = 0; y <= cap[1] && x + y <= kTileLog; ++y)
+      for (int z = 0; z <= cap[2] && x + y + z <= kTileLog; ++z) f(x, y, z);
+}
+
+inline int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return (v >= 1 && (int64_t{1} << l) == v) ? l : -1;
+}
+
+// A user's tile shape ([x, y, z] extents; all 0 = choose), checked.
+inline ffi::Error user_shape(const char* what, I64Span shape, int (&logs)[kMaxRank], bool& given) {
+  if (shape.size() != static_cast<size_t>(kMaxRank))
+    return invalid(std::string(what) + " must have 3 entries, got " + std::to_string(shape.size()));
+  given = shape[0] != 0 || shape[1] != 0 || shape[2] != 0;
+  if (!given) return ok();
+  int sum = 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    logs[a] = log2_exact(shape[a]);
+    if (logs[a] < 0)
+      return invalid(std::string(what) + " extents must be powers of two, got " +
+                     std::to_string(shape[a]));
+    sum += logs[a];
+  }
+  if (sum > kTileLog)
+    return invalid(std::string(what) + " must hold at most 64 tokens");
+  return ok();
+}
+
+inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, Tiling& t) {
+  bool q_given = false, kv_given = false;
+  NATTEN_TRY(user_shape("q_tile", q_tile, t.qlog, q_given));
+  NATTEN_TRY(user_shape("kv_tile", kv_tile, t.kvlog, kv_given));
+  if (q_given && kv_given) return ok();
+  double best = -1;
+  Tiling pick = t;
+  for_each_shape(p, [&](int qx, int qy, int qz) {
+    const int ql[3] = {qx, qy, qz};
+    if (q_given && (qx != t.qlog[0] || qy != t.qlog[1] || qz != t.qlog[2])) return;
+    for_each_shape(p, [&](int kx, int ky, int kz) {
+      const int kl[3] = {kx, ky, kz};
+      if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
+      const double c = walk_cost(p, ql, kl);
+      // Ties: the later candidate has longer z runs (contiguous rows) and wins.
+      if (best < 0 || c <= best) {
+        best = c;
+        for (int a = 0; a < kMaxRank; ++a) {
+          pick.qlog[a] = ql[a];
+          pick.kvlog[a] = kl[a];
+        }
+      }
+    });
+  });
+  t = pick;
+  return ok();
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten

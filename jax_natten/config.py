@@ -1,0 +1,75 @@
+"""Settings of the fused kernels: tile shapes and deterministic backward.
+
+    with jax_natten.fused_config(q_tile=(8, 8), kv_tile=(4, 16)):
+        out = jax.jit(f)(q, k, v)       # read when f is traced
+
+`q_tile` / `kv_tile`: the query tile and key tile of the FNA kernels, one power-of-two extent per
+spatial axis, at most 64 tokens in all (e.g. 1-D (64,), 2-D (8, 8), 3-D (4, 4, 4)). `None` (the
+default) lets the kernels choose: they count the (query tile, key tile) pairs each candidate shape
+would visit and take the fewest. `deterministic=True` makes the rpb gradient bit-reproducible
+(per-tile partial sums reduced in a fixed order instead of atomics); dq, dk, dv and the additional
+kv gradients are always computed without atomics, so they are deterministic in every mode.
+
+The settings are read when an op is traced (they become static attributes of the custom call),
+so a function jitted before entering the context keeps the settings it was traced with.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    q_tile: tuple | None = None
+    kv_tile: tuple | None = None
+    deterministic: bool = False
+
+
+_CURRENT = contextvars.ContextVar("jax_natten_fused_config", default=FusedConfig())
+
+MAX_TILE_TOKENS = 64
+
+
+def _check_tile(name, tile):
+    if tile is None:
+        return None
+    tile = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+    for t in tile:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1 or t & (t - 1):
+            raise ValueError(f"{name} extents must be powers of two (1, 2, 4, ...), got {tile}")
+    if math.prod(tile) > MAX_TILE_TOKENS:
+        raise ValueError(f"{name} must hold at most {MAX_TILE_TOKENS} tokens, got {tile} "
+                         f"({math.prod(tile)})")
+    return tile
+
+
+@contextlib.contextmanager
+def fused_config(*, q_tile=None, kv_tile=None, deterministic=False):
+    """Context manager that sets the fused kernels' tile shapes and deterministic mode."""
+    cfg = FusedConfig(_check_tile("q_tile", q_tile), _check_tile("kv_tile", kv_tile),
+                      bool(deterministic))
+    token = _CURRENT.set(cfg)
+    try:
+        yield cfg
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> FusedConfig:
+    return _CURRENT.get()
+
+
+def padded_tiles(cfg: FusedConfig, rank: int, max_rank: int = 3):
+    """(q_tile, kv_tile) as 3 extents each (leading 1s; all 0 = let the kernels choose)."""
+    out = []
+    for name, tile in (("q_tile", cfg.q_tile), ("kv_tile", cfg.kv_tile)):
+        if tile is None:
+            out.append((0,) * max_rank)
+            continue
+        if len(tile) != rank:
+            raise ValueError(f"{name} {tile} has {len(tile)} extents for a {rank}-D problem")
+        out.append((1,) * (max_rank - rank) + tuple(tile))
+    return tuple(out)
