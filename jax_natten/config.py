@@ -4,9 +4,10 @@
         out = jax.jit(f)(q, k, v)       # read when f is traced
 
 `q_tile` / `kv_tile`: the query tile and key tile of the FNA kernels, one power-of-two extent per
-spatial axis, at most 64 tokens in all (e.g. 1-D (64,), 2-D (8, 8), 3-D (4, 4, 4)). `None` (the
-default) lets the kernels choose: they count the (query tile, key tile) pairs each candidate shape
-would visit and take the fewest. `deterministic=True` makes the rpb gradient bit-reproducible
+spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at most 128 tokens
+(the backward kernels split a 128-token tile in two along its longest axis), key tiles at most 64.
+`None` (the default) lets the kernels choose: they count the (query tile, key tile) pairs each
+candidate shape would visit on the problem at hand and take the fewest. `deterministic=True` makes the rpb gradient bit-reproducible
 (per-tile partial sums reduced in a fixed order instead of atomics); dq, dk, dv and the additional
 kv gradients are always computed without atomics, so they are deterministic in every mode.
 
@@ -30,7 +31,9 @@ class FusedConfig:
 
 _CURRENT = contextvars.ContextVar("jax_natten_fused_config", default=FusedConfig())
 
-MAX_TILE_TOKENS = 64
+# Query tiles of the forward kernel hold up to 128 tokens (the backward kernels split them in two);
+# key tiles up to 64.
+MAX_TILE_TOKENS = {"q_tile": 128, "kv_tile": 64}
 
 
 def _check_tile(name, tile):
@@ -40,8 +43,8 @@ def _check_tile(name, tile):
     for t in tile:
         if not isinstance(t, int) or isinstance(t, bool) or t < 1 or t & (t - 1):
             raise ValueError(f"{name} extents must be powers of two (1, 2, 4, ...), got {tile}")
-    if math.prod(tile) > MAX_TILE_TOKENS:
-        raise ValueError(f"{name} must hold at most {MAX_TILE_TOKENS} tokens, got {tile} "
+    if math.prod(tile) > MAX_TILE_TOKENS[name]:
+        raise ValueError(f"{name} must hold at most {MAX_TILE_TOKENS[name]} tokens, got {tile} "
                          f"({math.prod(tile)})")
     return tile
 

@@ -114,12 +114,30 @@ def _native_attention_bwd(params, scale, backend, tuning, res, cotangents):
     do, dlse = cotangents
     dq, dk, dv, drpb, dak, dav = ffi.fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
                                                   dlse, params, scale, tuning)
+    if backend == "fused" and tuning[2] and rpb is not None:
+        drpb = _fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale)
     return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
                                   None if add_k is None else dak, None if add_v is None else dav),
                                  (q, k, v, rpb, add_k, add_v))
 
 
 _native_attention.defvjp(_native_attention_fwd, _native_attention_bwd)
+
+
+def _fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale):
+    """d-rpb of the fused op, bit-reproducible (fused_config(deterministic=True)): the fused
+    kernels sum it with atomics, so here it comes from the GEMM-based kernels instead, whose
+    reductions run in a fixed order. dS = P (do.v - delta) per window entry, P = exp(logits - lse),
+    then the qk op's backward w.r.t. rpb sums dS per relative offset. Costs [N, prod(kernel)]
+    temporaries: deterministic mode trades memory for reproducibility."""
+    f32 = jnp.float32
+    logits = _native_qk((q.astype(f32) * scale).astype(q.dtype), k, rpb, None, params, "gemm")
+    p = jnp.exp(logits.astype(f32) - lse[..., None])
+    dp = _native_qk(do.astype(v.dtype), v, None, None, params, "gemm").astype(f32)  # do . v
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1) - dlse
+    ds = p * (dp - delta[..., None])
+    _, pull = jax.vjp(lambda r: _native_qk(q, k, r, None, params, "gemm"), rpb)
+    return pull(ds.astype(q.dtype))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -114,35 +114,25 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
+  const TileRows<DT, kRows> qrows(a, a.qlog);
   auto stage_queries = [&](int64_t it, int buf) {
     const QueryTile t = query_tile(it);
-    auto token = [&](int r, int64_t& tok) -> bool {
-      if (!t.nonempty) return false;
-      int off[3], l[3];
-      tile_offsets(r, a.qlog, off);
+    int lim[3];
 #pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        l[ax] = t.box.lo[ax] + off[ax];
-        if (l[ax] >= t.box.hi[ax]) return false;
-      }
-      tok = token_of(a, t.box.grp, l);
-      return true;
-    };
-    auto query_row = [&](int r, const T* base, int dim) -> const T* {
-      int64_t tok;
-      if (!token(r, tok)) return nullptr;
-      return base + ((row0 + tok) * a.heads + t.h) * dim;
-    };
-    stage_rows<T, DT>(Qs + buf * kRows * kLd, [&](int r) { return query_row(r, q, a.dim); },
-                      a.dim, q);
-    stage_rows<T, DT>(Os + buf * kRows * kLd, [&](int r) { return query_row(r, d_o, a.dim_v); },
-                      a.dim_v, d_o);
+    for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
+    const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
+    qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
+    qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
     for (int r = threadIdx.x; r < kRows; r += kThreads) {
-      int64_t tok = 0;
-      const bool ok = token(r, tok);
-      const int64_t i = (row0 + tok) * a.heads + t.h;
-      cp_async4(Ls + buf * kRows + r, ok ? p.lse + i : p.lse, ok);
-      cp_async4(Ds + buf * kRows + r, ok ? p.delta + i : p.delta, ok);
+      int off[3];
+      tile_offsets(r, a.qlog, off);
+      const bool ok = off[0] < lim[0] && off[1] < lim[1] && off[2] < lim[2];
+      int l[3];
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) l[ax] = t.box.lo[ax] + off[ax];
+      const int64_t i = ok ? (row0 + token_of(a, t.box.grp, l)) * a.heads + t.h : 0;
+      cp_async4(Ls + buf * kRows + r, p.lse + i, ok);
+      cp_async4(Ds + buf * kRows + r, p.delta + i, ok);
     }
     cp_async_commit();
   };

@@ -50,21 +50,16 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
   const T* add_v = static_cast<const T*>(p.add_v);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
 
-  auto query_row = [&](int r, const T* base, int dim) -> const T* {
-    int off[3], l[3];
-    tile_offsets(r, a.qlog, off);
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      l[ax] = qb.lo[ax] + off[ax];
-      if (l[ax] >= qb.hi[ax]) return nullptr;
-    }
-    return base + ((row0 + token_of(a, qb.grp, l)) * a.heads + h) * dim;
-  };
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
-  stage_rows<T, DT>(Qs, [&](int r) { return query_row(r, q, a.dim); }, a.dim, q);
-  stage_rows<T, DT>(Os, [&](int r) { return query_row(r, d_o, a.dim_v); }, a.dim_v, d_o);
-  cp_async_commit();
+  {
+    const TileRows<DT, kRows> qrows(a, a.qlog);
+    const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
+    const int64_t tok0 = token_of(a, qb.grp, qb.lo);
+    qrows.stage(Qs, q, row0, tok0, lim, a.heads, h, a.dim);
+    qrows.stage(Os, d_o, row0, tok0, lim, a.heads, h, a.dim_v);
+    cp_async_commit();
+  }
 
   float* drpb_g = a.R ? p.drpb + (static_cast<int64_t>(b) * a.heads + h) * a.R : nullptr;
   if (a.R && a.drpb_in_smem)
@@ -72,33 +67,26 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
   float* drpb = a.drpb_in_smem ? drpb_s : drpb_g;
 
   const KeyWalk walk = key_walk(a, qb);
+  const TileRows<DT, kRows> kvrows(a, a.kvlog);
+  TileCounter staged;  // the next spatial key tile to stage
+  staged.reset();
   auto stage_keys = [&](int j, int buf) {
     T* ks = Ks + buf * kRows * kLd;
     T* vs = Vs + buf * kRows * kLd;
     if (j < walk.spatial) {
       int o[3];
       bool full;
-      key_tile(a, walk, j, o, full);
-      auto key_row = [&](int r, const T* base, int dim) -> const T* {
-        int off[3], l[3];
-        tile_offsets(r, a.kvlog, off);
-#pragma unroll
-        for (int ax = 0; ax < 3; ++ax) {
-          l[ax] = o[ax] + off[ax];
-          if (l[ax] >= qb.lg[ax]) return nullptr;
-        }
-        return base + ((row0 + token_of(a, qb.grp, l)) * a.kv_heads + kvh) * dim;
-      };
-      stage_rows<T, DT>(ks, [&](int r) { return key_row(r, k, a.dim); }, a.dim, k);
-      stage_rows<T, DT>(vs, [&](int r) { return key_row(r, v, a.dim_v); }, a.dim_v, v);
+      key_tile(a, walk, staged, o, full);
+      staged.next(walk.n);
+      const int lim[3] = {qb.lg[0] - o[0], qb.lg[1] - o[1], qb.lg[2] - o[2]};
+      const int64_t tok0 = token_of(a, qb.grp, o);
+      kvrows.stage(ks, k, row0, tok0, lim, a.kv_heads, kvh, a.dim);
+      kvrows.stage(vs, v, row0, tok0, lim, a.kv_heads, kvh, a.dim_v);
     } else {
-      const int s0 = (j - walk.spatial) * kRows;
-      auto add_row = [&](int r, const T* base, int dim) -> const T* {
-        if (s0 + r >= a.S) return nullptr;
-        return base + ((static_cast<int64_t>(b) * a.S + s0 + r) * a.kv_heads + kvh) * dim;
-      };
-      stage_rows<T, DT>(ks, [&](int r) { return add_row(r, add_k, a.dim); }, a.dim, k);
-      stage_rows<T, DT>(vs, [&](int r) { return add_row(r, add_v, a.dim_v); }, a.dim_v, v);
+      const int64_t s0 = (j - walk.spatial) * kRows;
+      const int64_t first = static_cast<int64_t>(b) * a.S;
+      kvrows.stage_linear(ks, add_k, first + s0, first + a.S, a.kv_heads, kvh, a.dim);
+      kvrows.stage_linear(vs, add_v, first + s0, first + a.S, a.kv_heads, kvh, a.dim_v);
     }
     cp_async_commit();
   };
@@ -131,11 +119,14 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
     }
   }
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
+  const bool want_drpb = rpb != nullptr && !a.skip_drpb;
 
   float acc[DT / 8][4];
 #pragma unroll
   for (int i = 0; i < DT / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
+  TileCounter current;  // the spatial key tile being computed
+  current.reset();
   stage_keys(0, 0);
   for (int j = 0; j < walk.total; ++j) {
     if (j + 1 < walk.total) {
@@ -159,7 +150,10 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
     const bool spatial = j < walk.spatial;
     int o[3] = {0, 0, 0};
     bool full = false;
-    if (spatial) key_tile(a, walk, j, o, full);
+    if (spatial) {
+      key_tile(a, walk, current, o, full);
+      current.next(walk.n);
+    }
     const int s0 = (j - walk.spatial) * kRows;
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
@@ -169,14 +163,16 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
         int kl[3] = {0, 0, 0};
         bool in;
         if (spatial) {
-          int off[3];
-          tile_offsets(frag_col(nb, e), a.kvlog, off);
-          in = true;
+          in = row_ok[i];
+          if (!full || rpb != nullptr) {
+            int off[3];
+            tile_offsets(frag_col(nb, e), a.kvlog, off);
 #pragma unroll
-          for (int ax = 0; ax < 3; ++ax) {
-            kl[ax] = o[ax] + off[ax];
-            in = in && static_cast<unsigned>(kl[ax] - ws[i][ax]) <
-                           static_cast<unsigned>(wlen[i][ax]);
+            for (int ax = 0; ax < 3; ++ax) {
+              kl[ax] = o[ax] + off[ax];
+              in = in && (full || static_cast<unsigned>(kl[ax] - ws[i][ax]) <
+                                      static_cast<unsigned>(wlen[i][ax]));
+            }
           }
         } else {
           in = row_ok[i] && s0 + frag_col(nb, e) < a.S;
@@ -190,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
         const float pr = in ? exp2f(x - lse2[i]) : 0.f;
         const float ds = pr * (dp[nb][e] - delta[i]);
         s[nb][e] = ds;
-        if (spatial && rpb != nullptr && in) atomicAdd(drpb + ri, ds);
+        if (spatial && want_drpb && in) atomicAdd(drpb + ri, ds);
       }
     }
     apply<T, DT>(acc, s, ks);
@@ -203,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
     return dq + ((row0 + token_of(a, qb.grp, ql[i])) * a.heads + h) * a.dim;
   };
   store_rows<T, DT>(acc, a.scale, a.scale, dq_row, a.dim);
-  if (a.R && a.drpb_in_smem) {
+  if (want_drpb && a.drpb_in_smem) {
     __syncthreads();
     for (int i = threadIdx.x; i < a.R; i += kThreads)
       if (drpb_s[i] != 0.f) atomicAdd(drpb_g + i, drpb_s[i]);

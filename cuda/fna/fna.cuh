@@ -22,8 +22,9 @@
 //             repeated kv), accumulating dk = scale * dS^T q and dv = P^T do in registers.
 //             CTAs past the spatial key tiles own tiles of additional keys and walk every query.
 //   dq and dk / dv are computed by separate kernels: no atomics, deterministic. d-rpb is summed
-//   in shared memory per CTA and added to the output with one atomic per entry and CTA (default),
-//   or, in deterministic mode, written per CTA to a workspace that a fixed-order kernel reduces.
+//   in shared memory per CTA and added to the output with one atomic per entry and CTA, so its
+//   last bits depend on the order the CTAs run in; in deterministic mode the kernels skip it and
+//   the Python layer computes it from the unfused kernels' fixed-order reductions (ops.py).
 //
 // ---- Inside a CTA ------------------------------------------------------------------------------
 // 4 warps; warp w owns rows 16w..16w+15 of the CTA's 64 (queries, or keys in dkdv). Operands are
@@ -70,7 +71,7 @@ struct FnaArgs {
   int64_t q_tiles, kv_tiles;    // tile slots (product of units)
   int add_tiles;                // ceil(S / 64)
   int drpb_in_smem;             // d-rpb accumulates in shared memory (R floats fit)
-  int drpb_partials;            // deterministic: per-CTA d-rpb partials go to a workspace
+  int skip_drpb;                // deterministic mode: the caller computes d-rpb (fixed order)
 };
 
 // Device pointers of one call (unused ones are null).
@@ -135,6 +136,21 @@ __device__ __forceinline__ int rpb_index(const FnaArgs& a, const int (&q)[3], co
   return (ix * a.ry + iy) * a.rz + iz;
 }
 
+// Row-major counter over the key tiles of a walk (replaces divisions in the loop).
+struct TileCounter {
+  int j[3];
+  __device__ __forceinline__ void reset() { j[0] = j[1] = j[2] = 0; }
+  __device__ __forceinline__ void next(const int (&n)[3]) {
+    if (++j[2] == n[2]) {
+      j[2] = 0;
+      if (++j[1] == n[1]) {
+        j[1] = 0;
+        ++j[0];
+      }
+    }
+  }
+};
+
 // The key tiles a query tile walks: spatial tiles over its key box, then tiles of additional keys.
 struct KeyWalk {
   int box_lo[3];   // local origin of the key box
@@ -162,28 +178,27 @@ __device__ __forceinline__ KeyWalk key_walk(const FnaArgs& a, const Box& qb) {
   return w;
 }
 
-// Local origin of spatial key tile j; `full`: every key of it is in every query's window.
-__device__ __forceinline__ void key_tile(const FnaArgs& a, const KeyWalk& w, int j, int (&o)[3],
-                                         bool& full) {
-  const int jz = j % w.n[2], jy = (j / w.n[2]) % w.n[1], jx = j / (w.n[2] * w.n[1]);
-  const int js[3] = {jx, jy, jz};
+// Local origin of the spatial key tile at counter c; `full`: every key of it is in every query's
+// window.
+__device__ __forceinline__ void key_tile(const FnaArgs& a, const KeyWalk& w, const TileCounter& c,
+                                         int (&o)[3], bool& full) {
   full = true;
 #pragma unroll
   for (int ax = 0; ax < 3; ++ax) {
-    o[ax] = w.box_lo[ax] + (js[ax] << a.kvlog[ax]);
+    o[ax] = w.box_lo[ax] + (c.j[ax] << a.kvlog[ax]);
     full = full && o[ax] >= w.full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= w.full_hi[ax];
   }
 }
 
 // ---- staging ------------------------------------------------------------------------------------
-// Copies kRows rows of `cols` (<= DT) elements into a [kRows][DT + 8] shared tile; row_ptr(r)
-// gives the global row or nullptr (the row is then zero-filled, as are the columns past `cols`).
-template <typename T, int DT, typename RowPtr>
+// Copies ROWS rows of `cols` (<= DT) elements into a [ROWS][DT + 8] shared tile; row_ptr(r) gives
+// the global row or nullptr (the row is then zero-filled, as are the columns past `cols`).
+template <typename T, int DT, int ROWS = kRows, typename RowPtr>
 __device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, const void* any) {
   constexpr int kVecs = DT / 8;  // 16-byte vectors per row
   constexpr int kLd = DT + 8;
 #pragma unroll
-  for (int v = threadIdx.x; v < kRows * kVecs; v += kThreads) {
+  for (int v = threadIdx.x; v < ROWS * kVecs; v += kThreads) {
     const int r = v / kVecs, c = (v % kVecs) * 8;
     const T* src = row_ptr(r);
     const bool valid = src != nullptr && c < cols;
@@ -191,7 +206,62 @@ __device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, con
   }
 }
 
-// A fragment (16 rows of the warp, k16 step kk) of a [row][DT + 8] tile.
+// Staging of box tiles with per-thread precomputed rows. Thread t copies the 16-byte column
+// `col` = (t % (DT / 8)) * 8 of rows t / (DT / 8) + i * (kThreads / (DT / 8)): the same rows and
+// column for every tile, so their offsets in the box and their token distances from the box origin
+// are computed once; a tile then costs a bounds test and one address per copy.
+template <int DT, int ROWS>
+struct TileRows {
+  static constexpr int kVecs = DT / 8;
+  static constexpr int kPer = ROWS * kVecs / kThreads;  // copies per thread
+  static_assert(ROWS * kVecs % kThreads == 0, "tiles split evenly over the threads");
+  int col;
+  int packed[kPer];  // the row's offsets in the box: x | y << 10 | z << 20 (extents <= 128)
+  int dtok[kPer];    // token index distance from the box origin (checked < 2^31 on the host)
+
+  __device__ __forceinline__ TileRows(const FnaArgs& a, const int (&logs)[kMaxRank]) {
+    col = (threadIdx.x % kVecs) * 8;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      int off[3];
+      tile_offsets(row(i), logs, off);
+      packed[i] = off[0] | (off[1] << 10) | (off[2] << 20);
+      dtok[i] = (off[0] * a.ax[0].dilation * a.Y + off[1] * a.ax[1].dilation) * a.Z +
+                off[2] * a.ax[2].dilation;
+    }
+  }
+  __device__ __forceinline__ int row(int i) const {
+    return threadIdx.x / kVecs + i * (kThreads / kVecs);
+  }
+  // Stages the box whose origin is token `tok0` of batch row `first` (= b * N): rows with an
+  // offset >= lim on some axis, and columns >= cols, are zero-filled. Global row of token n:
+  // base + ((first + n) * heads + head) * cols.
+  template <typename T>
+  __device__ __forceinline__ void stage(T* s, const T* base, int64_t first, int64_t tok0,
+                                        const int (&lim)[3], int heads, int head, int cols) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int x = packed[i] & 1023, y = (packed[i] >> 10) & 1023, z = packed[i] >> 20;
+      const bool valid = x < lim[0] && y < lim[1] && z < lim[2] && col < cols;
+      const T* src = base + ((first + tok0 + dtok[i]) * heads + head) * cols + col;
+      cp_async16(s + row(i) * (DT + 8) + col, valid ? static_cast<const void*>(src) : base, valid);
+    }
+  }
+  // Stages rows [r0, r0 + ROWS) of a [rows, heads, cols] array (additional kv), zero past `rows`.
+  template <typename T>
+  __device__ __forceinline__ void stage_linear(T* s, const T* base, int64_t r0, int64_t rows,
+                                               int heads, int head, int cols) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t r = r0 + row(i);
+      const bool valid = r < rows && col < cols;
+      const T* src = base + (r * heads + head) * cols + col;
+      cp_async16(s + row(i) * (DT + 8) + col, valid ? static_cast<const void*>(src) : base, valid);
+    }
+  }
+};
+
+// A fragment (16 rows from row0, k16 step kk) of a [row][DT + 8] tile.
 template <typename T, int DT>
 __device__ __forceinline__ void a_frag(unsigned (&f)[4], const T* s, int row0, int kk) {
   const int lane = threadIdx.x & 31;
@@ -215,39 +285,85 @@ __device__ __forceinline__ void b_frag_kn(unsigned (&f)[4], const T* s, int n0, 
                         (lane >> 4) * 8);
 }
 
-// acc[16 x 64] (8 n8 blocks) += A[16 x DT] B^T, A rows of `As` from row0, B rows of `Bs`.
-template <typename T, int DT>
-__device__ __forceinline__ void scores(float (&acc)[8][4], const T* As, int row0, const T* Bs) {
+// A warp owns MT m16 tiles (rows row0 + 16 mt): every B fragment loaded from shared memory feeds
+// MT products, which is what makes MT = 2 cheaper in shared-memory bandwidth per flop.
+//
+// acc[mt][16 x 64] += A[16 x DT] B^T, A rows of `As` from row0 + 16 mt, B rows of `Bs`.
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void scores(float (&acc)[MT][8][4], const T* As, int row0, const T* Bs) {
 #pragma unroll
   for (int kk = 0; kk < DT / 16; ++kk) {
-    unsigned af[4];
-    a_frag<T, DT>(af, As, row0, kk);
+    unsigned af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) a_frag<T, DT>(af[mt], As, row0 + 16 * mt, kk);
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       unsigned bf[4];
       b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
-      mma16816<T>(acc[2 * np], af, bf[0], bf[1]);
-      mma16816<T>(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+        mma16816<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc[16 x DT] += P[16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile.
-template <typename T, int DT>
-__device__ __forceinline__ void apply(float (&acc)[DT / 8][4], const float (&p)[8][4], const T* Bs) {
+// The same with the A fragments already in registers (the forward keeps its queries there).
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void scores_regs(float (&acc)[MT][8][4],
+                                            const unsigned (&af)[MT][DT / 16][4], const T* Bs) {
+#pragma unroll
+  for (int kk = 0; kk < DT / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      unsigned bf[4];
+      b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * np], af[mt][kk], bf[0], bf[1]);
+        mma16816<T>(acc[mt][2 * np + 1], af[mt][kk], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// acc[mt][16 x DT] += P[mt][16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile.
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
+                                      const T* Bs) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    unsigned pa[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                      pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                      pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    unsigned pa[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      pa[mt][0] = pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      pa[mt][1] = pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      pa[mt][2] = pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      pa[mt][3] = pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int np = 0; np < DT / 16; ++np) {
       unsigned bf[4];
       b_frag_kn<T, DT>(bf, Bs, np * 16, kk);
-      mma16816<T>(acc[2 * np], pa, bf[0], bf[1]);
-      mma16816<T>(acc[2 * np + 1], pa, bf[2], bf[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * np], pa[mt], bf[0], bf[1]);
+        mma16816<T>(acc[mt][2 * np + 1], pa[mt], bf[2], bf[3]);
+      }
     }
   }
+}
+
+// One m16 tile per warp (the backward kernels).
+template <typename T, int DT>
+__device__ __forceinline__ void scores(float (&acc)[8][4], const T* As, int row0, const T* Bs) {
+  scores<T, DT, 1>(reinterpret_cast<float (&)[1][8][4]>(acc), As, row0, Bs);
+}
+template <typename T, int DT>
+__device__ __forceinline__ void apply(float (&acc)[DT / 8][4], const float (&p)[8][4], const T* Bs) {
+  apply<T, DT, 1>(reinterpret_cast<float (&)[1][DT / 8][4]>(acc),
+                  reinterpret_cast<const float (&)[1][8][4]>(p), Bs);
 }
 
 // Column of element e of n8 block nb in a C fragment.
@@ -286,7 +402,9 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float 
 
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
-constexpr int fwd_smem(int dt, int elem) { return 5 * tile_bytes(dt, elem); }  // q, 2 x (k, v)
+constexpr int fwd_smem(int dt, int elem, int mt) {  // q (64 mt rows), 2 x (k, v), windows
+  return (mt + 4) * tile_bytes(dt, elem) + kRows * mt * 6 * 4;
+}
 constexpr int dq_smem(int dt, int elem) { return 6 * tile_bytes(dt, elem); }   // q, do, 2 x (k, v)
 constexpr int dkdv_smem(int dt, int elem) {  // k, v, 2 x (q, do), 2 x (lse, delta)
   return 6 * tile_bytes(dt, elem) + 4 * kRows * 4;

@@ -8,13 +8,16 @@ namespace gpu {
 namespace fna {
 namespace {
 
-template <typename T, int DT>
+// MT m16 tiles per warp: the query tile holds 64 * MT tokens.
+template <typename T, int DT, int MT>
 __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = DT + 8;
+  constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + kRows * kLd;       // [2][kRows][kLd]
+  T* Ks = Qs + kQRows * kLd;      // [2][kRows][kLd]
   T* Vs = Ks + 2 * kRows * kLd;   // [2][kRows][kLd]
+  int* Win = reinterpret_cast<int*>(Vs + 2 * kRows * kLd);  // [kQRows][3 axes][start, length]
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
@@ -27,21 +30,17 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
   const T* add_v = static_cast<const T*>(p.add_v);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
 
-  // Query rows of the tile -> global rows (nullptr outside the problem).
-  auto query_row = [&](int r, auto* base, int heads, int hh, int dim) -> decltype(base) {
-    int off[3], l[3];
-    tile_offsets(r, a.qlog, off);
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      l[ax] = qb.lo[ax] + off[ax];
-      if (l[ax] >= qb.hi[ax]) return nullptr;
-    }
-    return base + ((row0 + token_of(a, qb.grp, l)) * heads + hh) * dim;
-  };
-  stage_rows<T, DT>(Qs, [&](int r) { return query_row(r, q, a.heads, h, a.dim); }, a.dim, q);
-  cp_async_commit();
+  {
+    const TileRows<DT, kQRows> qrows(a, a.qlog);
+    const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
+    qrows.stage(Qs, q, row0, token_of(a, qb.grp, qb.lo), lim, a.heads, h, a.dim);
+    cp_async_commit();
+  }
 
   const KeyWalk walk = key_walk(a, qb);
+  const TileRows<DT, kRows> kvrows(a, a.kvlog);
+  TileCounter staged;  // the next spatial key tile to stage
+  staged.reset();
   // Stages key tile j (K and V) into buffer `buf`.
   auto stage_keys = [&](int j, int buf) {
     T* ks = Ks + buf * kRows * kLd;
@@ -49,58 +48,56 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
     if (j < walk.spatial) {
       int o[3];
       bool full;
-      key_tile(a, walk, j, o, full);
-      auto key_row = [&](int r, const T* base, int dim) -> const T* {
-        int off[3], l[3];
-        tile_offsets(r, a.kvlog, off);
-#pragma unroll
-        for (int ax = 0; ax < 3; ++ax) {
-          l[ax] = o[ax] + off[ax];
-          if (l[ax] >= qb.lg[ax]) return nullptr;
-        }
-        return base + ((row0 + token_of(a, qb.grp, l)) * a.kv_heads + kvh) * dim;
-      };
-      stage_rows<T, DT>(ks, [&](int r) { return key_row(r, k, a.dim); }, a.dim, k);
-      stage_rows<T, DT>(vs, [&](int r) { return key_row(r, v, a.dim_v); }, a.dim_v, v);
+      key_tile(a, walk, staged, o, full);
+      staged.next(walk.n);
+      const int lim[3] = {qb.lg[0] - o[0], qb.lg[1] - o[1], qb.lg[2] - o[2]};
+      const int64_t tok0 = token_of(a, qb.grp, o);
+      kvrows.stage(ks, k, row0, tok0, lim, a.kv_heads, kvh, a.dim);
+      kvrows.stage(vs, v, row0, tok0, lim, a.kv_heads, kvh, a.dim_v);
     } else {
-      const int s0 = (j - walk.spatial) * kRows;
-      auto add_row = [&](int r, const T* base, int dim) -> const T* {
-        if (s0 + r >= a.S) return nullptr;
-        return base + ((static_cast<int64_t>(b) * a.S + s0 + r) * a.kv_heads + kvh) * dim;
-      };
-      stage_rows<T, DT>(ks, [&](int r) { return add_row(r, add_k, a.dim); }, a.dim, k);
-      stage_rows<T, DT>(vs, [&](int r) { return add_row(r, add_v, a.dim_v); }, a.dim_v, v);
+      const int64_t s0 = (j - walk.spatial) * kRows;
+      const int64_t first = static_cast<int64_t>(b) * a.S;
+      kvrows.stage_linear(ks, add_k, first + s0, first + a.S, a.kv_heads, kvh, a.dim);
+      kvrows.stage_linear(vs, add_v, first + s0, first + a.S, a.kv_heads, kvh, a.dim_v);
     }
     cp_async_commit();
   };
 
-  // The thread's two rows (gid, gid + 8 of the warp's 16): local coordinates and windows.
-  int ql[2][3], ws[2][3], wlen[2][3];
-  bool row_ok[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  // Per query row of the tile, its window per axis (start, length; length 0 outside the problem),
+  // in shared memory: registers are the scarce resource here.
+  for (int r = threadIdx.x; r < kQRows; r += kThreads) {
     int off[3];
-    tile_offsets(warp * 16 + (lane >> 2) + 8 * i, a.qlog, off);
-    row_ok[i] = true;
+    tile_offsets(r, a.qlog, off);
+    bool ok = true;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) ok = ok && qb.lo[ax] + off[ax] < qb.hi[ax];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) {
-      ql[i][ax] = qb.lo[ax] + off[ax];
-      row_ok[i] = row_ok[i] && ql[i][ax] < qb.hi[ax];
-    }
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      const int l = imin(ql[i][ax], qb.lg[ax] - 1);
-      ws[i][ax] = win_start(a.ax[ax], qb.lg[ax], l);
-      wlen[i][ax] = row_ok[i] ? win_end(a.ax[ax], qb.lg[ax], l) - ws[i][ax] : 0;
+      const int l = imin(qb.lo[ax] + off[ax], qb.lg[ax] - 1);
+      const int st = win_start(a.ax[ax], qb.lg[ax], l);
+      Win[r * 6 + 2 * ax] = st;
+      Win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
     }
   }
+  // Row of element (mt, i) of this thread's C fragments.
+  auto frag_row = [&](int mt, int i) { return warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * i; };
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
 
-  float acc[DT / 8][4];
+  float acc[MT][DT / 8][4];
+  float m[MT][2], l[MT][2];
 #pragma unroll
-  for (int i = 0; i < DT / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+  // Query fragments stay in registers for the whole walk when they fit (DT <= 64).
+  constexpr bool kQInRegs = DT <= 64;
+  unsigned qf[kQInRegs ? MT : 1][kQInRegs ? DT / 16 : 1][4];
 
+  TileCounter current;  // the spatial key tile being computed
+  current.reset();
   stage_keys(0, 0);
   for (int j = 0; j < walk.total; ++j) {
     if (j + 1 < walk.total) {
@@ -110,112 +107,168 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
       cp_async_wait<0>();
     }
     __syncthreads();
+    if constexpr (kQInRegs) {
+      if (j == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int kk = 0; kk < DT / 16; ++kk)
+            a_frag<T, DT>(qf[mt][kk], Qs, warp * 16 * MT + mt * 16, kk);
+      }
+    }
     const T* ks = Ks + (j & 1) * kRows * kLd;
     const T* vs = Vs + (j & 1) * kRows * kLd;
 
-    float s[8][4];
+    float s[MT][8][4];
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-    scores<T, DT>(s, Qs, warp * 16, ks);
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+    if constexpr (kQInRegs)
+      scores_regs<T, DT, MT>(s, qf, ks);
+    else
+      scores<T, DT, MT>(s, Qs, warp * 16 * MT, ks);
 
     // Logits in base 2, masked.
     if (j < walk.spatial) {
       int o[3];
       bool full;
-      key_tile(a, walk, j, o, full);
+      key_tile(a, walk, current, o, full);
+      current.next(walk.n);
       if (full && rpb == nullptr) {
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[nb][e] *= a.scale_log2;
+          for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nb][e] *= a.scale_log2;
       } else {
+        int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 6; ++e) wr[mt][i][e] = Win[frag_row(mt, i) * 6 + e];
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
+          for (int c = 0; c < 2; ++c) {
             int off[3], kl[3];
-            tile_offsets(frag_col(nb, e), a.kvlog, off);
-            const int i = e >> 1;
-            bool in = true;
+            tile_offsets(frag_col(nb, c), a.kvlog, off);
 #pragma unroll
-            for (int ax = 0; ax < 3; ++ax) {
-              kl[ax] = o[ax] + off[ax];
-              in = in && static_cast<unsigned>(kl[ax] - ws[i][ax]) <
-                             static_cast<unsigned>(wlen[i][ax]);
+            for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                const int* w = wr[mt][i];
+                bool in = true;
+#pragma unroll
+                for (int ax = 0; ax < 3; ++ax)
+                  in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
+                                 static_cast<unsigned>(w[2 * ax + 1]);
+                float x = s[mt][nb][2 * i + c] * a.scale_log2;
+                if (in && rpb != nullptr) {
+                  int qo[3], qc[3];
+                  tile_offsets(frag_row(mt, i), a.qlog, qo);
+#pragma unroll
+                  for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
+                  x += __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
+                }
+                s[mt][nb][2 * i + c] = in ? x : -INFINITY;
+              }
             }
-            float x = s[nb][e] * a.scale_log2;
-            if (in && rpb != nullptr) x += __ldg(rpb + rpb_index(a, ql[i], kl)) * kLog2e;
-            s[nb][e] = in ? x : -INFINITY;
           }
         }
       }
     } else {
       const int s0 = (j - walk.spatial) * kRows;
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[nb][e] = s0 + frag_col(nb, e) < a.S ? s[nb][e] * a.scale_log2 : -INFINITY;
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_log2 : -INFINITY;
     }
 
     // Online softmax.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
-      mx = quad_max(mx);
-      const float m_new = fmaxf(m[i], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      const float alpha = exp2f(m[i] - base);
-      m[i] = m_new;
-      float sum = 0.f;
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        s[nb][2 * i] = exp2f(s[nb][2 * i] - base);
-        s[nb][2 * i + 1] = exp2f(s[nb][2 * i + 1] - base);
-        sum += s[nb][2 * i] + s[nb][2 * i + 1];
-      }
-      l[i] = l[i] * alpha + sum;
+        for (int nb = 0; nb < 8; ++nb)
+          mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+        mx = quad_max(mx);
+        const float m_new = fmaxf(m[mt][i], mx);
+        const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+        const float alpha = exp2f(m[mt][i] - base);
+        m[mt][i] = m_new;
+        float sum = 0.f;
 #pragma unroll
-      for (int nb = 0; nb < DT / 8; ++nb) {
-        acc[nb][2 * i] *= alpha;
-        acc[nb][2 * i + 1] *= alpha;
+        for (int nb = 0; nb < 8; ++nb) {
+          s[mt][nb][2 * i] = exp2f(s[mt][nb][2 * i] - base);
+          s[mt][nb][2 * i + 1] = exp2f(s[mt][nb][2 * i + 1] - base);
+          sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
+        }
+        l[mt][i] = l[mt][i] * alpha + sum;
+#pragma unroll
+        for (int nb = 0; nb < DT / 8; ++nb) {
+          acc[mt][nb][2 * i] *= alpha;
+          acc[mt][nb][2 * i + 1] *= alpha;
+        }
       }
     }
-    apply<T, DT>(acc, s, vs);
+    apply<T, DT, MT>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
   // Epilogue: o = acc / l, lse = (m + log2 l) ln 2.
-  float inv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] = quad_sum(l[i]);
-    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
-  }
   T* out = static_cast<T*>(p.out);
-  auto out_row = [&](int i) -> T* {
-    if (!row_ok[i]) return nullptr;
-    return out + ((row0 + token_of(a, qb.grp, ql[i])) * a.heads + h) * a.dim_v;
-  };
-  store_rows<T, DT>(acc, inv[0], inv[1], out_row, a.dim_v);
-  if ((lane & 3) == 0) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      if (row_ok[i])
-        p.out_lse[(row0 + token_of(a, qb.grp, ql[i])) * a.heads + h] = (m[i] + log2f(l[i])) * kLn2;
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[mt][i] = quad_sum(l[mt][i]);
+      inv[i] = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
+    }
+    int64_t rows[2];  // global row index (token * heads + h), -1 outside the problem
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      int off[3], qc[3];
+      tile_offsets(frag_row(mt, i), a.qlog, off);
+      bool ok = true;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        qc[ax] = qb.lo[ax] + off[ax];
+        ok = ok && qc[ax] < qb.hi[ax];
+      }
+      rows[i] = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+    }
+    store_rows<T, DT>(acc[mt], inv[0], inv[1],
+                      [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },
+                      a.dim_v);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (rows[i] >= 0) p.out_lse[rows[i]] = (m[mt][i] + log2f(l[mt][i])) * kLn2;
+    }
   }
 }
 
 template <typename T, int DT>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  constexpr int kSmem = fwd_smem(DT, sizeof(T));
+  constexpr int kMT = fwd_m_tiles(DT);
+  constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT);
   static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_fwd_kernel<T, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      fna_fwd_kernel<T, DT, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return launch_error("fna forward (shared memory)", attr);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_fwd_kernel<T, DT><<<grid, kThreads, kSmem, stream>>>(a, p);
+  fna_fwd_kernel<T, DT, kMT><<<grid, kThreads, kSmem, stream>>>(a, p);
   return check_launch("fna forward");
 }
 

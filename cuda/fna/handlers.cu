@@ -79,7 +79,7 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
     return invalid("problem too large for the fused kernels' grid");
   a.add_tiles = ceil_div(a.S, kRows);
   a.drpb_in_smem = 0;
-  a.drpb_partials = 0;
+  a.skip_drpb = 0;
   return ok();
 }
 
@@ -99,7 +99,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
   Tiling tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, tiling));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt), tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
   NATTEN_TRY(poison_outputs(stream, *o, *lse));
@@ -149,11 +149,11 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
   Tiling tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, tiling));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog, tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
   a.drpb_in_smem = a.R > 0 && dq_smem(dt, 2) + a.R * 4 <= kMaxDqSmem;
-  a.drpb_partials = deterministic != 0;
+  a.skip_drpb = deterministic != 0;
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));
   if (B == 0 || p.tokens() == 0) return ok();
   if (p.has_rpb) {  // the dq kernel adds its CTAs' partial sums

@@ -24,6 +24,11 @@ constexpr int kMaxHeadDim = 128;
 // Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
 constexpr int kMaxDqSmem = 160 * 1024;
 
+// m16 tiles per warp of the forward kernel: its query tiles hold 64 * fwd_m_tiles tokens (the
+// backward kernels take one: 64-token query tiles).
+constexpr int fwd_m_tiles_log(int dt) { return dt <= 128 ? 1 : 0; }
+constexpr int fwd_m_tiles(int dt) { return 1 << fwd_m_tiles_log(dt); }
+
 inline ffi::Error launch_error(const char* what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal,
                     std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));

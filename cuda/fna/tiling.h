@@ -12,7 +12,8 @@ namespace natten {
 namespace gpu {
 namespace fna {
 
-constexpr int kTileLog = 6;  // tiles hold at most 2^6 = 64 tokens
+constexpr int kTileLog = 6;     // key tiles and backward query tiles: 2^6 = 64 tokens
+constexpr int kMaxQTileLog = 7;  // forward query tiles: up to 128 tokens
 
 struct Tiling {
   int qlog[kMaxRank];
@@ -38,18 +39,18 @@ inline double walk_cost(const Problem& p, const int (&qlog)[kMaxRank], const int
   return cost;
 }
 
-// Every split of at most 2^6 tokens over the axes that is no longer than an axis needs.
+// Every split of at most 2^max_log tokens over the axes that is no longer than an axis needs.
 template <typename F>
-void for_each_shape(const Problem& p, F&& f) {
+void for_each_shape(const Problem& p, int max_log, F&& f) {
   int cap[kMaxRank];
   for (int a = 0; a < kMaxRank; ++a) {
     const int lg = group_length(p.axis[a].length, p.axis[a].dilation, 0);
     cap[a] = 0;
-    while (cap[a] < kTileLog && (1 << cap[a]) < lg) ++cap[a];
+    while (cap[a] < max_log && (1 << cap[a]) < lg) ++cap[a];
   }
   for (int x = 0; x <= cap[0]; ++x)
-    for (int y = 0; y <= cap[1] && x + y <= kTileLog; ++y)
-      for (int z = 0; z <= cap[2] && x + y + z <= kTileLog; ++z) f(x, y, z);
+    for (int y = 0; y <= cap[1] && x + y <= max_log; ++y)
+      for (int z = 0; z <= cap[2] && x + y + z <= max_log; ++z) f(x, y, z);
 }
 
 inline int log2_exact(int64_t v) {
@@ -59,7 +60,8 @@ inline int log2_exact(int64_t v) {
 }
 
 // A user's tile shape ([x, y, z] extents; all 0 = choose), checked.
-inline ffi::Error user_shape(const char* what, I64Span shape, int (&logs)[kMaxRank], bool& given) {
+inline ffi::Error user_shape(const char* what, I64Span shape, int max_log, int (&logs)[kMaxRank],
+                             bool& given) {
   if (shape.size() != static_cast<size_t>(kMaxRank))
     return invalid(std::string(what) + " must have 3 entries, got " + std::to_string(shape.size()));
   given = shape[0] != 0 || shape[1] != 0 || shape[2] != 0;
@@ -72,22 +74,32 @@ inline ffi::Error user_shape(const char* what, I64Span shape, int (&logs)[kMaxRa
                      std::to_string(shape[a]));
     sum += logs[a];
   }
-  if (sum > kTileLog)
-    return invalid(std::string(what) + " must hold at most 64 tokens");
+  if (sum > max_log)
+    return invalid(std::string(what) + " must hold at most " + std::to_string(1 << max_log) +
+                   " tokens");
   return ok();
 }
 
-inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, Tiling& t) {
+// `q_max_log`: log2 of the query tile size of the kernel at hand (kMaxQTileLog for the forward,
+// kTileLog for the backward, which splits a larger user tile along its longest axis).
+inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int q_max_log,
+                                Tiling& t) {
   bool q_given = false, kv_given = false;
-  NATTEN_TRY(user_shape("q_tile", q_tile, t.qlog, q_given));
-  NATTEN_TRY(user_shape("kv_tile", kv_tile, t.kvlog, kv_given));
+  NATTEN_TRY(user_shape("q_tile", q_tile, kMaxQTileLog, t.qlog, q_given));
+  NATTEN_TRY(user_shape("kv_tile", kv_tile, kTileLog, t.kvlog, kv_given));
+  while (q_given && t.qlog[0] + t.qlog[1] + t.qlog[2] > q_max_log) {
+    int longest = 0;
+    for (int a = 1; a < kMaxRank; ++a)
+      if (t.qlog[a] > t.qlog[longest]) longest = a;
+    --t.qlog[longest];
+  }
   if (q_given && kv_given) return ok();
   double best = -1;
   Tiling pick = t;
-  for_each_shape(p, [&](int qx, int qy, int qz) {
+  for_each_shape(p, q_max_log, [&](int qx, int qy, int qz) {
     const int ql[3] = {qx, qy, qz};
     if (q_given && (qx != t.qlog[0] || qy != t.qlog[1] || qz != t.qlog[2])) return;
-    for_each_shape(p, [&](int kx, int ky, int kz) {
+    for_each_shape(p, kTileLog, [&](int kx, int ky, int kz) {
       const int kl[3] = {kx, ky, kz};
       if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
       const double c = walk_cost(p, ql, kl);
