@@ -30,6 +30,7 @@ _HEAD_DIM_MULTIPLE = {"gemm": 8, "fused": 8}
 _HEAD_DIM_MAX = {"fused": 128}
 # The fused kernels run on tensor cores only; float32 goes to "gemm" (full-precision FFMA tiles).
 _TENSOR_CORE_DTYPES = (jnp.float16, jnp.bfloat16)
+_FUSED_MAX_HEADS = 65535
 
 
 def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
@@ -214,6 +215,9 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         raise ValueError("additional_keys and additional_values must be given together")
     backend = resolve_backend(backend, "attention", query.dtype,
                               (problem.head_dim, problem.value_dim))
+    if backend == "fused" and query.shape[-2] > _FUSED_MAX_HEADS:
+        raise ValueError(f"backend 'fused' takes at most {_FUSED_MAX_HEADS} heads (a CUDA grid "
+                         f"dimension), got {query.shape[-2]}")
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
     cfg = config.current()
     tuning = config.padded_tiles(cfg, rank) + (cfg.deterministic,)

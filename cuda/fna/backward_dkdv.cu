@@ -11,7 +11,7 @@ namespace fna {
 namespace {
 
 template <typename T, int DT>
-__global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = DT + 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
   float* Ls = reinterpret_cast<float*>(Os + 2 * kRows * kLd);  // lse, [2][kRows]
   float* Ds = Ls + 2 * kRows;                                   // delta, [2][kRows]
 
-  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
   const bool spatial = blockIdx.x < a.kv_tiles;
@@ -78,45 +78,59 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
   }
   const int64_t total = per_head * a.group;
 
-  // Query tile `it` of the walk: head, and (spatial) its local origin in the key tile's groups or
-  // (additional) its box.
+  // Position in the query walk: query head g of the kv head, then the query tile (spatial: a
+  // counter over the inverse box; additional keys: every tile slot). Advanced, never divided.
+  struct Cursor {
+    int g;
+    TileCounter c;
+    int64_t slot;
+    __device__ __forceinline__ void next(bool spatial_walk, const int (&n)[3], int64_t slots) {
+      if (spatial_walk) {
+        c.next(n);
+        if (c.j[0] == n[0]) {
+          c.reset();
+          ++g;
+        }
+      } else if (++slot == slots) {
+        slot = 0;
+        ++g;
+      }
+    }
+  };
   struct QueryTile {
     int h;
     Box box;
     bool nonempty, full;
   };
-  auto query_tile = [&](int64_t it) -> QueryTile {
+  auto query_tile = [&](const Cursor& cur) -> QueryTile {
     QueryTile t;
-    t.h = kvh * a.group + static_cast<int>(it / per_head);
-    const int64_t j = it % per_head;
+    t.h = kvh * a.group + cur.g;
     if (spatial) {
-      const int jz = static_cast<int>(j % nq[2]);
-      const int jy = static_cast<int>((j / nq[2]) % nq[1]);
-      const int jx = static_cast<int>(j / (int64_t{nq[2]} * nq[1]));
-      const int js[3] = {jx, jy, jz};
       t.nonempty = true;
       t.full = true;
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax) {
         t.box.grp[ax] = kb.grp[ax];
         t.box.lg[ax] = kb.lg[ax];
-        t.box.lo[ax] = q_lo[ax] + (js[ax] << a.qlog[ax]);
+        t.box.lo[ax] = q_lo[ax] + (cur.c.j[ax] << a.qlog[ax]);
         t.box.hi[ax] = imin(t.box.lo[ax] + (1 << a.qlog[ax]), kb.lg[ax]);
         t.full = t.full && t.box.lo[ax] >= full_lo[ax] &&
                  t.box.lo[ax] + (1 << a.qlog[ax]) <= full_hi[ax];
       }
     } else {
-      t.nonempty = tile_box(a, a.qlog, a.q_tpg, a.q_units, j, t.box);
+      t.nonempty = tile_box(a, a.qlog, a.q_tpg, a.q_units, cur.slot, t.box);
       t.full = false;
     }
     return t;
   };
+  Cursor staged{0, {{0, 0, 0}}, 0}, current{0, {{0, 0, 0}}, 0};
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
   const TileRows<DT, kRows> qrows(a, a.qlog);
-  auto stage_queries = [&](int64_t it, int buf) {
-    const QueryTile t = query_tile(it);
+  auto stage_queries = [&](int buf) {
+    const QueryTile t = query_tile(staged);
+    staged.next(spatial, nq, a.q_tiles);
     int lim[3];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
@@ -173,10 +187,10 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  if (total > 0) stage_queries(0, 0);
+  if (total > 0) stage_queries(0);
   for (int64_t it = 0; it < total; ++it) {
     if (it + 1 < total) {
-      stage_queries(it + 1, (it + 1) & 1);
+      stage_queries((it + 1) & 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -187,32 +201,43 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
     const T* os = Os + buf * kRows * kLd;
     const float* ls = Ls + buf * kRows;
     const float* ds = Ds + buf * kRows;
-    const QueryTile t = query_tile(it);
+    const QueryTile t = query_tile(current);
+    current.next(spatial, nq, a.q_tiles);
     const float* rpb = a.R && spatial ? p.rpb + static_cast<int64_t>(t.h) * a.R : nullptr;
 
     float s[8][4];
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
     scores<T, DT>(s, Ks, warp * 16, qs);
-    // P^T = exp(logits - lse of the query), 0 outside the neighborhood.
+    // P^T = exp(logits - lse of the query), 0 outside the neighborhood. Per column (query) of
+    // the thread: its coordinates and lse once, then the thread's two key rows.
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, c = frag_col(nb, e);
+      for (int e = 0; e < 2; ++e) {
+        const int c = frag_col(nb, e);
         int off[3], qc[3];
         tile_offsets(c, a.qlog, off);
-        bool in = key_ok[i];
+        bool q_in = spatial || t.nonempty;
 #pragma unroll
         for (int ax = 0; ax < 3; ++ax) {
           qc[ax] = t.box.lo[ax] + off[ax];
-          in = in && (spatial ? (t.full || static_cast<unsigned>(qc[ax] - qf[i][ax]) <
-                                               static_cast<unsigned>(qn[i][ax]))
-                              : (t.nonempty && qc[ax] < t.box.hi[ax]));
+          if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
         }
-        float x = s[nb][e] * a.scale_log2;
-        if (rpb != nullptr && in) x += __ldg(rpb + rpb_index(a, qc, kl[i])) * kLog2e;
-        s[nb][e] = in ? exp2f(x - ls[c] * kLog2e) : 0.f;
+        const float lse2 = ls[c] * kLog2e;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          bool in = q_in && key_ok[i];
+          if (spatial && !t.full) {
+#pragma unroll
+            for (int ax = 0; ax < 3; ++ax)
+              in = in && static_cast<unsigned>(qc[ax] - qf[i][ax]) <
+                             static_cast<unsigned>(qn[i][ax]);
+          }
+          float x = s[nb][2 * i + e] * a.scale_log2;
+          if (rpb != nullptr && in) x += __ldg(rpb + rpb_index(a, qc, kl[i])) * kLog2e;
+          s[nb][2 * i + e] = in ? fast_exp2(x - lse2) : 0.f;
+        }
       }
     }
     apply<T, DT>(dv, s, os);
@@ -221,9 +246,14 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_kernel(const FnaArgs a, con
     for (int nb = 0; nb < 8; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
     scores<T, DT>(dp, Vs, warp * 16, os);
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
+    for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] *= dp[nb][e] - ds[frag_col(nb, e)];
+      for (int e = 0; e < 2; ++e) {
+        const float delta = ds[frag_col(nb, e)];
+        s[nb][e] *= dp[nb][e] - delta;
+        s[nb][2 + e] *= dp[nb][2 + e] - delta;
+      }
+    }
     apply<T, DT>(dk, s, qs);
     __syncthreads();  // the next iteration overwrites this buffer
   }

@@ -30,19 +30,22 @@ __global__ void fna_delta_kernel(const T* o, const T* d_o, const float* dlse, fl
   }
 }
 
-template <typename T, int DT>
-__global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
+// MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward).
+template <typename T, int DT, int MT>
+__global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = DT + 8;
+  constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Os = Qs + kRows * kLd;       // do
-  T* Ks = Os + kRows * kLd;       // [2][kRows][kLd]
+  T* Os = Qs + kQRows * kLd;      // do
+  T* Ks = Os + kQRows * kLd;      // [2][kRows][kLd]
   T* Vs = Ks + 2 * kRows * kLd;   // [2][kRows][kLd]
-  float* drpb_s = reinterpret_cast<float*>(Vs + 2 * kRows * kLd);  // [R] when drpb_in_smem
+  int* Win = reinterpret_cast<int*>(Vs + 2 * kRows * kLd);  // [kQRows][3 axes][start, length]
+  float* drpb_s = reinterpret_cast<float*>(Win + kQRows * 6);  // [R] when drpb_in_smem
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / a.group;
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -53,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
   {
-    const TileRows<DT, kRows> qrows(a, a.qlog);
+    const TileRows<DT, kQRows> qrows(a, a.qlog);
     const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
     const int64_t tok0 = token_of(a, qb.grp, qb.lo);
     qrows.stage(Qs, q, row0, tok0, lim, a.heads, h, a.dim);
@@ -91,39 +94,50 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
     cp_async_commit();
   };
 
-  int ql[2][3], ws[2][3], wlen[2][3];
-  bool row_ok[2];
-  float lse2[2], delta[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  // Per query row of the tile, its window per axis (start, length; length 0 outside the problem).
+  for (int r = threadIdx.x; r < kQRows; r += kThreads) {
     int off[3];
-    tile_offsets(warp * 16 + (lane >> 2) + 8 * i, a.qlog, off);
-    row_ok[i] = true;
+    tile_offsets(r, a.qlog, off);
+    bool ok = true;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) ok = ok && qb.lo[ax] + off[ax] < qb.hi[ax];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) {
-      ql[i][ax] = qb.lo[ax] + off[ax];
-      row_ok[i] = row_ok[i] && ql[i][ax] < qb.hi[ax];
+      const int l = imin(qb.lo[ax] + off[ax], qb.lg[ax] - 1);
+      const int st = win_start(a.ax[ax], qb.lg[ax], l);
+      Win[r * 6 + 2 * ax] = st;
+      Win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
     }
+  }
+  auto frag_row = [&](int mt, int i) { return warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * i; };
+  // The thread's rows: global row index (-1 outside the problem), lse (base 2) and delta.
+  int64_t grow[MT][2];
+  float lse2[MT][2], delta[MT][2];
 #pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      const int l = imin(ql[i][ax], qb.lg[ax] - 1);
-      ws[i][ax] = win_start(a.ax[ax], qb.lg[ax], l);
-      wlen[i][ax] = row_ok[i] ? win_end(a.ax[ax], qb.lg[ax], l) - ws[i][ax] : 0;
-    }
-    lse2[i] = 0.f;
-    delta[i] = 0.f;
-    if (row_ok[i]) {
-      const int64_t r = (row0 + token_of(a, qb.grp, ql[i])) * a.heads + h;
-      lse2[i] = p.lse[r] * kLog2e;
-      delta[i] = p.delta[r];
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      int off[3], qc[3];
+      tile_offsets(frag_row(mt, i), a.qlog, off);
+      bool ok = true;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        qc[ax] = qb.lo[ax] + off[ax];
+        ok = ok && qc[ax] < qb.hi[ax];
+      }
+      grow[mt][i] = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+      lse2[mt][i] = ok ? p.lse[grow[mt][i]] * kLog2e : 0.f;
+      delta[mt][i] = ok ? p.delta[grow[mt][i]] : 0.f;
     }
   }
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
   const bool want_drpb = rpb != nullptr && !a.skip_drpb;
 
-  float acc[DT / 8][4];
+  float acc[MT][DT / 8][4];
 #pragma unroll
-  for (int i = 0; i < DT / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 
   TileCounter current;  // the spatial key tile being computed
   current.reset();
@@ -139,13 +153,15 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
     const T* ks = Ks + (j & 1) * kRows * kLd;
     const T* vs = Vs + (j & 1) * kRows * kLd;
 
-    float s[8][4], dp[8][4];
+    float s[MT][8][4], dp[MT][8][4];
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
-    scores<T, DT>(s, Qs, warp * 16, ks);
-    scores<T, DT>(dp, Os, warp * 16, vs);
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = dp[mt][nb][e] = 0.f;
+    scores<T, DT, MT>(s, Qs, warp * 16 * MT, ks);
+    scores<T, DT, MT>(dp, Os, warp * 16 * MT, vs);
 
     const bool spatial = j < walk.spatial;
     int o[3] = {0, 0, 0};
@@ -155,50 +171,62 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
       current.next(walk.n);
     }
     const int s0 = (j - walk.spatial) * kRows;
+    // dS = P (dP - delta), P = exp(logits - lse); 0 outside the neighborhood.
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1;
+      for (int c = 0; c < 2; ++c) {
         int kl[3] = {0, 0, 0};
-        bool in;
         if (spatial) {
-          in = row_ok[i];
-          if (!full || rpb != nullptr) {
-            int off[3];
-            tile_offsets(frag_col(nb, e), a.kvlog, off);
+          int off[3];
+          tile_offsets(frag_col(nb, c), a.kvlog, off);
 #pragma unroll
-            for (int ax = 0; ax < 3; ++ax) {
-              kl[ax] = o[ax] + off[ax];
-              in = in && (full || static_cast<unsigned>(kl[ax] - ws[i][ax]) <
-                                      static_cast<unsigned>(wlen[i][ax]));
+          for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
+        }
+        const bool add_in = !spatial && s0 + frag_col(nb, c) < a.S;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            bool in = grow[mt][i] >= 0;
+            if (spatial && !full) {
+              const int* w = Win + frag_row(mt, i) * 6;
+#pragma unroll
+              for (int ax = 0; ax < 3; ++ax)
+                in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
+                               static_cast<unsigned>(w[2 * ax + 1]);
+            } else if (!spatial) {
+              in = in && add_in;
             }
+            const int e = 2 * i + c;
+            float x = s[mt][nb][e] * a.scale_log2;
+            int ri = 0;
+            if (spatial && rpb != nullptr && in) {
+              int qo[3], qc[3];
+              tile_offsets(frag_row(mt, i), a.qlog, qo);
+#pragma unroll
+              for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
+              ri = rpb_index(a, qc, kl);
+              x += __ldg(rpb + ri) * kLog2e;
+            }
+            const float pr = in ? fast_exp2(x - lse2[mt][i]) : 0.f;
+            const float ds = pr * (dp[mt][nb][e] - delta[mt][i]);
+            s[mt][nb][e] = ds;
+            if (spatial && want_drpb && in) atomicAdd(drpb + ri, ds);
           }
-        } else {
-          in = row_ok[i] && s0 + frag_col(nb, e) < a.S;
         }
-        float x = s[nb][e] * a.scale_log2;
-        int ri = 0;
-        if (spatial && rpb != nullptr && in) {
-          ri = rpb_index(a, ql[i], kl);
-          x += __ldg(rpb + ri) * kLog2e;
-        }
-        const float pr = in ? exp2f(x - lse2[i]) : 0.f;
-        const float ds = pr * (dp[nb][e] - delta[i]);
-        s[nb][e] = ds;
-        if (spatial && want_drpb && in) atomicAdd(drpb + ri, ds);
       }
     }
-    apply<T, DT>(acc, s, ks);
+    apply<T, DT, MT>(acc, s, ks);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
   T* dq = static_cast<T*>(p.dq);
-  auto dq_row = [&](int i) -> T* {
-    if (!row_ok[i]) return nullptr;
-    return dq + ((row0 + token_of(a, qb.grp, ql[i])) * a.heads + h) * a.dim;
-  };
-  store_rows<T, DT>(acc, a.scale, a.scale, dq_row, a.dim);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    store_rows<T, DT>(acc[mt], a.scale, a.scale,
+                      [&](int i) -> T* { return grow[mt][i] < 0 ? nullptr : dq + grow[mt][i] * a.dim; },
+                      a.dim);
   if (want_drpb && a.drpb_in_smem) {
     __syncthreads();
     for (int i = threadIdx.x; i < a.R; i += kThreads)
@@ -206,23 +234,34 @@ __global__ void __launch_bounds__(kThreads) fna_dq_kernel(const FnaArgs a, const
   }
 }
 
-template <typename T, int DT>
-ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+template <typename T>
+ffi::Error launch_delta(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   const int64_t rows = batch * a.tokens * a.heads;
   fna_delta_kernel<T><<<grid_for(rows, 256), 256, 0, stream>>>(
       static_cast<const T*>(p.o), static_cast<const T*>(p.d_o), p.dlse, p.delta, rows, a.dim_v);
-  NATTEN_TRY(check_launch("fna backward (delta)"));
-  constexpr int kMaxSmem = kMaxDqSmem;
+  return check_launch("fna backward (delta)");
+}
+
+template <typename T, int DT>
+ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+  constexpr int kMT = dq_m_tiles(DT);
   static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_dq_kernel<T, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+      fna_dq_kernel<T, DT, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDqSmem);
   if (attr != cudaSuccess) return launch_error("fna backward dq (shared memory)", attr);
-  const int smem = dq_smem(DT, sizeof(T)) + (a.drpb_in_smem ? a.R * 4 : 0);
+  const int smem = dq_smem(DT, sizeof(T), kMT) + (a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_dq_kernel<T, DT><<<grid, kThreads, smem, stream>>>(a, p);
+  fna_dq_kernel<T, DT, kMT><<<grid, kThreads, smem, stream>>>(a, p);
   return check_launch("fna backward dq");
 }
 
 }  // namespace
+
+ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
+                                 const FnaPtrs& p, int64_t batch) {
+  return dispatch_tile(t, 32, [&](auto tag, auto) {
+    return launch_delta<typename decltype(tag)::type>(stream, a, p, batch);
+  });
+}
 
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                               const FnaPtrs& p, int64_t batch) {

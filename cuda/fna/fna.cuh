@@ -2,9 +2,10 @@
 // build the [N, prod(kernel)] attention matrix.
 //
 // ---- Tiles ------------------------------------------------------------------------------------
-// A query tile is a box of 64 tokens in the local coordinates of ONE dilation group (per axis a:
-// group g = x % d, local i = x / d), with power-of-two extents (1-D 64, 2-D e.g. 8x8, 3-D e.g.
-// 4x4x4; tiling.h picks them per problem or takes the user's). Window starts and ends never
+// A query tile is a box of 64 * MT tokens (MT = 1 or 2 m16 row tiles per warp, launch.h) in the
+// local coordinates of ONE dilation group (per axis a: group g = x % d, local i = x / d), with
+// power-of-two extents (1-D 128, 2-D e.g. 8x16, 3-D e.g. 4x4x8; tiling.h picks them per problem
+// or takes the user's). Window starts and ends never
 // decrease as the query grows (natten/window.h), so the keys of a query tile's windows lie per
 // axis in [start(first query), end(last query)): the kernel walks that "key box" in key tiles,
 // boxes of 64 keys of their own power-of-two shape. Key tiles inside the intersection of the
@@ -27,7 +28,8 @@
 //   the Python layer computes it from the unfused kernels' fixed-order reductions (ops.py).
 //
 // ---- Inside a CTA ------------------------------------------------------------------------------
-// 4 warps; warp w owns rows 16w..16w+15 of the CTA's 64 (queries, or keys in dkdv). Operands are
+// 4 warps; warp w owns MT m16 tiles, rows 16 MT w .. 16 MT (w + 1) - 1 of the CTA's 64 MT (queries;
+// keys in dkdv, where MT = 1): every B fragment read from shared memory feeds MT products. Operands are
 // staged in shared memory ([row][DT + 8] elements: the 16-byte pad makes ldmatrix conflict-free)
 // by 16-byte cp.async copies that zero-fill rows outside the problem and columns past the head
 // dim; the streamed operand is double buffered (tile j + 1 loads while tile j computes). DT is the
@@ -57,6 +59,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Kernel arguments (trivially copyable; built by the handlers, tiling.h).
 struct FnaArgs {
   AxisParams ax[kMaxRank];
+  int batch0;                   // first batch element of this launch (grids take <= 65535)
   int64_t tokens;               // N = X * Y * Z
   int Y, Z;
   int heads, kv_heads, group;   // H, KVH, H / KVH
@@ -371,6 +374,14 @@ __device__ __forceinline__ int frag_col(int nb, int e) {
   return nb * 8 + 2 * (threadIdx.x & 3) + (e & 1);
 }
 
+// 2^x on the special-function unit, flushing subnormal results to zero (a probability below
+// 2^-126 is zero to every dtype the kernels write); exp2f would add a subnormal-safe rescale.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -400,12 +411,19 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float 
   }
 }
 
+// CTAs per SM the forward's register budget is sized for (__launch_bounds__): small head dims
+// leave room for a third CTA, which hides the load latency of the short walks of small windows.
+// (The backward kernels hold more score tiles and keep 2: fewer would spill.)
+constexpr int min_ctas(int dt, int mt) { return dt * mt <= 64 ? 3 : 2; }
+
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
 constexpr int fwd_smem(int dt, int elem, int mt) {  // q (64 mt rows), 2 x (k, v), windows
   return (mt + 4) * tile_bytes(dt, elem) + kRows * mt * 6 * 4;
 }
-constexpr int dq_smem(int dt, int elem) { return 6 * tile_bytes(dt, elem); }   // q, do, 2 x (k, v)
+constexpr int dq_smem(int dt, int elem, int mt) {  // q, do (64 mt rows each), 2 x (k, v), windows
+  return (2 * mt + 4) * tile_bytes(dt, elem) + kRows * mt * 6 * 4;
+}
 constexpr int dkdv_smem(int dt, int elem) {  // k, v, 2 x (q, do), 2 x (lse, delta)
   return 6 * tile_bytes(dt, elem) + 4 * kRows * 4;
 }

@@ -10,7 +10,7 @@ namespace {
 
 // MT m16 tiles per warp: the query tile holds 64 * MT tokens.
 template <typename T, int DT, int MT>
-__global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = DT + 8;
   constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / a.group;
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -129,13 +129,16 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
     else
       scores<T, DT, MT>(s, Qs, warp * 16 * MT, ks);
 
-    // Logits in base 2, masked.
+    // Logits in base 2 (times 1 / mul), masked.
+    float mul = 1.f;
     if (j < walk.spatial) {
       int o[3];
       bool full;
       key_tile(a, walk, current, o, full);
       current.next(walk.n);
-      if (full && rpb == nullptr) {
+      if (full && rpb == nullptr && a.scale_log2 > 0.f) {
+        mul = a.scale_log2;  // raw q.k: the softmax scales them in its exp2 FMA
+      } else if (full && rpb == nullptr) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -202,16 +205,16 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_kernel(const FnaArgs a, cons
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
           mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-        mx = quad_max(mx);
+        mx = quad_max(mx) * mul;  // mul > 0
         const float m_new = fmaxf(m[mt][i], mx);
         const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        const float alpha = exp2f(m[mt][i] - base);
+        const float alpha = fast_exp2(m[mt][i] - base);
         m[mt][i] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
-          s[mt][nb][2 * i] = exp2f(s[mt][nb][2 * i] - base);
-          s[mt][nb][2 * i + 1] = exp2f(s[mt][nb][2 * i + 1] - base);
+          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, -base));
+          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, -base));
           sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
         }
         l[mt][i] = l[mt][i] * alpha + sum;

@@ -5,6 +5,7 @@
 // Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
 // tiling.h), and for the backward `deterministic` (int64 0/1).
 // Launches only on XLA's stream, allocates nothing, never synchronizes; every launch is checked.
+#include <algorithm>
 #include <string>
 
 #include "launch.h"
@@ -17,6 +18,8 @@ namespace natten {
 namespace gpu {
 namespace fna {
 namespace {
+
+constexpr int64_t kMaxGridY = 65535;  // grid.y and grid.z limit
 
 // Head-dim tile serving D and Dv, or an error naming what the kernels take.
 ffi::Error head_dim_tile(const Problem& p, int& dt) {
@@ -44,8 +47,9 @@ ffi::Error check_dtype(ffi::DataType t) {
 
 // Kernel arguments of a validated problem with a tiling.
 ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a) {
-  if (p.heads > 65535 || p.kv_heads > 65535 || p.batch > 65535)
-    return invalid("the fused backend takes at most 65535 heads and 65535 batch elements");
+  if (p.heads > kMaxGridY)
+    return invalid("the fused backend takes at most 65535 heads");
+  if (p.tokens() >= (int64_t{1} << 31)) return invalid("the fused backend takes < 2^31 tokens");
   for (int ax = 0; ax < kMaxRank; ++ax) a.ax[ax] = p.axis[ax];
   a.tokens = p.tokens();
   a.Y = static_cast<int>(p.extent[1]);
@@ -78,6 +82,7 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
   if (a.q_tiles + ceil_div(a.S, kRows) >= (int64_t{1} << 31) || a.kv_tiles >= (int64_t{1} << 31))
     return invalid("problem too large for the fused kernels' grid");
   a.add_tiles = ceil_div(a.S, kRows);
+  a.batch0 = 0;
   a.drpb_in_smem = 0;
   a.skip_drpb = 0;
   return ok();
@@ -113,7 +118,9 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
   ptr.out = o->untyped_data();
   ptr.out_lse = static_cast<float*>(lse->untyped_data());
-  return launch_forward(stream, t, dt, a, ptr, B);
+  for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY)  // grid.z holds <= 65535 elements
+    NATTEN_TRY(launch_forward(stream, t, dt, a, ptr, std::min<int64_t>(kMaxGridY, B - a.batch0)));
+  return ok();
 }
 
 ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -148,12 +155,16 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(check_dtype(t));
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
-  Tiling tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog, tiling));
-  FnaArgs a;
-  NATTEN_TRY(make_args(p, tiling, scale, a));
-  a.drpb_in_smem = a.R > 0 && dq_smem(dt, 2) + a.R * 4 <= kMaxDqSmem;
-  a.skip_drpb = deterministic != 0;
+  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones.
+  Tiling dq_tiling, kv_tiling;
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + dq_m_tiles_log(dt), dq_tiling));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog, kv_tiling));
+  FnaArgs dq_args, kv_args;
+  NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
+  NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
+  dq_args.drpb_in_smem =
+      dq_args.R > 0 && dq_smem(dt, 2, dq_m_tiles(dt)) + dq_args.R * 4 <= kMaxDqSmem;
+  dq_args.skip_drpb = deterministic != 0;
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));
   if (B == 0 || p.tokens() == 0) return ok();
   if (p.has_rpb) {  // the dq kernel adds its CTAs' partial sums
@@ -178,8 +189,14 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   ptr.dadd_v = dadd_v->untyped_data();
   ptr.drpb = p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr;
   ptr.delta = static_cast<float*>(delta->untyped_data());
-  NATTEN_TRY(launch_backward_dq(stream, t, dt, a, ptr, B));
-  return launch_backward_dkdv(stream, t, dt, a, ptr, B);
+  NATTEN_TRY(launch_backward_delta(stream, t, dq_args, ptr, B));
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {  // grid.z holds <= 65535 elements
+    const int64_t n = std::min<int64_t>(kMaxGridY, B - b0);
+    dq_args.batch0 = kv_args.batch0 = static_cast<int>(b0);
+    NATTEN_TRY(launch_backward_dq(stream, t, dt, dq_args, ptr, n));
+    NATTEN_TRY(launch_backward_dkdv(stream, t, dt, kv_args, ptr, n));
+  }
+  return ok();
 }
 
 }  // namespace

@@ -28,6 +28,9 @@ constexpr int kMaxDqSmem = 160 * 1024;
 // backward kernels take one: 64-token query tiles).
 constexpr int fwd_m_tiles_log(int dt) { return dt <= 128 ? 1 : 0; }
 constexpr int fwd_m_tiles(int dt) { return 1 << fwd_m_tiles_log(dt); }
+// The same for the dq kernel, which holds two more score tiles (dP, dS) per m16 tile.
+constexpr int dq_m_tiles_log(int dt) { return dt <= 64 ? 1 : 0; }
+constexpr int dq_m_tiles(int dt) { return 1 << dq_m_tiles_log(dt); }
 
 inline ffi::Error launch_error(const char* what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal,
@@ -52,13 +55,18 @@ ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
   }
 }
 
-// o, lse from q, k, v (+ rpb, additional kv). Grid: (a.q_tiles, heads, batch).
+// o, lse from q, k, v (+ rpb, additional kv) of batch elements [a.batch0, a.batch0 + batch).
+// Grid: (a.q_tiles, heads, batch).
 ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                           const FnaPtrs& p, int64_t batch);
-// delta = rowsum(do * o) - dlse, then dq (+ d-rpb). Grid of dq: (a.q_tiles, heads, batch).
+// delta = rowsum(do * o) - dlse for all `batch` elements (one grid-stride launch).
+ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
+                                 const FnaPtrs& p, int64_t batch);
+// dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                               const FnaPtrs& p, int64_t batch);
-// dk, dv, dadd_k, dadd_v. Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
+// dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...). Grid: (a.kv_tiles + a.add_tiles,
+// kv_heads, batch).
 ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                                 const FnaPtrs& p, int64_t batch);
 

@@ -1,0 +1,43 @@
+"""Small fused-attention problems of every rank, forward and backward, for compute-sanitizer
+(memcheck and racecheck; run by `.ci/gpu-run` with SANITIZE=1). Each case mixes the features that
+change the kernels' paths: borders, even/odd kernels, stride, dilation, causal, GQA, rpb and
+additional keys/values; head dims 32 / 64 / 128 pick the three head-dim tiles."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_natten
+
+CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D, Dv, rpb, S_add
+    (1, (77,), (9,), (2,), (2,), (True,), 4, 2, 32, 32, False, 3),
+    (1, (70,), (8,), (1,), (1,), (False,), 2, 2, 64, 64, True, 0),
+    (2, (11, 13), (5, 4), (1, 2), (2, 1), (False, True), 2, 1, 64, 32, False, 70),
+    (2, (12, 10), (3, 5), (1, 1), (1, 2), (False, False), 2, 2, 32, 32, True, 0),
+    (3, (5, 7, 6), (3, 3, 2), (1, 2, 1), (1, 2, 1), (True, False, False), 2, 2, 128, 128, False, 2),
+    (3, (4, 6, 7), (3, 5, 3), (1, 1, 1), (1, 1, 2), (False, False, False), 2, 1, 32, 64, True, 0),
+]
+
+
+def main():
+    rng = np.random.default_rng(0)
+    for rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add in CASES:
+        draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        x = dict(query=draw(2, *spatial, h, dim), key=draw(2, *spatial, kvh, dim),
+                 value=draw(2, *spatial, kvh, dim_v))
+        if rpb:
+            x["rpb"] = jnp.asarray(rng.standard_normal((h,) + tuple(2 * i - 1 for i in k)),
+                                   jnp.float32)
+        if add:
+            x["additional_keys"] = draw(2, add, kvh, dim)
+            x["additional_values"] = draw(2, add, kvh, dim_v)
+        f = getattr(jax_natten, f"na{rank}d")
+        loss = lambda x: jnp.sum(f(**x, kernel_size=k, stride=s, dilation=d, is_causal=c,
+                                   backend="fused").astype(jnp.float32) ** 2)
+        value, grads = jax.jit(jax.value_and_grad(loss))(x)
+        assert np.isfinite(float(value)) and all(
+            bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+        print(f"ok rank {rank} {spatial} k{k} D{dim}/{dim_v}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
