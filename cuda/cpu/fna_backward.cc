@@ -4,6 +4,7 @@
 // (additional keys/values included).
 #include "common.h"
 #include "natten/cpu_handlers.h"
+#include "natten/op_checks.h"
 
 namespace natten::cpu {
 namespace {
@@ -17,25 +18,9 @@ ffi::Error FnaBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
                        ffi::Result<ffi::AnyBuffer> dadd_v, I64Span kernel_size, I64Span stride,
                        I64Span dilation, I64Span is_causal, float scale) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
-                              stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  const ffi::DataType dtype = q.element_type();
-  NATTEN_TRY(check_like("output", o, dtype, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H}));
-  NATTEN_TRY(check_like("output gradient", dout, dtype, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse gradient", dlse, ffi::DataType::F32, {B, X, Y, Z, H}));
-  NATTEN_TRY(check_like("query gradient", *dq, dtype, {B, X, Y, Z, H, p.dim}));
-  NATTEN_TRY(check_like("key gradient", *dk, dtype, {B, X, Y, Z, p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("value gradient", *dv, dtype, {B, X, Y, Z, p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("additional_keys gradient", *dadd_k, dtype,
-                        {B, p.additional, p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("additional_values gradient", *dadd_v, dtype,
-                        {B, p.additional, p.kv_heads, p.dim_v}));
-  Problem with_drpb = p;
-  NATTEN_TRY(decode_rpb(with_drpb, "rpb gradient", *drpb, /*per_batch=*/true));
-  if (with_drpb.has_rpb != p.has_rpb && B > 0)
-    return invalid("rpb gradient must have elements exactly when rpb does");
+  NATTEN_TRY(check_fna_bwd(p, q, k, v, rpb, add_k, add_v, o, lse, dout, dlse, *dq, *dk, *dv, *drpb,
+                           *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 q32(q), k32(k), v32(v), add_k32(add_k), add_v32(add_v), o32(o), dout32(dout);

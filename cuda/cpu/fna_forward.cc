@@ -2,6 +2,7 @@
 // the additional keys, plus lse = log(sum(exp(logits))).
 #include "common.h"
 #include "natten/cpu_handlers.h"
+#include "natten/op_checks.h"
 
 namespace natten::cpu {
 namespace {
@@ -11,11 +12,9 @@ ffi::Error FnaForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi:
                       ffi::Result<ffi::AnyBuffer> lse, I64Span kernel_size, I64Span stride,
                       I64Span dilation, I64Span is_causal, float scale) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
-                              stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
-  NATTEN_TRY(check_like("output", *o, q.element_type(), {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse", *lse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, *o, *lse, kernel_size, stride, dilation,
+                           is_causal));
+  const int64_t H = p.heads;
 
   return guarded([&] {
     InputF32 q32(q), k32(k), v32(v), add_k32(add_k), add_v32(add_v);

@@ -12,6 +12,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/op_checks.h"
 #include "tiling.h"
 
 namespace natten {
@@ -39,7 +40,7 @@ ffi::Error head_dim_tile(const Problem& p, int& dt) {
   return invalid("no head-dim tile");
 }
 
-ffi::Error check_dtype(ffi::DataType t) {
+ffi::Error check_tensor_core_dtype(ffi::DataType t) {
   if (t == ffi::DataType::F16 || t == ffi::DataType::BF16) return ok();
   return invalid(std::string("the fused backend takes float16 or bfloat16 (tensor cores), got ") +
                  dtype_name(t) + "; use backend='gemm' for float32");
@@ -88,19 +89,31 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
   return ok();
 }
 
+// The pointers of the six inputs both passes take (the others stay null).
+FnaPtrs input_ptrs(const Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                   const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb, const ffi::AnyBuffer& add_k,
+                   const ffi::AnyBuffer& add_v) {
+  FnaPtrs ptr = {};
+  ptr.q = q.untyped_data();
+  ptr.k = k.untyped_data();
+  ptr.v = v.untyped_data();
+  ptr.add_k = add_k.untyped_data();
+  ptr.add_v = add_v.untyped_data();
+  ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  return ptr;
+}
+
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
                     ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
                     I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal,
                     float scale, I64Span q_tile, I64Span kv_tile) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
-                              stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, *o, *lse, kernel_size, stride, dilation,
+                           is_causal));
+  const int64_t B = p.batch;
   const ffi::DataType t = q.element_type();
-  NATTEN_TRY(check_like("output", *o, t, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse", *lse, ffi::DataType::F32, {B, X, Y, Z, H}));
-  NATTEN_TRY(check_dtype(t));
+  NATTEN_TRY(check_tensor_core_dtype(t));
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
   Tiling tiling;
@@ -109,13 +122,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(make_args(p, tiling, scale, a));
   NATTEN_TRY(poison_outputs(stream, *o, *lse));
   if (B == 0 || p.tokens() == 0) return ok();
-  FnaPtrs ptr = {};
-  ptr.q = q.untyped_data();
-  ptr.k = k.untyped_data();
-  ptr.v = v.untyped_data();
-  ptr.add_k = add_k.untyped_data();
-  ptr.add_v = add_v.untyped_data();
-  ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
   ptr.out = o->untyped_data();
   ptr.out_lse = static_cast<float*>(lse->untyped_data());
   for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY)  // grid.z holds <= 65535 elements
@@ -133,26 +140,13 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     I64Span dilation, I64Span is_causal, float scale, I64Span q_tile,
                     I64Span kv_tile, int64_t deterministic) {
   Problem p;
-  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
-                              stride, dilation, is_causal));
-  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  NATTEN_TRY(check_fna_bwd(p, q, k, v, rpb, add_k, add_v, o, lse, d_o, dlse, *dq, *dk, *dv, *drpb,
+                           *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
+  const int64_t B = p.batch;
   const ffi::DataType t = q.element_type();
-  NATTEN_TRY(check_like("output", o, t, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H}));
-  NATTEN_TRY(check_like("output gradient", d_o, t, {B, X, Y, Z, H, p.dim_v}));
-  NATTEN_TRY(check_like("lse gradient", dlse, ffi::DataType::F32, {B, X, Y, Z, H}));
-  NATTEN_TRY(check_like("query gradient", *dq, t, {B, X, Y, Z, H, p.dim}));
-  NATTEN_TRY(check_like("key gradient", *dk, t, {B, X, Y, Z, p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("value gradient", *dv, t, {B, X, Y, Z, p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("additional_keys gradient", *dadd_k, t, {B, p.additional, p.kv_heads, p.dim}));
-  NATTEN_TRY(check_like("additional_values gradient", *dadd_v, t,
-                        {B, p.additional, p.kv_heads, p.dim_v}));
-  NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32, {B, X, Y, Z, H}));
-  Problem with_drpb = p;
-  NATTEN_TRY(decode_rpb(with_drpb, "rpb gradient", *drpb, /*per_batch=*/true));
-  if (with_drpb.has_rpb != p.has_rpb && B > 0)
-    return invalid("rpb gradient must have elements exactly when rpb does");
-  NATTEN_TRY(check_dtype(t));
+  NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32,
+                        {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
+  NATTEN_TRY(check_tensor_core_dtype(t));
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones.
@@ -171,15 +165,9 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     const cudaError_t e = cudaMemsetAsync(drpb->untyped_data(), 0, drpb->size_bytes(), stream);
     if (e != cudaSuccess) return launch_error("zeroing the rpb gradient", e);
   }
-  FnaPtrs ptr = {};
-  ptr.q = q.untyped_data();
-  ptr.k = k.untyped_data();
-  ptr.v = v.untyped_data();
-  ptr.add_k = add_k.untyped_data();
-  ptr.add_v = add_v.untyped_data();
+  FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
   ptr.o = o.untyped_data();
   ptr.d_o = d_o.untyped_data();
-  ptr.rpb = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
   ptr.lse = static_cast<const float*>(lse.untyped_data());
   ptr.dlse = static_cast<const float*>(dlse.untyped_data());
   ptr.dq = dq->untyped_data();

@@ -1,5 +1,5 @@
-// Validation of the unfused ops' buffers (cuda/README.md), shared by the handlers of every backend
-// (cpu, naive, gemm): each decodes the problem from the inputs and attributes, then checks the
+// Validation of the ops' buffers (cuda/README.md), shared by the handlers of every backend (cpu,
+// naive, gemm, fused): each decodes the problem from the inputs and attributes, then checks the
 // shape and dtype of every other buffer. A backend adds only its own limits (e.g. head dims).
 #pragma once
 
@@ -63,5 +63,51 @@ inline ffi::Error check_av_bwd(Problem& p, const ffi::AnyBuffer& w, const ffi::A
 }
 
 #undef NATTEN_TOKENS
+
+// Fused op forward: q, k, v, rpb, add_k, add_v -> o, lse.
+inline ffi::Error check_fna_fwd(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb,
+                                const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
+                                const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
+                                I64Span kernel_size, I64Span stride, I64Span dilation,
+                                I64Span is_causal) {
+  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
+                              stride, dilation, is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  NATTEN_TRY(check_like("output", o, q.element_type(), {B, X, Y, Z, H, p.dim_v}));
+  return check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H});
+}
+
+// Fused op backward: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb (per batch,
+// 0 elements exactly when rpb has none), dadd_k, dadd_v.
+inline ffi::Error check_fna_bwd(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb,
+                                const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
+                                const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
+                                const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
+                                const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
+                                const ffi::AnyBuffer& dv, const ffi::AnyBuffer& drpb,
+                                const ffi::AnyBuffer& dadd_k, const ffi::AnyBuffer& dadd_v,
+                                I64Span kernel_size, I64Span stride, I64Span dilation,
+                                I64Span is_causal) {
+  NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, o, lse, kernel_size, stride, dilation,
+                           is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  const ffi::DataType dtype = q.element_type();
+  NATTEN_TRY(check_like("output gradient", dout, dtype, {B, X, Y, Z, H, p.dim_v}));
+  NATTEN_TRY(check_like("lse gradient", dlse, ffi::DataType::F32, {B, X, Y, Z, H}));
+  NATTEN_TRY(check_like("query gradient", dq, dtype, {B, X, Y, Z, H, p.dim}));
+  NATTEN_TRY(check_like("key gradient", dk, dtype, {B, X, Y, Z, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("value gradient", dv, dtype, {B, X, Y, Z, p.kv_heads, p.dim_v}));
+  NATTEN_TRY(check_like("additional_keys gradient", dadd_k, dtype,
+                        {B, p.additional, p.kv_heads, p.dim}));
+  NATTEN_TRY(check_like("additional_values gradient", dadd_v, dtype,
+                        {B, p.additional, p.kv_heads, p.dim_v}));
+  Problem with_drpb = p;
+  NATTEN_TRY(decode_rpb(with_drpb, "rpb gradient", drpb, /*per_batch=*/true));
+  if (with_drpb.has_rpb != p.has_rpb && B > 0)
+    return invalid("rpb gradient must have elements exactly when rpb does");
+  return ok();
+}
 
 }  // namespace natten
