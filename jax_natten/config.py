@@ -1,4 +1,4 @@
-"""Settings of the fused kernels: tile shapes and deterministic backward.
+"""Settings of the fused kernels: tile shapes, deterministic backward, MMA family.
 
     with jax_natten.fused_config(q_tile=(8, 8), kv_tile=(4, 16)):
         out = jax.jit(f)(q, k, v)       # read when f is traced
@@ -10,6 +10,12 @@ spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at 
 candidate shape would visit on the problem at hand and take the fewest. `deterministic=True` makes the rpb gradient bit-reproducible
 (per-tile partial sums reduced in a fixed order instead of atomics); dq, dk, dv and the additional
 kv gradients are always computed without atomics, so they are deterministic in every mode.
+
+`mma` picks the matrix instructions of the float16 / bfloat16 kernels (forward and backward):
+"auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs
+when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere; "mma_sync"
+forces the latter everywhere; "wgmma" requires the former (the call fails with an error on other
+GPUs). float32 runs on the CUDA cores either way.
 
 The settings are read when an op is traced (they become static attributes of the custom call),
 so a function jitted before entering the context keeps the settings it was traced with.
@@ -27,6 +33,11 @@ class FusedConfig:
     q_tile: tuple | None = None
     kv_tile: tuple | None = None
     deterministic: bool = False
+    mma: str = "auto"
+
+
+# Codes of the `mma` attribute of the fused custom calls (cuda/fna/handlers.cu).
+MMA_CODES = {"auto": 0, "mma_sync": 1, "wgmma": 2}
 
 
 _CURRENT = contextvars.ContextVar("jax_natten_fused_config", default=FusedConfig())
@@ -50,10 +61,13 @@ def _check_tile(name, tile):
 
 
 @contextlib.contextmanager
-def fused_config(*, q_tile=None, kv_tile=None, deterministic=False):
-    """Context manager that sets the fused kernels' tile shapes and deterministic mode."""
+def fused_config(*, q_tile=None, kv_tile=None, deterministic=False, mma="auto"):
+    """Context manager that sets the fused kernels' tile shapes, deterministic mode and the
+    MMA family ("auto", "mma_sync" or "wgmma")."""
+    if mma not in MMA_CODES:
+        raise ValueError(f"mma must be one of {sorted(MMA_CODES)}, got {mma!r}")
     cfg = FusedConfig(_check_tile("q_tile", q_tile), _check_tile("kv_tile", kv_tile),
-                      bool(deterministic))
+                      bool(deterministic), mma)
     token = _CURRENT.set(cfg)
     try:
         yield cfg
@@ -63,6 +77,11 @@ def fused_config(*, q_tile=None, kv_tile=None, deterministic=False):
 
 def current() -> FusedConfig:
     return _CURRENT.get()
+
+
+def tuning(cfg: FusedConfig, rank: int):
+    """The static tuning tuple of the fused op: (q_tile, kv_tile, deterministic, mma code)."""
+    return padded_tiles(cfg, rank) + (cfg.deterministic, MMA_CODES[cfg.mma])
 
 
 def padded_tiles(cfg: FusedConfig, rank: int, max_rank: int = 3):

@@ -28,8 +28,8 @@ def _on_gpu() -> bool:
 # fused op); the others take any head dim.
 _HEAD_DIM_MULTIPLE = {"gemm": 8, "fused": 8}
 _HEAD_DIM_MAX = {"fused": 128}
-# The fused kernels run on tensor cores only; float32 goes to "gemm" (full-precision FFMA tiles).
-_TENSOR_CORE_DTYPES = (jnp.float16, jnp.bfloat16)
+# The fused kernels run float16 / bfloat16 on tensor cores and float32 at full precision on the
+# CUDA cores (cuda/fna/simt_f32.cu).
 _FUSED_MAX_HEADS = 65535
 
 
@@ -43,9 +43,6 @@ def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
         return ffi.unavailable_reason(backend)
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NATIVE_DTYPES]:
         return f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16 are)"
-    if backend == "fused" and jnp.dtype(dtype) not in [jnp.dtype(d) for d in _TENSOR_CORE_DTYPES]:
-        return (f"dtype {jnp.dtype(dtype)} is not supported (float16 and bfloat16 are; "
-                "float32 runs on 'gemm')")
     multiple, most = _HEAD_DIM_MULTIPLE.get(backend), _HEAD_DIM_MAX.get(backend)
     if multiple and any(d % multiple or (most and d > most) for d in head_dims):
         limit = f"up to {most}" if most else "any size"
@@ -99,7 +96,8 @@ def _pad_rpb(rpb, problem):
 # ----------------------------------------------------------------------------- differentiable cores
 # Arguments are in kernel layout; `params` is padded NAParams (static), like `scale` and `backend`.
 
-# `tuning`: (q_tile, kv_tile, deterministic) of the fused kernels (config.py), None for "cpu".
+# `tuning`: (q_tile, kv_tile, deterministic, mma) of the fused kernels (config.tuning), None for
+# "cpu".
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning):
     return ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning)
@@ -220,7 +218,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
                          f"dimension), got {query.shape[-2]}")
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
     cfg = config.current()
-    tuning = config.padded_tiles(cfg, rank) + (cfg.deterministic,)
+    tuning = config.tuning(cfg, rank)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
                           _fold_additional(additional_keys, problem),

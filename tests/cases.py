@@ -138,16 +138,14 @@ def require(backend):
 
 def dtype_for(backend):
     """A dtype `backend` serves, for tests that compare a backend with itself: float32, except on
-    the fused kernels (tensor cores only), which get float16."""
+    the fused kernels, which get float16 (their tensor-core path, the one most users run)."""
     return jnp.float16 if backend == "fused" else jnp.float32
 
 
 def refusal(backend, dtype, head_dims):
     """The error (a regex) an explicit `backend` raises for this dtype and these head dims, or None
     when it serves them: the tensor-core tiles need head dims that are multiples of 8 (fused: up to
-    128), and the fused kernels take float16 / bfloat16 only."""
-    if backend == "fused" and jnp.dtype(dtype) == jnp.float32:
-        return "float16 and bfloat16"
+    128, in every dtype)."""
     if backend in ("gemm", "fused") and any(d % 8 for d in head_dims):
         return "multiples of 8"
     if backend == "fused" and any(d > 128 for d in head_dims):

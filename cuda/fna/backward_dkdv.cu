@@ -10,10 +10,12 @@ namespace gpu {
 namespace fna {
 namespace {
 
-template <typename T, int DT>
+// kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
+// row block of keys either way.
+template <typename T, int DT, bool kWg>
 __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, const FnaPtrs p) {
-  constexpr int kLd = DT + 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kLd = kWg ? DT : DT + 8;
+  extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kRows * kLd;
   T* Qs = Vs + kRows * kLd;        // [2][kRows][kLd]
@@ -52,85 +54,19 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
   const T* v = static_cast<const T*>(p.v);
   const T* add_k = static_cast<const T*>(p.add_k);
   const T* add_v = static_cast<const T*>(p.add_v);
-  stage_rows<T, DT>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
-  stage_rows<T, DT>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
+  stage_rows<T, DT, kWg>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
+  stage_rows<T, DT, kWg>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
   cp_async_commit();
 
-  // The query walk: spatial tiles cover the inverse box of the key tile; additional-key tiles
-  // visit every query tile slot.
-  int q_lo[3] = {0, 0, 0}, nq[3] = {1, 1, 1}, full_lo[3] = {0, 0, 0}, full_hi[3] = {0, 0, 0};
-  int64_t per_head = a.q_tiles;
-  if (spatial) {
-    per_head = 1;
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      const AxisParams& ap = a.ax[ax];
-      const QueryRange first = inverse_window(kb.lo[ax], kb.lg[ax], ap.kernel, ap.stride, ap.causal);
-      const QueryRange last =
-          inverse_window(kb.hi[ax] - 1, kb.lg[ax], ap.kernel, ap.stride, ap.causal);
-      const int t = 1 << a.qlog[ax];
-      q_lo[ax] = first.first;
-      nq[ax] = imax(0, (last.last + 1 - first.first + t - 1) / t);
-      full_lo[ax] = last.first;
-      full_hi[ax] = first.last + 1;
-      per_head *= nq[ax];
-    }
-  }
-  const int64_t total = per_head * a.group;
-
-  // Position in the query walk: query head g of the kv head, then the query tile (spatial: a
-  // counter over the inverse box; additional keys: every tile slot). Advanced, never divided.
-  struct Cursor {
-    int g;
-    TileCounter c;
-    int64_t slot;
-    __device__ __forceinline__ void next(bool spatial_walk, const int (&n)[3], int64_t slots) {
-      if (spatial_walk) {
-        c.next(n);
-        if (c.j[0] == n[0]) {
-          c.reset();
-          ++g;
-        }
-      } else if (++slot == slots) {
-        slot = 0;
-        ++g;
-      }
-    }
-  };
-  struct QueryTile {
-    int h;
-    Box box;
-    bool nonempty, full;
-  };
-  auto query_tile = [&](const Cursor& cur) -> QueryTile {
-    QueryTile t;
-    t.h = kvh * a.group + cur.g;
-    if (spatial) {
-      t.nonempty = true;
-      t.full = true;
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        t.box.grp[ax] = kb.grp[ax];
-        t.box.lg[ax] = kb.lg[ax];
-        t.box.lo[ax] = q_lo[ax] + (cur.c.j[ax] << a.qlog[ax]);
-        t.box.hi[ax] = imin(t.box.lo[ax] + (1 << a.qlog[ax]), kb.lg[ax]);
-        t.full = t.full && t.box.lo[ax] >= full_lo[ax] &&
-                 t.box.lo[ax] + (1 << a.qlog[ax]) <= full_hi[ax];
-      }
-    } else {
-      t.nonempty = tile_box(a, a.qlog, a.q_tpg, a.q_units, cur.slot, t.box);
-      t.full = false;
-    }
-    return t;
-  };
-  Cursor staged{0, {{0, 0, 0}}, 0}, current{0, {{0, 0, 0}}, 0};
+  const QueryWalk walk(a, kb, spatial, kvh);
+  QueryWalk::Cursor staged = walk.start(), current = walk.start();
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
-  const TileRows<DT, kRows> qrows(a, a.qlog);
+  const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
   auto stage_queries = [&](int buf) {
-    const QueryTile t = query_tile(staged);
-    staged.next(spatial, nq, a.q_tiles);
+    const QueryTile t = walk.tile(a, staged);
+    staged.next(walk, a);
     int lim[3];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
@@ -158,22 +94,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
   for (int i = 0; i < 2; ++i) {
     const int r = warp * 16 + (lane >> 2) + 8 * i;
     if (spatial) {
-      int off[3];
-      tile_offsets(r, a.kvlog, off);
-      key_ok[i] = true;
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        kl[i][ax] = kb.lo[ax] + off[ax];
-        key_ok[i] = key_ok[i] && kl[i][ax] < kb.hi[ax];
-      }
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        const AxisParams& ap = a.ax[ax];
-        const QueryRange qr = inverse_window(imin(kl[i][ax], kb.lg[ax] - 1), kb.lg[ax], ap.kernel,
-                                             ap.stride, ap.causal);
-        qf[i][ax] = qr.first;
-        qn[i][ax] = key_ok[i] ? imax(0, qr.last + 1 - qr.first) : 0;
-      }
+      key_ok[i] = key_queries(a, kb, r, kl[i], qf[i], qn[i]);
     } else {
       key_ok[i] = s0 + r < a.S;
 #pragma unroll
@@ -181,34 +102,36 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
     }
   }
 
-  float dk[DT / 8][4], dv[DT / 8][4];
+  float dk1[1][DT / 8][4], dv1[1][DT / 8][4];
+  auto& dk = dk1[0];
+  auto& dv = dv1[0];
 #pragma unroll
   for (int i = 0; i < DT / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  if (total > 0) stage_queries(0);
-  for (int64_t it = 0; it < total; ++it) {
-    if (it + 1 < total) {
+  if (walk.total > 0) stage_queries(0);
+  for (int64_t it = 0; it < walk.total; ++it) {
+    if (it + 1 < walk.total) {
       stage_queries((it + 1) & 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     __syncthreads();
     const int buf = static_cast<int>(it & 1);
     const T* qs = Qs + buf * kRows * kLd;
     const T* os = Os + buf * kRows * kLd;
     const float* ls = Ls + buf * kRows;
     const float* ds = Ds + buf * kRows;
-    const QueryTile t = query_tile(current);
-    current.next(spatial, nq, a.q_tiles);
+    const QueryTile t = walk.tile(a, current);
+    current.next(walk, a);
     const float* rpb = a.R && spatial ? p.rpb + static_cast<int64_t>(t.h) * a.R : nullptr;
 
-    float s[8][4];
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-    scores<T, DT>(s, Ks, warp * 16, qs);
+    float s1[1][8][4];
+    auto& s = s1[0];
+    tile_scores<T, DT, 1, kWg>(s1, Ks, qs);
     // P^T = exp(logits - lse of the query), 0 outside the neighborhood. Per column (query) of
     // the thread: its coordinates and lse once, then the thread's two key rows.
 #pragma unroll
@@ -240,11 +163,10 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
         }
       }
     }
-    apply<T, DT>(dv, s, os);
-    float dp[8][4];
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
-    scores<T, DT>(dp, Vs, warp * 16, os);
+    tile_apply<T, DT, 1, kWg>(dv1, s1, os);
+    float dp1[1][8][4];
+    auto& dp = dp1[0];
+    tile_scores<T, DT, 1, kWg>(dp1, Vs, os);
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
@@ -254,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
         s[nb][2 + e] *= dp[nb][2 + e] - delta;
       }
     }
-    apply<T, DT>(dk, s, qs);
+    tile_apply<T, DT, 1, kWg>(dk1, s1, qs);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
@@ -276,24 +198,26 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dkdv_kernel(const FnaArgs a, 
                     a.dim_v);
 }
 
-template <typename T, int DT>
+template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  constexpr int kSmem = dkdv_smem(DT, sizeof(T));
+  constexpr int kSmem = dkdv_smem(DT, sizeof(T), kWg);
   static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_dkdv_kernel<T, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      fna_dkdv_kernel<T, DT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return launch_error("fna backward dk/dv (shared memory)", attr);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
-  fna_dkdv_kernel<T, DT><<<grid, kThreads, kSmem, stream>>>(a, p);
+  fna_dkdv_kernel<T, DT, kWg><<<grid, kThreads, kSmem, stream>>>(a, p);
   return check_launch("fna backward dk/dv");
 }
 
 }  // namespace
 
-ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                                const FnaPtrs& p, int64_t batch) {
+ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                                const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
-    return launch<typename decltype(tag)::type, decltype(dtc)::value>(stream, a, p, batch);
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    return wgmma ? launch<T, DT, true>(stream, a, p, batch) : launch<T, DT, false>(stream, a, p, batch);
   });
 }
 

@@ -9,33 +9,36 @@ namespace gpu {
 namespace fna {
 namespace {
 
-// One thread per query row (B * N * H rows of Dv elements).
+// One thread per query row (B * N * H rows of Dv elements; Dv is a multiple of 8, so rows split
+// into 16-byte vectors).
 template <typename T>
 __global__ void fna_delta_kernel(const T* o, const T* d_o, const float* dlse, float* delta,
                                  int64_t rows, int dim_v) {
+  constexpr int kVec = 16 / sizeof(T);
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows;
        r += int64_t{gridDim.x} * blockDim.x) {
     const T* a = o + r * dim_v;
     const T* b = d_o + r * dim_v;
     float sum = 0.f;
-    for (int c = 0; c < dim_v; c += 8) {
+    for (int c = 0; c < dim_v; c += kVec) {
       const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c));
       const uint4 vb = __ldg(reinterpret_cast<const uint4*>(b + c));
       const T* ea = reinterpret_cast<const T*>(&va);
       const T* eb = reinterpret_cast<const T*>(&vb);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) sum += static_cast<float>(ea[e]) * static_cast<float>(eb[e]);
+      for (int e = 0; e < kVec; ++e) sum += static_cast<float>(ea[e]) * static_cast<float>(eb[e]);
     }
     delta[r] = sum - dlse[r];
   }
 }
 
-// MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward).
-template <typename T, int DT, int MT>
+// MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward). kWg: wgmma on
+// core-matrix tiles (Hopper), else mma.sync (forward.cu explains both).
+template <typename T, int DT, int MT, bool kWg>
 __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
-  constexpr int kLd = DT + 8;
+  constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kQRows = kRows * MT;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + kQRows * kLd;      // do
   T* Ks = Os + kQRows * kLd;      // [2][kRows][kLd]
@@ -46,7 +49,6 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* add_k = static_cast<const T*>(p.add_k);
@@ -56,7 +58,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
   {
-    const TileRows<DT, kQRows> qrows(a, a.qlog);
+    const TileRows<DT, kQRows, kWg> qrows(a, a.qlog);
     const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
     const int64_t tok0 = token_of(a, qb.grp, qb.lo);
     qrows.stage(Qs, q, row0, tok0, lim, a.heads, h, a.dim);
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
   float* drpb = a.drpb_in_smem ? drpb_s : drpb_g;
 
   const KeyWalk walk = key_walk(a, qb);
-  const TileRows<DT, kRows> kvrows(a, a.kvlog);
+  const TileRows<DT, kRows, kWg> kvrows(a, a.kvlog);
   TileCounter staged;  // the next spatial key tile to stage
   staged.reset();
   auto stage_keys = [&](int j, int buf) {
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
       Win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
     }
   }
-  auto frag_row = [&](int mt, int i) { return warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * i; };
+  auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   // The thread's rows: global row index (-1 outside the problem), lse (base 2) and delta.
   int64_t grow[MT][2];
   float lse2[MT][2], delta[MT][2];
@@ -149,19 +151,14 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     __syncthreads();
     const T* ks = Ks + (j & 1) * kRows * kLd;
     const T* vs = Vs + (j & 1) * kRows * kLd;
 
     float s[MT][8][4], dp[MT][8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][nb][e] = dp[mt][nb][e] = 0.f;
-    scores<T, DT, MT>(s, Qs, warp * 16 * MT, ks);
-    scores<T, DT, MT>(dp, Os, warp * 16 * MT, vs);
+    tile_scores<T, DT, MT, kWg>(s, Qs, ks);
+    tile_scores<T, DT, MT, kWg>(dp, Os, vs);
 
     const bool spatial = j < walk.spatial;
     int o[3] = {0, 0, 0};
@@ -217,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, co
         }
       }
     }
-    apply<T, DT, MT>(acc, s, ks);
+    tile_apply<T, DT, MT, kWg>(acc, s, ks);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
@@ -242,15 +239,15 @@ ffi::Error launch_delta(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p,
   return check_launch("fna backward (delta)");
 }
 
-template <typename T, int DT>
+template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   constexpr int kMT = dq_m_tiles(DT);
   static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_dq_kernel<T, DT, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDqSmem);
+      fna_dq_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDqSmem);
   if (attr != cudaSuccess) return launch_error("fna backward dq (shared memory)", attr);
-  const int smem = dq_smem(DT, sizeof(T), kMT) + (a.drpb_in_smem ? a.R * 4 : 0);
+  const int smem = dq_smem(DT, sizeof(T), kMT, kWg) + (a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_dq_kernel<T, DT, kMT><<<grid, kThreads, smem, stream>>>(a, p);
+  fna_dq_kernel<T, DT, kMT, kWg><<<grid, kThreads, smem, stream>>>(a, p);
   return check_launch("fna backward dq");
 }
 
@@ -258,15 +255,18 @@ ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64
 
 ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                  const FnaPtrs& p, int64_t batch) {
+  if (t == ffi::DataType::F32) return launch_delta<float>(stream, a, p, batch);
   return dispatch_tile(t, 32, [&](auto tag, auto) {
     return launch_delta<typename decltype(tag)::type>(stream, a, p, batch);
   });
 }
 
-ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                              const FnaPtrs& p, int64_t batch) {
+ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                              const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
-    return launch<typename decltype(tag)::type, decltype(dtc)::value>(stream, a, p, batch);
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    return wgmma ? launch<T, DT, true>(stream, a, p, batch) : launch<T, DT, false>(stream, a, p, batch);
   });
 }
 

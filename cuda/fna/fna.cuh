@@ -36,6 +36,15 @@
 // head-dim tile (32, 64 or 128) covering D and Dv. Scores stay in registers (mma C fragments,
 // natten/mma.cuh) and become the A operand of the next product without a trip to memory.
 // Softmax runs in base 2 (exp2 of logits * log2(e)); lse is stored in natural log.
+//
+// ---- Two MMA families, one more dtype --------------------------------------------------------
+// Every f16/bf16 kernel is templated on kWg. kWg = false is the above (mma.sync, sm_80+). kWg =
+// true (Hopper, sm_90a) stages operands as 8 x 8 core matrices (natten/wgmma.cuh) and issues
+// warpgroup MMAs: the four warps form one warpgroup owning MT m64 row blocks (wg_row), products
+// with both operands in shared memory (s = q k^T: wgmma_ss64) or with P from registers (o += p v:
+// wgmma_rs, B read MN-major). The C fragments land in the same per-warp layout, so masking,
+// softmax and stores are shared; tile_scores / tile_apply / tile_row pick the family.
+// float32 runs on simt_f32.cu's kernels: the same walks and tiles, CUDA-core FMAs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -45,6 +54,7 @@
 #include <cstdint>
 
 #include "natten/mma.cuh"
+#include "natten/wgmma.cuh"
 #include "natten/window.h"
 
 namespace natten {
@@ -193,37 +203,150 @@ __device__ __forceinline__ void key_tile(const FnaArgs& a, const KeyWalk& w, con
   }
 }
 
+// The query tiles a key tile's CTA walks (dk / dv kernels), for every query head of its kv head:
+// spatial key tiles cover the inverse box of the tile ([first(lo), last(hi - 1)] per axis, in
+// query tiles; "full" tiles lie inside every key's inverse window), tiles of additional keys
+// visit every query tile slot. A Cursor advances through (head, tile) without divisions.
+struct QueryTile {
+  int h;
+  Box box;
+  bool nonempty, full;
+};
+struct QueryWalk {
+  bool spatial;
+  int kvh;
+  Box kb;  // the key tile (spatial walks)
+  int q_lo[3], n[3], full_lo[3], full_hi[3];
+  int64_t total;  // (query tile, head) pairs
+
+  struct Cursor {
+    int g;  // query head of the kv head
+    TileCounter c;  // spatial walks: the tile in the inverse box
+    int64_t slot;   // additional-key walks: the tile slot
+    __device__ __forceinline__ void next(const QueryWalk& w, const FnaArgs& a) {
+      if (w.spatial) {
+        c.next(w.n);
+        if (c.j[0] == w.n[0]) {
+          c.reset();
+          ++g;
+        }
+      } else if (++slot == a.q_tiles) {
+        slot = 0;
+        ++g;
+      }
+    }
+  };
+  __device__ __forceinline__ Cursor start() const { return Cursor{0, {{0, 0, 0}}, 0}; }
+
+  __device__ __forceinline__ QueryWalk(const FnaArgs& a, const Box& key_box, bool spatial_tile,
+                                       int kv_head)
+      : spatial(spatial_tile), kvh(kv_head), kb(key_box) {
+    int64_t per_head = a.q_tiles;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) q_lo[ax] = full_lo[ax] = full_hi[ax] = 0, n[ax] = 1;
+    if (spatial) {
+      per_head = 1;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        const AxisParams& ap = a.ax[ax];
+        const QueryRange first = inverse_window(kb.lo[ax], kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+        const QueryRange last =
+            inverse_window(kb.hi[ax] - 1, kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+        const int t = 1 << a.qlog[ax];
+        q_lo[ax] = first.first;
+        n[ax] = imax(0, (last.last + 1 - first.first + t - 1) / t);
+        full_lo[ax] = last.first;
+        full_hi[ax] = first.last + 1;
+        per_head *= n[ax];
+      }
+    }
+    total = per_head * a.group;
+  }
+
+  __device__ __forceinline__ QueryTile tile(const FnaArgs& a, const Cursor& cur) const {
+    QueryTile t;
+    t.h = kvh * a.group + cur.g;
+    if (spatial) {
+      t.nonempty = true;
+      t.full = true;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        t.box.grp[ax] = kb.grp[ax];
+        t.box.lg[ax] = kb.lg[ax];
+        t.box.lo[ax] = q_lo[ax] + (cur.c.j[ax] << a.qlog[ax]);
+        t.box.hi[ax] = imin(t.box.lo[ax] + (1 << a.qlog[ax]), kb.lg[ax]);
+        t.full = t.full && t.box.lo[ax] >= full_lo[ax] &&
+                 t.box.lo[ax] + (1 << a.qlog[ax]) <= full_hi[ax];
+      }
+    } else {
+      t.nonempty = tile_box(a, a.qlog, a.q_tpg, a.q_units, cur.slot, t.box);
+      t.full = false;
+    }
+    return t;
+  }
+};
+
+// Key row r of a spatial key tile kb: local coordinates kl, and per axis the queries whose
+// windows hold it (first qf, count qn; qn = 0 for rows outside the problem). False outside.
+__device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int r, int (&kl)[3],
+                                            int (&qf)[3], int (&qn)[3]) {
+  int off[3];
+  tile_offsets(r, a.kvlog, off);
+  bool ok = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    kl[ax] = kb.lo[ax] + off[ax];
+    ok = ok && kl[ax] < kb.hi[ax];
+  }
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const AxisParams& ap = a.ax[ax];
+    const QueryRange qr =
+        inverse_window(imin(kl[ax], kb.lg[ax] - 1), kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+    qf[ax] = qr.first;
+    qn[ax] = ok ? imax(0, qr.last + 1 - qr.first) : 0;
+  }
+  return ok;
+}
+
 // ---- staging ------------------------------------------------------------------------------------
 // Copies ROWS rows of `cols` (<= DT) elements into a [ROWS][DT + 8] shared tile; row_ptr(r) gives
 // the global row or nullptr (the row is then zero-filled, as are the columns past `cols`).
-template <typename T, int DT, int ROWS = kRows, typename RowPtr>
+// kCore: the destination is a core-matrix tile (natten/wgmma.cuh) instead of a padded one.
+template <typename T, int DT, bool kCore = false, typename RowPtr>
 __device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, const void* any) {
   constexpr int kVecs = DT / 8;  // 16-byte vectors per row
-  constexpr int kLd = DT + 8;
 #pragma unroll
-  for (int v = threadIdx.x; v < ROWS * kVecs; v += kThreads) {
+  for (int v = threadIdx.x; v < kRows * kVecs; v += kThreads) {
     const int r = v / kVecs, c = (v % kVecs) * 8;
     const T* src = row_ptr(r);
     const bool valid = src != nullptr && c < cols;
-    cp_async16(s + r * kLd + c, valid ? static_cast<const void*>(src + c) : any, valid);
+    cp_async16(s + (kCore ? core_offset(r, c, DT) : r * (DT + 8) + c),
+               valid ? static_cast<const void*>(src + c) : any, valid);
   }
 }
 
-// Staging of box tiles with per-thread precomputed rows. Thread t copies the 16-byte column
-// `col` = (t % (DT / 8)) * 8 of rows t / (DT / 8) + i * (kThreads / (DT / 8)): the same rows and
-// column for every tile, so their offsets in the box and their token distances from the box origin
-// are computed once; a tile then costs a bounds test and one address per copy.
-template <int DT, int ROWS>
+// Staging of box tiles with per-thread precomputed rows. Thread t copies one 16-byte column `col`
+// of rows row(0), row(1), ...: the same rows and column for every tile, so their offsets in the box
+// and their token distances from the box origin are computed once; a tile then costs a bounds
+// test and one address per copy. Two destination layouts:
+//   padded (kCore = false): [ROWS][DT + 8] row-major (ldmatrix operands); a warp copies 4 whole
+//     rows (DT = 64) per instruction;
+//   core matrices (kCore = true, natten/wgmma.cuh): [ROWS][DT] in 8 x 8 blocks of 128 contiguous
+//     bytes (wgmma operands); the 8 lanes of a quarter-warp copy the same column of 8 consecutive
+//     rows, one core matrix, so a warp's writes fill 512 contiguous bytes without bank conflicts.
+template <int DT, int ROWS, bool kCore = false, int kElems = 8>  // kElems per 16-byte copy
 struct TileRows {
-  static constexpr int kVecs = DT / 8;
+  static constexpr int kVecs = DT / kElems;
   static constexpr int kPer = ROWS * kVecs / kThreads;  // copies per thread
   static_assert(ROWS * kVecs % kThreads == 0, "tiles split evenly over the threads");
+  static_assert(!kCore || (kVecs <= kThreads / 8 && kElems == 8), "8-row groups of 16-bit rows");
   int col;
   int packed[kPer];  // the row's offsets in the box: x | y << 10 | z << 20 (extents <= 128)
   int dtok[kPer];    // token index distance from the box origin (checked < 2^31 on the host)
 
   __device__ __forceinline__ TileRows(const FnaArgs& a, const int (&logs)[kMaxRank]) {
-    col = (threadIdx.x % kVecs) * 8;
+    col = kCore ? ((threadIdx.x >> 3) % kVecs) * 8 : (threadIdx.x % kVecs) * kElems;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       int off[3];
@@ -234,7 +357,15 @@ struct TileRows {
     }
   }
   __device__ __forceinline__ int row(int i) const {
-    return threadIdx.x / kVecs + i * (kThreads / kVecs);
+    if constexpr (kCore)  // 8-row groups: kThreads / 8 / kVecs per pass
+      return (threadIdx.x & 7) + 8 * ((threadIdx.x >> 3) / kVecs + i * (kThreads / 8 / kVecs));
+    else
+      return threadIdx.x / kVecs + i * (kThreads / kVecs);
+  }
+  // Shared-memory element offset of copy i.
+  __device__ __forceinline__ int dst(int i) const {
+    const int r = row(i);
+    return kCore ? ((r >> 3) * kVecs + (col >> 3)) * 64 + (r & 7) * 8 : r * (DT + 8) + col;
   }
   // Stages the box whose origin is token `tok0` of batch row `first` (= b * N): rows with an
   // offset >= lim on some axis, and columns >= cols, are zero-filled. Global row of token n:
@@ -247,7 +378,7 @@ struct TileRows {
       const int x = packed[i] & 1023, y = (packed[i] >> 10) & 1023, z = packed[i] >> 20;
       const bool valid = x < lim[0] && y < lim[1] && z < lim[2] && col < cols;
       const T* src = base + ((first + tok0 + dtok[i]) * heads + head) * cols + col;
-      cp_async16(s + row(i) * (DT + 8) + col, valid ? static_cast<const void*>(src) : base, valid);
+      cp_async16(s + dst(i), valid ? static_cast<const void*>(src) : base, valid);
     }
   }
   // Stages rows [r0, r0 + ROWS) of a [rows, heads, cols] array (additional kv), zero past `rows`.
@@ -259,7 +390,7 @@ struct TileRows {
       const int64_t r = r0 + row(i);
       const bool valid = r < rows && col < cols;
       const T* src = base + (r * heads + head) * cols + col;
-      cp_async16(s + row(i) * (DT + 8) + col, valid ? static_cast<const void*>(src) : base, valid);
+      cp_async16(s + dst(i), valid ? static_cast<const void*>(src) : base, valid);
     }
   }
 };
@@ -358,6 +489,91 @@ __device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (
   }
 }
 
+// Keeps the compiler from moving reads of registers written by an asynchronous MMA above the wait
+// that completes it (an empty asm that "rewrites" each one after the wait).
+template <int N>
+__device__ __forceinline__ void reg_fence_n(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <typename A>
+__device__ __forceinline__ void reg_fence(A& regs) {
+  reg_fence_n<sizeof(A) / sizeof(float)>(reinterpret_cast<float*>(&regs));
+}
+
+// ---- Hopper (wgmma) products: the same three shapes on core-matrix tiles (natten/wgmma.cuh) -----
+// The warpgroup owns MT m64 row blocks (rows 64 mt + 16 warp + ..., wg_row); the C fragments a
+// warp receives are laid out as with mma.sync, so masking and softmax code is shared.
+__device__ __forceinline__ int wg_row(int mt, int i) {
+  return mt * 64 + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2) + 8 * i;
+}
+
+// acc[mt] = A[64 mt .. 64 mt + 63][DT] B[64][DT]^T, both core-matrix tiles (K-major operands:
+// k16 step kk starts 128 elements in). Waits for the result.
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void wg_scores(float (&acc)[MT][8][4], const T* As, const T* Bs) {
+  wgmma_fence();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk)
+      wgmma_ss64<T>(&acc[mt][0][0], smem_desc(As + mt * 64 * DT + kk * 128, 128, DT * 16),
+                    smem_desc(Bs + kk * 128, 128, DT * 16), kk);
+  wgmma_commit();
+  wgmma_wait<0>();
+  reg_fence(acc);
+}
+
+// acc[mt] += P[mt][64 x 64] B[64][DT], P in C-fragment registers (the A operand after packing),
+// B a core-matrix tile read MN-major (k16 step kk: rows 16 kk.., 16 DT elements in). Waits.
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void wg_apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
+                                         const T* Bs) {
+  wgmma_fence();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const unsigned pa[4] = {pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]),
+                              pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]),
+                              pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]),
+                              pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3])};
+      wgmma_rs<T, DT, 1>(&acc[mt][0][0], pa, smem_desc(Bs + kk * 16 * DT, DT * 16, 128), 1);
+    }
+  wgmma_commit();
+  wgmma_wait<0>();
+  reg_fence(acc);
+}
+
+// The products of the kernels templated on kWg: wgmma on core-matrix tiles, or mma.sync on padded
+// tiles (warp rows 16 MT warp ..). `As` holds the CTA's 64 MT A rows.
+template <typename T, int DT, int MT, bool kWg>
+__device__ __forceinline__ void tile_scores(float (&acc)[MT][8][4], const T* As, const T* Bs) {
+  if constexpr (kWg) {
+    wg_scores<T, DT, MT>(acc, As, Bs);
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) acc[mt][nb][0] = acc[mt][nb][1] = acc[mt][nb][2] = acc[mt][nb][3] = 0.f;
+    scores<T, DT, MT>(acc, As, (threadIdx.x >> 5) * 16 * MT, Bs);
+  }
+}
+template <typename T, int DT, int MT, bool kWg>
+__device__ __forceinline__ void tile_apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
+                                           const T* Bs) {
+  if constexpr (kWg)
+    wg_apply<T, DT, MT>(acc, p, Bs);
+  else
+    apply<T, DT, MT>(acc, p, Bs);
+}
+// Row of element (mt, i) of the thread's C fragments.
+template <int MT, bool kWg>
+__device__ __forceinline__ int tile_row(int mt, int i) {
+  return kWg ? wg_row(mt, i)
+             : (threadIdx.x >> 5) * 16 * MT + mt * 16 + ((threadIdx.x & 31) >> 2) + 8 * i;
+}
+
 // One m16 tile per warp (the backward kernels).
 template <typename T, int DT>
 __device__ __forceinline__ void scores(float (&acc)[8][4], const T* As, int row0, const T* Bs) {
@@ -418,14 +634,16 @@ constexpr int min_ctas(int dt, int mt) { return dt * mt <= 64 ? 3 : 2; }
 
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
-constexpr int fwd_smem(int dt, int elem, int mt) {  // q (64 mt rows), 2 x (k, v), windows
-  return (mt + 4) * tile_bytes(dt, elem) + kRows * mt * 6 * 4;
+// q (64 mt rows), 2 x (k, v), windows; wgmma tiles have no row padding.
+constexpr int fwd_smem(int dt, int elem, int mt, bool wg) {
+  return (mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 6 * 4;
 }
-constexpr int dq_smem(int dt, int elem, int mt) {  // q, do (64 mt rows each), 2 x (k, v), windows
-  return (2 * mt + 4) * tile_bytes(dt, elem) + kRows * mt * 6 * 4;
+// q, do (64 mt rows each), 2 x (k, v), windows.
+constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
+  return (2 * mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 6 * 4;
 }
-constexpr int dkdv_smem(int dt, int elem) {  // k, v, 2 x (q, do), 2 x (lse, delta)
-  return 6 * tile_bytes(dt, elem) + 4 * kRows * 4;
+constexpr int dkdv_smem(int dt, int elem, bool wg) {  // k, v, 2 x (q, do), 2 x (lse, delta)
+  return 6 * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + 4 * kRows * 4;
 }
 
 }  // namespace fna

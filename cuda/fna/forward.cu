@@ -8,12 +8,16 @@ namespace gpu {
 namespace fna {
 namespace {
 
-// MT m16 tiles per warp: the query tile holds 64 * MT tokens.
-template <typename T, int DT, int MT>
+// MT m16 tiles per warp: the query tile holds 64 * MT tokens. kWg: the products run on Hopper's
+// warpgroup MMA (sm_90a; q and the key tiles in core-matrix layout, natten/wgmma.cuh; the four
+// warps form one warpgroup that owns MT m64 row blocks), otherwise on mma.sync (ldmatrix operands
+// from padded tiles; warp w owns rows 16 MT w ..). Masking and softmax are the same code: both
+// leave a warp's scores in the mma.m16n8k16 C layout.
+template <typename T, int DT, int MT, bool kWg>
 __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
-  constexpr int kLd = DT + 8;
+  constexpr int kLd = kWg ? DT : DT + 8;  // elements per tile row (core matrices: no padding)
   constexpr int kQRows = kRows * MT;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + kQRows * kLd;      // [2][kRows][kLd]
   T* Vs = Ks + 2 * kRows * kLd;   // [2][kRows][kLd]
@@ -31,14 +35,14 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
 
   {
-    const TileRows<DT, kQRows> qrows(a, a.qlog);
+    const TileRows<DT, kQRows, kWg> qrows(a, a.qlog);
     const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
     qrows.stage(Qs, q, row0, token_of(a, qb.grp, qb.lo), lim, a.heads, h, a.dim);
     cp_async_commit();
   }
 
   const KeyWalk walk = key_walk(a, qb);
-  const TileRows<DT, kRows> kvrows(a, a.kvlog);
+  const TileRows<DT, kRows, kWg> kvrows(a, a.kvlog);
   TileCounter staged;  // the next spatial key tile to stage
   staged.reset();
   // Stages key tile j (K and V) into buffer `buf`.
@@ -79,8 +83,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
       Win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
     }
   }
-  // Row of element (mt, i) of this thread's C fragments.
-  auto frag_row = [&](int mt, int i) { return warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * i; };
+  auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
 
   float acc[MT][DT / 8][4];
@@ -92,8 +95,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
     m[mt][0] = m[mt][1] = -INFINITY;
     l[mt][0] = l[mt][1] = 0.f;
   }
-  // Query fragments stay in registers for the whole walk when they fit (DT <= 64).
-  constexpr bool kQInRegs = DT <= 64;
+  // mma.sync: query fragments stay in registers for the whole walk when they fit (DT <= 64).
+  constexpr bool kQInRegs = !kWg && DT <= 64;
   unsigned qf[kQInRegs ? MT : 1][kQInRegs ? DT / 16 : 1][4];
 
   TileCounter current;  // the spatial key tile being computed
@@ -106,6 +109,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     __syncthreads();
     if constexpr (kQInRegs) {
       if (j == 0) {
@@ -120,14 +124,15 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
     const T* vs = Vs + (j & 1) * kRows * kLd;
 
     float s[MT][8][4];
+    if constexpr (kQInRegs) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
-    if constexpr (kQInRegs)
+        for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
       scores_regs<T, DT, MT>(s, qf, ks);
-    else
-      scores<T, DT, MT>(s, Qs, warp * 16 * MT, ks);
+    } else {
+      tile_scores<T, DT, MT, kWg>(s, Qs, ks);
+    }
 
     // Logits in base 2 (times 1 / mul), masked.
     float mul = 1.f;
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
         }
       }
     }
-    apply<T, DT, MT>(acc, s, vs);
+    tile_apply<T, DT, MT, kWg>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
@@ -263,24 +268,26 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
   }
 }
 
-template <typename T, int DT>
+template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   constexpr int kMT = fwd_m_tiles(DT);
-  constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT);
+  constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT, kWg);
   static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_fwd_kernel<T, DT, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      fna_fwd_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return launch_error("fna forward (shared memory)", attr);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_fwd_kernel<T, DT, kMT><<<grid, kThreads, kSmem, stream>>>(a, p);
+  fna_fwd_kernel<T, DT, kMT, kWg><<<grid, kThreads, kSmem, stream>>>(a, p);
   return check_launch("fna forward");
 }
 
 }  // namespace
 
-ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                          const FnaPtrs& p, int64_t batch) {
+ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                          const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
-    return launch<typename decltype(tag)::type, decltype(dtc)::value>(stream, a, p, batch);
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    return wgmma ? launch<T, DT, true>(stream, a, p, batch) : launch<T, DT, false>(stream, a, p, batch);
   });
 }
 

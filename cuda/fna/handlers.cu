@@ -3,7 +3,8 @@
 //   fna_bwd: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v,
 //            delta (workspace: f32, shape of lse; the caller discards it)
 // Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
-// tiling.h), and for the backward `deterministic` (int64 0/1).
+// tiling.h), `mma` (int64: 0 auto, 1 mma.sync, 2 wgmma; float32 runs neither) and for the
+// backward `deterministic` (int64 0/1).
 // Launches only on XLA's stream, allocates nothing, never synchronizes; every launch is checked.
 #include <algorithm>
 #include <string>
@@ -40,10 +41,31 @@ ffi::Error head_dim_tile(const Problem& p, int& dt) {
   return invalid("no head-dim tile");
 }
 
-ffi::Error check_tensor_core_dtype(ffi::DataType t) {
-  if (t == ffi::DataType::F16 || t == ffi::DataType::BF16) return ok();
-  return invalid(std::string("the fused backend takes float16 or bfloat16 (tensor cores), got ") +
-                 dtype_name(t) + "; use backend='gemm' for float32");
+// float16 / bfloat16 run on tensor cores, float32 on the full-precision kernels (simt_f32.cu).
+ffi::Error check_dtype(ffi::DataType t) {
+  if (t == ffi::DataType::F16 || t == ffi::DataType::BF16 || t == ffi::DataType::F32) return ok();
+  return invalid(std::string("the fused backend takes float16, bfloat16 or float32, got ") +
+                 dtype_name(t));
+}
+
+// Whether the kernels run their Hopper (wgmma) variant: `mma` 0 = where it can (a compute
+// capability 9.x device and an sm_90a image in this build), 1 = never, 2 = required.
+ffi::Error pick_wgmma(int64_t mma, bool& wgmma) {
+  if (mma < 0 || mma > 2) return invalid("mma must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
+  int dev = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return launch_error("querying the device", e);
+#ifdef NATTEN_BUILT_SM90A
+  const bool can = major == 9;
+#else
+  const bool can = false;
+#endif
+  if (mma == 2 && !can)
+    return invalid("fused_config(mma='wgmma') needs a Hopper GPU (compute capability 9.x) and a "
+                   "build with the 90a architecture");
+  wgmma = mma == 2 || (mma == 0 && can);
+  return ok();
 }
 
 // Kernel arguments of a validated problem with a tiling.
@@ -107,26 +129,36 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
                     ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
                     I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal,
-                    float scale, I64Span q_tile, I64Span kv_tile) {
+                    float scale, I64Span q_tile, I64Span kv_tile, int64_t mma) {
   Problem p;
   NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, *o, *lse, kernel_size, stride, dilation,
                            is_causal));
   const int64_t B = p.batch;
   const ffi::DataType t = q.element_type();
-  NATTEN_TRY(check_tensor_core_dtype(t));
+  NATTEN_TRY(check_dtype(t));
+  const bool f32 = t == ffi::DataType::F32;
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
+  bool wgmma = false;
+  NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
   Tiling tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt), tiling));
+  if (f32)
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, f32_tile_log(dt), tiling, f32_tile_log(dt)));
+  else
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt), tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
+  if (f32) a.add_tiles = ceil_div(a.S, f32_tile_rows(dt));
   NATTEN_TRY(poison_outputs(stream, *o, *lse));
   if (B == 0 || p.tokens() == 0) return ok();
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
   ptr.out = o->untyped_data();
   ptr.out_lse = static_cast<float*>(lse->untyped_data());
-  for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY)  // grid.z holds <= 65535 elements
-    NATTEN_TRY(launch_forward(stream, t, dt, a, ptr, std::min<int64_t>(kMaxGridY, B - a.batch0)));
+  for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY) {  // grid.z holds <= 65535 elements
+    const int64_t n = std::min<int64_t>(kMaxGridY, B - a.batch0);
+    NATTEN_TRY(f32 ? launch_forward_f32(stream, dt, a, ptr, n)
+                   : launch_forward(stream, t, dt, wgmma, a, ptr, n));
+  }
   return ok();
 }
 
@@ -138,7 +170,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::Result<ffi::AnyBuffer> dadd_k, ffi::Result<ffi::AnyBuffer> dadd_v,
                     ffi::Result<ffi::AnyBuffer> delta, I64Span kernel_size, I64Span stride,
                     I64Span dilation, I64Span is_causal, float scale, I64Span q_tile,
-                    I64Span kv_tile, int64_t deterministic) {
+                    I64Span kv_tile, int64_t mma, int64_t deterministic) {
   Problem p;
   NATTEN_TRY(check_fna_bwd(p, q, k, v, rpb, add_k, add_v, o, lse, d_o, dlse, *dq, *dk, *dv, *drpb,
                            *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
@@ -146,18 +178,26 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const ffi::DataType t = q.element_type();
   NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32,
                         {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
-  NATTEN_TRY(check_tensor_core_dtype(t));
+  NATTEN_TRY(check_dtype(t));
+  const bool f32 = t == ffi::DataType::F32;
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
-  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones.
+  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones
+  // (float32: both f32_tile_rows(dt)).
+  bool wgmma = false;
+  NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
+  const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt);
+  const int kv_log = f32 ? f32_tile_log(dt) : kTileLog;
   Tiling dq_tiling, kv_tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + dq_m_tiles_log(dt), dq_tiling));
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog, kv_tiling));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, kv_log));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kv_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
-  dq_args.drpb_in_smem =
-      dq_args.R > 0 && dq_smem(dt, 2, dq_m_tiles(dt)) + dq_args.R * 4 <= kMaxDqSmem;
+  if (f32) dq_args.add_tiles = kv_args.add_tiles = ceil_div(p.additional, f32_tile_rows(dt));
+  const int dq_bytes =
+      f32 ? 4 * f32_tile_rows(dt) * (dt + 8) * 4 : dq_smem(dt, 2, dq_m_tiles(dt), wgmma);
+  dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
   dq_args.skip_drpb = deterministic != 0;
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));
   if (B == 0 || p.tokens() == 0) return ok();
@@ -181,8 +221,12 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {  // grid.z holds <= 65535 elements
     const int64_t n = std::min<int64_t>(kMaxGridY, B - b0);
     dq_args.batch0 = kv_args.batch0 = static_cast<int>(b0);
-    NATTEN_TRY(launch_backward_dq(stream, t, dt, dq_args, ptr, n));
-    NATTEN_TRY(launch_backward_dkdv(stream, t, dt, kv_args, ptr, n));
+    if (f32) {
+      NATTEN_TRY(launch_backward_f32(stream, dt, dq_args, kv_args, ptr, n));
+    } else {
+      NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
+      NATTEN_TRY(launch_backward_dkdv(stream, t, dt, wgmma, kv_args, ptr, n));
+    }
   }
   return ok();
 }
@@ -199,8 +243,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
        .Attr<natten::I64Span>("q_tile")                                                \
        .Attr<natten::I64Span>("kv_tile"))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd, NATTEN_FUSED_BIND(6, 2),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd,
+                              NATTEN_FUSED_BIND(6, 2).Attr<int64_t>("mma"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaBwd, natten::gpu::fna::FusedBwd,
-                              NATTEN_FUSED_BIND(10, 7).Attr<int64_t>("deterministic"),
+                              NATTEN_FUSED_BIND(10, 7).Attr<int64_t>("mma")
+                                  .Attr<int64_t>("deterministic"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -56,19 +56,30 @@ ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
 }
 
 // o, lse from q, k, v (+ rpb, additional kv) of batch elements [a.batch0, a.batch0 + batch).
-// Grid: (a.q_tiles, heads, batch).
-ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                          const FnaPtrs& p, int64_t batch);
+// Grid: (a.q_tiles, heads, batch). wgmma: the Hopper kernels (sm_90 devices only; the same flag
+// in the backward launches).
+ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                          const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 // delta = rowsum(do * o) - dlse for all `batch` elements (one grid-stride launch).
 ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                  const FnaPtrs& p, int64_t batch);
 // dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).
-ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                              const FnaPtrs& p, int64_t batch);
+ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                              const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...). Grid: (a.kv_tiles + a.add_tiles,
 // kv_heads, batch).
-ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                                const FnaPtrs& p, int64_t batch);
+ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                                const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+
+// float32 (simt_f32.cu): query and key tiles of f32_tile_rows(dt) = 2^f32_tile_log(dt) tokens
+// (a.add_tiles counts tiles of that many additional keys).
+int f32_tile_log(int dt);
+int f32_tile_rows(int dt);
+ffi::Error launch_forward_f32(cudaStream_t stream, int dt, const FnaArgs& a, const FnaPtrs& p,
+                              int64_t batch);
+// dq (+ d-rpb) with dq_args, then dk / dv with kv_args (the delta kernel ran before).
+ffi::Error launch_backward_f32(cudaStream_t stream, int dt, const FnaArgs& dq_args,
+                               const FnaArgs& kv_args, const FnaPtrs& p, int64_t batch);
 
 }  // namespace fna
 }  // namespace gpu

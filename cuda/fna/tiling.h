@@ -59,6 +59,16 @@ inline int log2_exact(int64_t v) {
   return (v >= 1 && (int64_t{1} << l) == v) ? l : -1;
 }
 
+// Halves a given tile along its longest axis until it holds at most 2^max_log tokens.
+inline void shrink_tile(int (&logs)[kMaxRank], bool given, int max_log) {
+  while (given && logs[0] + logs[1] + logs[2] > max_log) {
+    int longest = 0;
+    for (int a = 1; a < kMaxRank; ++a)
+      if (logs[a] > logs[longest]) longest = a;
+    --logs[longest];
+  }
+}
+
 // A user's tile shape ([x, y, z] extents; all 0 = choose), checked.
 inline ffi::Error user_shape(const char* what, I64Span shape, int max_log, int (&logs)[kMaxRank],
                              bool& given) {
@@ -80,40 +90,48 @@ inline ffi::Error user_shape(const char* what, I64Span shape, int max_log, int (
   return ok();
 }
 
+// Grows a key tile to exactly 2^max_log tokens along the first axis. The kernels stage and
+// compute whole tiles of that many rows, and a row r of a tile with extents 2^logs maps to
+// offsets (r >> (logs1 + logs2), ...): with fewer tokens, rows past the tile would land on the
+// first axis beyond its extent, on keys of the next tile. A grown tile makes them genuine tile
+// members (real keys, or rows past the axis, zero-filled and masked).
+inline void fill_tile(int (&logs)[kMaxRank], int max_log) {
+  logs[0] += max_log - (logs[0] + logs[1] + logs[2]);
+}
+
 // `q_max_log`: log2 of the query tile size of the kernel at hand (kMaxQTileLog for the forward,
-// kTileLog for the backward, which splits a larger user tile along its longest axis).
+// kTileLog for the backward, which splits a larger user tile along its longest axis);
+// `kv_max_log`: log2 of the key tile size (kTileLog, or less for the float32 kernels).
 inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int q_max_log,
-                                Tiling& t) {
+                                Tiling& t, int kv_max_log = kTileLog) {
   bool q_given = false, kv_given = false;
   NATTEN_TRY(user_shape("q_tile", q_tile, kMaxQTileLog, t.qlog, q_given));
   NATTEN_TRY(user_shape("kv_tile", kv_tile, kTileLog, t.kvlog, kv_given));
-  while (q_given && t.qlog[0] + t.qlog[1] + t.qlog[2] > q_max_log) {
-    int longest = 0;
-    for (int a = 1; a < kMaxRank; ++a)
-      if (t.qlog[a] > t.qlog[longest]) longest = a;
-    --t.qlog[longest];
-  }
-  if (q_given && kv_given) return ok();
-  double best = -1;
-  Tiling pick = t;
-  for_each_shape(p, q_max_log, [&](int qx, int qy, int qz) {
-    const int ql[3] = {qx, qy, qz};
-    if (q_given && (qx != t.qlog[0] || qy != t.qlog[1] || qz != t.qlog[2])) return;
-    for_each_shape(p, kTileLog, [&](int kx, int ky, int kz) {
-      const int kl[3] = {kx, ky, kz};
-      if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
-      const double c = walk_cost(p, ql, kl);
-      // Ties: the later candidate has longer z runs (contiguous rows) and wins.
-      if (best < 0 || c <= best) {
-        best = c;
-        for (int a = 0; a < kMaxRank; ++a) {
-          pick.qlog[a] = ql[a];
-          pick.kvlog[a] = kl[a];
+  shrink_tile(t.qlog, q_given, q_max_log);
+  shrink_tile(t.kvlog, kv_given, kv_max_log);
+  if (!(q_given && kv_given)) {
+    double best = -1;
+    Tiling pick = t;
+    for_each_shape(p, q_max_log, [&](int qx, int qy, int qz) {
+      const int ql[3] = {qx, qy, qz};
+      if (q_given && (qx != t.qlog[0] || qy != t.qlog[1] || qz != t.qlog[2])) return;
+      for_each_shape(p, kv_max_log, [&](int kx, int ky, int kz) {
+        const int kl[3] = {kx, ky, kz};
+        if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
+        const double c = walk_cost(p, ql, kl);
+        // Ties: the later candidate has longer z runs (contiguous rows) and wins.
+        if (best < 0 || c <= best) {
+          best = c;
+          for (int a = 0; a < kMaxRank; ++a) {
+            pick.qlog[a] = ql[a];
+            pick.kvlog[a] = kl[a];
+          }
         }
-      }
+      });
     });
-  });
-  t = pick;
+    t = pick;
+  }
+  fill_tile(t.kvlog, kv_max_log);
   return ok();
 }
 

@@ -105,12 +105,16 @@ def _drpb_shape(q, rpb):
 
 
 def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning=None):
-    """-> o, lse. `tuning`: the fused kernels' (q_tile, kv_tile, deterministic), None otherwise."""
+    """-> o, lse. `tuning`: the fused kernels' (q_tile, kv_tile, deterministic, mma code)
+    (config.tuning), None otherwise."""
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k, add_v = _additional(q, k, v, add_k, add_v)
     outs = [(q.shape[:-1] + (v.shape[-1],), q.dtype, True), (q.shape[:-1], jnp.float32, True)]
+    attrs = _attrs(params, scale, tuning)
+    if tuning is not None:
+        attrs["mma"] = np.int64(tuning[3])
     o, lse = _call(f"natten_{backend}_fna_fwd", outs, (q, k, v, rpb, add_k, add_v),
-                   (True, True, True, False, True, True), _attrs(params, scale, tuning))
+                   (True, True, True, False, True, True), attrs)
     return o, lse
 
 
@@ -131,6 +135,7 @@ def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, 
     attrs = _attrs(params, scale, tuning)
     if tuning is not None:
         outs.append((lse.shape, jnp.float32, True))  # delta workspace
+        attrs["mma"] = np.int64(tuning[3])
         attrs["deterministic"] = np.int64(bool(tuning[2]))
     dq, dk, dv, drpb, dak, dav, *_ = _call(
         f"natten_{backend}_fna_bwd", outs, args,

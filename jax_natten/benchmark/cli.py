@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared/bench), small (CPU-sized). Default: shared on a GPU, small on a "
                         "host; only the custom problem when --spatial is given")
     g.add_argument("--backends", metavar="NAMES",
-                   help=f"comma list of {', '.join(BACKENDS)}, or 'all'. Default: those "
+                   help=f"comma list of {', '.join(BACKENDS)}, or 'all'; fused/mma_sync and "
+                        "fused/wgmma pin the fused forward's MMA family. Default: those "
                         "available on this device")
     g.add_argument("--baseline", default="auto", metavar="BACKEND",
                    help="speedups are over this backend: a backend name, 'peer:<name>', or "
@@ -232,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backends = list(BACKENDS)
     else:
         backends = list(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
-        bad = [b for b in backends if b not in BACKENDS]
+        bad = [b for b in backends if not runner.known_backend(b)]
         if bad or not backends:
             parser.error(f"unknown backend(s) {', '.join(bad) or '(none)'}: choose from "
                          f"{', '.join(BACKENDS)} or 'all'")

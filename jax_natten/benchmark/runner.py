@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import jax_natten
+from jax_natten import config
+from jax_natten.ops import BACKENDS
 from jax_natten.backends import ffi
 
 from . import timing
@@ -65,6 +67,18 @@ def default_backends() -> list:
     else:
         native = ["cpu"] if ffi.available("cpu") else []
     return native + ["reference"]
+
+
+def split_backend(backend: str):
+    """'fused/mma_sync' -> ('fused', 'mma_sync'): a backend pinned to one fused MMA family
+    (jax_natten.fused_config(mma=...)); plain names -> (name, 'auto')."""
+    base, _, mma = backend.partition("/")
+    return base, mma or "auto"
+
+
+def known_backend(backend: str) -> bool:
+    base, mma = split_backend(backend)
+    return base in BACKENDS and (mma == "auto" or (base == "fused" and mma in config.MMA_CODES))
 
 
 def device_for(backend: str):
@@ -210,6 +224,7 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
            "flops": flops, "shape": problem.shape(), "spec": problem.as_dict()}
     rec.update(env or environment())
 
+    backend, mma = split_backend(backend)
     dev = device_for(backend)
     if dev is None:
         rec.update(status="skipped", device=None,
@@ -222,7 +237,8 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
     structs = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
     try:
-        lowered = jax.jit(function(problem, op, backend, pass_)).lower(*structs)
+        with config.fused_config(mma=mma):  # read when the function is traced
+            lowered = jax.jit(function(problem, op, backend, pass_)).lower(*structs)
     except (ValueError, TypeError) as e:  # jax_natten refuses: the backend can't serve this
         rec.update(status="skipped", note=str(e).strip().splitlines()[0][:400])
         return rec

@@ -1,0 +1,169 @@
+// Hopper warpgroup MMA (wgmma, sm_90a only) primitives for the fused kernels: a warpgroup (4
+// consecutive warps) computes D[64 x N] (+)= A[64 x 16] B[16 x N] with A in registers and B in
+// shared memory, described by a 64-bit matrix descriptor. Compiled only where
+// __CUDA_ARCH_FEAT_SM90_ALL is defined; callers guard their use with NATTEN_HAS_WGMMA.
+//
+// Register layouts (PTX ISA, "wgmma .m64nNk16 register fragments"): warp w of the warpgroup holds
+// rows 16 w .. 16 w + 15, and within a warp the A fragment (4 x b32) and the accumulator
+// (d[4 nb + e] for n8 block nb) are laid out exactly as mma.m16n8k16's A and C (natten/mma.cuh):
+// the softmax, masking and P-as-A code of the mma.sync kernels carries over unchanged.
+//
+// Shared-memory layout of B ("core matrix" tiles, no swizzle): an operand tile of R rows and C
+// 16-bit columns is stored as 8 x 8 core matrices of 128 contiguous bytes (8 rows of 16 bytes);
+// element (r, c) lives at ((r / 8) * (C / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8. The same tile
+// serves both majornesses:
+//   K-major B (keys as N, head dim as K: S = q k^T): core matrices adjacent in K are 128 bytes
+//     apart (leading offset), adjacent in N (next 8 keys) C * 16 bytes apart (stride offset);
+//   MN-major B (keys as K, head dim as N: o += p v, "transposed B"): adjacent in N (next 8 head
+//     dims) 128 bytes apart (stride offset), adjacent in K (next 8 keys) C * 16 bytes (leading).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NATTEN_HAS_WGMMA 1
+#else
+#define NATTEN_HAS_WGMMA 0
+#endif
+
+namespace natten {
+namespace gpu {
+
+// Element offset of (r, c) in a core-matrix tile with `cols` 16-bit columns.
+__host__ __device__ __forceinline__ int core_offset(int r, int c, int cols) {
+  return ((r >> 3) * (cols >> 3) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+}
+
+// Matrix descriptor without swizzle: start address, leading and stride byte offsets (16-byte units).
+__device__ __forceinline__ uint64_t smem_desc(const void* p, int lead_bytes, int stride_bytes) {
+  const uint64_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return ((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32);
+}
+
+// The primitives below exist on every target so that kernels templated on the MMA path compile
+// everywhere; off sm_90a they trap (the host never launches a wgmma kernel there).
+__device__ __forceinline__ void wgmma_fence() {
+#if NATTEN_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if NATTEN_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if NATTEN_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Makes this thread's ordinary (and cp.async) shared-memory writes visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() {
+#if NATTEN_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Accumulator operand lists ("+f" of d[0..N/2)) and their asm placeholders.
+#define NATTEN_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define NATTEN_F16(d, i) NATTEN_F4(d, i), NATTEN_F4(d, i + 4), NATTEN_F4(d, i + 8), NATTEN_F4(d, i + 12)
+#define NATTEN_D16                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define NATTEN_D32                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define NATTEN_D64                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, "  \
+  "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, "  \
+  "%55, %56, %57, %58, %59, %60, %61, %62, %63}"
+// d (+)= a b for shape m64nNk16, f32 accumulators, operand type TY ("f16" / "bf16"), A in
+// registers (A: its four placeholders), B by descriptor (placeholder DS), accumulate flag
+// (placeholder SC; 0: d = a b), transpose-B immediate (placeholder TR).
+#define NATTEN_WGMMA(N, TY, DREGS, A, DS, SC, TR)                                              \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" SC ", 0;\n"                                             \
+  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " DREGS ", " A ", %" DS          \
+  ", p, 1, 1, %" TR ";\n}\n"
+
+#define NATTEN_WGMMA_SS(TY)                                                                 \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                               \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " NATTEN_D32 ", %32, %33, p, 1, 1, "  \
+  "0, 0;\n}\n"
+
+// d[N / 2] (+)= a[64 x 16] b[16 x N] for one warpgroup; TRANS = 1: B is MN-major (see above).
+template <typename T, int N, int TRANS>
+__device__ __forceinline__ void wgmma_rs(float* d, const unsigned (&a)[4], uint64_t desc,
+                                         int accumulate) {
+#if NATTEN_HAS_WGMMA
+  constexpr bool kHalf = std::is_same<T, __half>::value;
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_rs: N is 32, 64 or 128");
+  if constexpr (N == 32) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA("32", "f16", NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22")
+                   : NATTEN_F16(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+    else
+      asm volatile(NATTEN_WGMMA("32", "bf16", NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22")
+                   : NATTEN_F16(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+  } else if constexpr (N == 64) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA("64", "f16", NATTEN_D32, "{%32, %33, %34, %35}", "36", "37", "38")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+    else
+      asm volatile(NATTEN_WGMMA("64", "bf16", NATTEN_D32, "{%32, %33, %34, %35}", "36", "37", "38")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+  } else {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA("128", "f16", NATTEN_D64, "{%64, %65, %66, %67}", "68", "69", "70")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+    else
+      asm volatile(NATTEN_WGMMA("128", "bf16", NATTEN_D64, "{%64, %65, %66, %67}", "68", "69", "70")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+  }
+#endif
+}
+
+// d[32] (+)= a[64 x 16] b[16 x 64] with both operands K-major in shared memory (q k^T).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss64(float* d, uint64_t a_desc, uint64_t b_desc,
+                                          int accumulate) {
+#if NATTEN_HAS_WGMMA
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile(NATTEN_WGMMA_SS("f16") : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                 : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  else
+    asm volatile(NATTEN_WGMMA_SS("bf16") : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                 : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#endif
+}
+
+#undef NATTEN_WGMMA_SS
+#undef NATTEN_WGMMA
+#undef NATTEN_D16
+#undef NATTEN_D32
+#undef NATTEN_D64
+#undef NATTEN_F16
+#undef NATTEN_F4
+
+}  // namespace gpu
+}  // namespace natten
