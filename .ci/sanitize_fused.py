@@ -1,7 +1,8 @@
 """Small fused-attention problems of every rank, forward and backward, for compute-sanitizer
 (memcheck and racecheck; run by `.ci/gpu-run` with SANITIZE=1). Each case mixes the features that
 change the kernels' paths: borders, even/odd kernels, stride, dilation, causal, GQA, rpb and
-additional keys/values; head dims 32 / 64 / 128 pick the three head-dim tiles."""
+additional keys/values; head dims 32 / 64 / 128 pick the three head-dim tiles. Every case runs in
+bfloat16 on both MMA families this GPU has (wgmma and mma.sync on Hopper) and in float32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +19,18 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
 ]
 
 
+def variants():
+    """(dtype, mma) pairs to run: bf16 on each MMA family of this GPU, then float32."""
+    hopper = jax.devices("gpu")[0].compute_capability.startswith("9.")
+    return ([(jnp.bfloat16, "wgmma")] if hopper else []) + [(jnp.bfloat16, "mma_sync"),
+                                                            (jnp.float32, "auto")]
+
+
 def main():
     rng = np.random.default_rng(0)
-    for rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add in CASES:
-        draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    for (rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add), (dtype, mma) in (
+            (case, v) for case in CASES for v in variants()):
+        draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
         x = dict(query=draw(2, *spatial, h, dim), key=draw(2, *spatial, kvh, dim),
                  value=draw(2, *spatial, kvh, dim_v))
         if rpb:
@@ -33,10 +42,12 @@ def main():
         f = getattr(jax_natten, f"na{rank}d")
         loss = lambda x: jnp.sum(f(**x, kernel_size=k, stride=s, dilation=d, is_causal=c,
                                    backend="fused").astype(jnp.float32) ** 2)
-        value, grads = jax.jit(jax.value_and_grad(loss))(x)
+        with jax_natten.fused_config(mma=mma):
+            value, grads = jax.jit(jax.value_and_grad(loss))(x)
         assert np.isfinite(float(value)) and all(
             bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-        print(f"ok rank {rank} {spatial} k{k} D{dim}/{dim_v}", flush=True)
+        print(f"ok rank {rank} {spatial} k{k} D{dim}/{dim_v} {jnp.dtype(dtype).name} {mma}",
+              flush=True)
 
 
 if __name__ == "__main__":

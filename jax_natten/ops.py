@@ -29,7 +29,7 @@ def _on_gpu() -> bool:
 _HEAD_DIM_MULTIPLE = {"gemm": 8, "fused": 8}
 _HEAD_DIM_MAX = {"fused": 128}
 # The fused kernels run float16 / bfloat16 on tensor cores and float32 at full precision on the
-# CUDA cores (cuda/fna/simt_f32.cu).
+# CUDA cores (cuda/fna/simt_f32.cu); the default sends float32 to "gemm" (resolve_backend).
 _FUSED_MAX_HEADS = 65535
 
 
@@ -55,9 +55,13 @@ def resolve_backend(backend, op: str, dtype, head_dims: tuple) -> str:
     """The backend that serves a call: the user's choice (checked), or the best available one.
     `head_dims`: the head dims the op's kernels see (D and D_v; D for qk; D_v for av)."""
     if backend is None:
-        if _on_gpu():
-            prefs = ("fused", "gemm", "reference") if op == "attention" else \
-                ("gemm", "naive", "reference")
+        if _on_gpu() and op == "attention":
+            # float32: the GEMM kernels are faster on all but small windows (BENCHMARKS.md); the
+            # fused float32 kernels need no [N, prod(kernel)] temporaries (backend="fused").
+            f32 = jnp.dtype(dtype) == jnp.float32
+            prefs = ("gemm", "fused", "reference") if f32 else ("fused", "gemm", "reference")
+        elif _on_gpu():
+            prefs = ("gemm", "naive", "reference")
         else:
             prefs = ("cpu", "reference")
         return next(b for b in prefs if _unsupported(b, op, dtype, head_dims) is None)

@@ -35,7 +35,7 @@ __global__ void fna_delta_kernel(const T* o, const T* d_o, const float* dlse, fl
 // MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward). kWg: wgmma on
 // core-matrix tiles (Hopper), else mma.sync (forward.cu explains both).
 template <typename T, int DT, int MT, bool kWg>
-__global__ void __launch_bounds__(kThreads, 2) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -241,7 +241,7 @@ ffi::Error launch_delta(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p,
 
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  constexpr int kMT = dq_m_tiles(DT);
+  constexpr int kMT = dq_m_tiles(DT, kWg);
   static const cudaError_t attr = cudaFuncSetAttribute(
       fna_dq_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDqSmem);
   if (attr != cudaSuccess) return launch_error("fna backward dq (shared memory)", attr);

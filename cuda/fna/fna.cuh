@@ -627,11 +627,6 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float 
   }
 }
 
-// CTAs per SM the forward's register budget is sized for (__launch_bounds__): small head dims
-// leave room for a third CTA, which hides the load latency of the short walks of small windows.
-// (The backward kernels hold more score tiles and keep 2: fewer would spill.)
-constexpr int min_ctas(int dt, int mt) { return dt * mt <= 64 ? 3 : 2; }
-
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
 // q (64 mt rows), 2 x (k, v), windows; wgmma tiles have no row padding.

@@ -14,7 +14,7 @@ namespace {
 // from padded tiles; warp w owns rows 16 MT w ..). Masking and softmax are the same code: both
 // leave a warp's scores in the mma.m16n8k16 C layout.
 template <typename T, int DT, int MT, bool kWg>
-__global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = kWg ? DT : DT + 8;  // elements per tile row (core matrices: no padding)
   constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(DT, MT)) fna_fwd_kernel(con
 
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  constexpr int kMT = fwd_m_tiles(DT);
+  constexpr int kMT = fwd_m_tiles(DT, kWg);
   constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT, kWg);
   static const cudaError_t attr = cudaFuncSetAttribute(
       fna_fwd_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

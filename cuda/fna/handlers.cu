@@ -145,7 +145,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (f32)
     NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, f32_tile_log(dt), tiling, f32_tile_log(dt)));
   else
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt), tiling));
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt, wgmma), tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
   if (f32) a.add_tiles = ceil_div(a.S, f32_tile_rows(dt));
@@ -186,7 +186,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   // (float32: both f32_tile_rows(dt)).
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
-  const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt);
+  const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
   const int kv_log = f32 ? f32_tile_log(dt) : kTileLog;
   Tiling dq_tiling, kv_tiling;
   NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, kv_log));
@@ -196,7 +196,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
   if (f32) dq_args.add_tiles = kv_args.add_tiles = ceil_div(p.additional, f32_tile_rows(dt));
   const int dq_bytes =
-      f32 ? 4 * f32_tile_rows(dt) * (dt + 8) * 4 : dq_smem(dt, 2, dq_m_tiles(dt), wgmma);
+      f32 ? 4 * f32_tile_rows(dt) * (dt + 8) * 4 : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
   dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
   dq_args.skip_drpb = deterministic != 0;
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));

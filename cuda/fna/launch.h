@@ -24,13 +24,23 @@ constexpr int kMaxHeadDim = 128;
 // Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
 constexpr int kMaxDqSmem = 160 * 1024;
 
-// m16 tiles per warp of the forward kernel: its query tiles hold 64 * fwd_m_tiles tokens (the
-// backward kernels take one: 64-token query tiles).
-constexpr int fwd_m_tiles_log(int dt) { return dt <= 128 ? 1 : 0; }
-constexpr int fwd_m_tiles(int dt) { return 1 << fwd_m_tiles_log(dt); }
+// m16 tiles per warp of the forward kernel: its query tiles hold 64 * fwd_m_tiles tokens. mma.sync
+// takes two (every B fragment loaded from shared memory feeds two products); wgmma reads B from
+// shared memory itself, so one m64 block per warpgroup is as cheap per flop and needs half the
+// registers: 4 CTAs per SM instead of 2 at D <= 64, more warps to hide latency with.
+constexpr int fwd_m_tiles_log(int dt, bool wg) { return wg ? 0 : (dt <= 128 ? 1 : 0); }
+constexpr int fwd_m_tiles(int dt, bool wg) { return 1 << fwd_m_tiles_log(dt, wg); }
 // The same for the dq kernel, which holds two more score tiles (dP, dS) per m16 tile.
-constexpr int dq_m_tiles_log(int dt) { return dt <= 64 ? 1 : 0; }
-constexpr int dq_m_tiles(int dt) { return 1 << dq_m_tiles_log(dt); }
+constexpr int dq_m_tiles_log(int dt, bool wg) { return wg ? 0 : (dt <= 64 ? 1 : 0); }
+constexpr int dq_m_tiles(int dt, bool wg) { return 1 << dq_m_tiles_log(dt, wg); }
+
+// CTAs per SM each kernel's register budget is sized for (__launch_bounds__). mma.sync forward:
+// small head dims leave room for a third CTA; wgmma kernels hold no B fragments in registers. (The
+// dk/dv kernels keep 2: at 3 they spill.)
+constexpr int fwd_min_ctas(int dt, int mt, bool wg) {
+  return wg ? (dt <= 64 ? 4 : 2) : (dt * mt <= 64 ? 3 : 2);
+}
+constexpr int dq_min_ctas(int dt, bool wg) { return wg && dt <= 64 ? 3 : 2; }
 
 inline ffi::Error launch_error(const char* what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal,
