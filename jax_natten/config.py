@@ -13,7 +13,8 @@ kv gradients are always computed without atomics, so they are deterministic in e
 
 `mma` picks the matrix instructions of the float16 / bfloat16 kernels (forward and backward):
 "auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs
-when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere; "mma_sync"
+when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere, except for the
+forward of 1-D problems, which measured faster on mma.sync (BENCHMARKS.md); "mma_sync"
 forces the latter everywhere; "wgmma" requires the former (the call fails with an error on other
 GPUs). float32 runs on the CUDA cores either way.
 
