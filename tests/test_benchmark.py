@@ -93,6 +93,9 @@ def test_cli_bad_arguments(capsys):
     assert e.value.code == 2 and "kernel_size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--backends", "warp"])
+    for bad in ("fused/tensor", "gemm/wgmma"):  # MMA families pin the fused backend only
+        with pytest.raises(SystemExit):
+            cli.main(["--backends", bad])
     with pytest.raises(SystemExit):
         cli.main(["--problems", "no-such-problem"])
     with pytest.raises(SystemExit):
@@ -104,6 +107,13 @@ def test_cli_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(TINY + ["--backends", "reference", "--plot", str(tmp_path / "x.png")])
     assert e.value.code == 2 and "matplotlib" in capsys.readouterr().err
+
+
+def test_backend_names_pin_mma_families():
+    assert runner.split_backend("fused/mma_sync") == ("fused", "mma_sync")
+    assert runner.split_backend("gemm") == ("gemm", "auto")
+    assert all(runner.known_backend(b) for b in ("fused", "fused/wgmma", "fused/auto", "cpu"))
+    assert not any(runner.known_backend(b) for b in ("fused/x", "gemm/mma_sync", "warp"))
 
 
 def test_builtin_problems_are_valid():

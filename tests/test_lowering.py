@@ -59,3 +59,22 @@ def test_qk_av_lower_to_custom_calls(backend, platform):
     gav = jax.grad(lambda w, v: jnp.sum(av(w, v).astype(jnp.float32)), argnums=(0, 1))
     assert f"natten_{backend}_qk_bwd" in _hlo(gqk, platform, Q, KV)
     assert f"natten_{backend}_av_bwd" in _hlo(gav, platform, w, KV)
+
+
+@pytest.mark.parametrize("mma, code", [("auto", 0), ("mma_sync", 1), ("wgmma", 2)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_fused_settings_reach_the_custom_calls(mma, code, dtype):
+    """fused_config's MMA family and tiles become attributes of both fused custom calls, in every
+    dtype the fused kernels take (float32 included)."""
+    _require("fused")
+    q = Q.astype(dtype)
+    f = lambda q: jax_natten.na2d(q, q, q, 3, backend="fused")
+    with jax_natten.fused_config(mma=mma, q_tile=(8, 8), deterministic=True):
+        fwd = _hlo(f, "cuda", q)
+        bwd = _hlo(jax.grad(lambda q: jnp.sum(f(q).astype(jnp.float32))), "cuda", q)
+    for hlo, target in ((fwd, "natten_fused_fna_fwd"), (bwd, "natten_fused_fna_bwd")):
+        call = next(line for line in hlo.splitlines() if target in line)
+        assert f"mma = {code} : i64" in call, call
+        assert "q_tile = dense<[1, 8, 8]>" in call, call
+    assert "deterministic = 1 : i64" in next(line for line in bwd.splitlines()
+                                             if "natten_fused_fna_bwd" in line)
