@@ -5,11 +5,13 @@
 
 `q_tile` / `kv_tile`: the query tile and key tile of the FNA kernels, one power-of-two extent per
 spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at most 128 tokens
-(the backward kernels split a 128-token tile in two along its longest axis), key tiles at most 64.
-`None` (the default) lets the kernels choose: they count the (query tile, key tile) pairs each
-candidate shape would visit on the problem at hand and take the fewest. `deterministic=True` makes the rpb gradient bit-reproducible
-(per-tile partial sums reduced in a fixed order instead of atomics); dq, dk, dv and the additional
-kv gradients are always computed without atomics, so they are deterministic in every mode.
+(kernels with smaller tiles, the backward, wgmma and float32 ones, halve a larger tile along its
+longest axis until it fits), key tiles at most 64 (a smaller key tile grows along its first axis
+to the kernel's full tile). `None` (the default) lets the kernels choose: they count the (query
+tile, key tile) pairs each candidate shape would visit on the problem at hand and take the fewest.
+`deterministic=True` makes the rpb gradient bit-reproducible (per-tile partial sums reduced in a
+fixed order instead of atomics); dq, dk, dv and the additional kv gradients are always computed
+without atomics, so they are deterministic in every mode.
 
 `mma` picks the matrix instructions of the float16 / bfloat16 kernels (forward and backward):
 "auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs
