@@ -119,15 +119,8 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      int off[3], qc[3];
-      tile_offsets(frag_row(mt, i), a.qlog, off);
-      bool ok = true;
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        qc[ax] = qb.lo[ax] + off[ax];
-        ok = ok && qc[ax] < qb.hi[ax];
-      }
-      grow[mt][i] = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+      int qc[3];
+      const bool ok = query_row_at(a, qb, frag_row(mt, i), row0, h, qc, grow[mt][i]);
       lse2[mt][i] = ok ? p.lse[grow[mt][i]] * kLog2e : 0.f;
       delta[mt][i] = ok ? p.delta[grow[mt][i]] : 0.f;
     }

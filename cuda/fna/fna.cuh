@@ -134,6 +134,22 @@ __device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3
   return (static_cast<int64_t>(x) * a.Y + y) * a.Z + z;
 }
 
+// Row r of query tile qb: its local coordinates qc and its global row (token * heads + h, tokens
+// counted from batch row row0; -1 outside the problem). Returns whether it is inside.
+__device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb, int r, int64_t row0,
+                                             int h, int (&qc)[3], int64_t& row) {
+  int off[3];
+  tile_offsets(r, a.qlog, off);
+  bool ok = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    qc[ax] = qb.lo[ax] + off[ax];
+    ok = ok && qc[ax] < qb.hi[ax];
+  }
+  row = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+  return ok;
+}
+
 __device__ __forceinline__ int win_start(const AxisParams& p, int lg, int i) {
   return window_start(i, lg, p.kernel, p.stride, p.causal);
 }

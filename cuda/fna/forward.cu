@@ -247,15 +247,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     int64_t rows[2];  // global row index (token * heads + h), -1 outside the problem
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      int off[3], qc[3];
-      tile_offsets(frag_row(mt, i), a.qlog, off);
-      bool ok = true;
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        qc[ax] = qb.lo[ax] + off[ax];
-        ok = ok && qc[ax] < qb.hi[ax];
-      }
-      rows[i] = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+      int qc[3];
+      query_row_at(a, qb, frag_row(mt, i), row0, h, qc, rows[i]);
     }
     store_rows<T, DT>(acc[mt], inv[0], inv[1],
                       [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },

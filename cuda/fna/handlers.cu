@@ -102,9 +102,11 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
     a.q_tiles *= a.q_units[ax];
     a.kv_tiles *= a.kv_units[ax];
   }
-  if (a.q_tiles + ceil_div(a.S, kRows) >= (int64_t{1} << 31) || a.kv_tiles >= (int64_t{1} << 31))
+  // Tiles of additional keys hold as many keys as a key tile (choose_tiling fills key tiles to the
+  // kernel's tile size: 64 tokens, or 2^f32_tile_log for float32).
+  a.add_tiles = ceil_div(a.S, 1 << (t.kvlog[0] + t.kvlog[1] + t.kvlog[2]));
+  if (a.q_tiles + a.add_tiles >= (int64_t{1} << 31) || a.kv_tiles >= (int64_t{1} << 31))
     return invalid("problem too large for the fused kernels' grid");
-  a.add_tiles = ceil_div(a.S, kRows);
   a.batch0 = 0;
   a.drpb_in_smem = 0;
   a.skip_drpb = 0;
@@ -154,7 +156,6 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt, wgmma), tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
-  if (f32) a.add_tiles = ceil_div(a.S, f32_tile_rows(dt));
   NATTEN_TRY(poison_outputs(stream, *o, *lse));
   if (B == 0 || p.tokens() == 0) return ok();
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
@@ -189,7 +190,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones
-  // (float32: both f32_tile_rows(dt)).
+  // (float32: both 2^f32_tile_log(dt)).
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
@@ -200,9 +201,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
-  if (f32) dq_args.add_tiles = kv_args.add_tiles = ceil_div(p.additional, f32_tile_rows(dt));
-  const int dq_bytes =
-      f32 ? 4 * f32_tile_rows(dt) * (dt + 8) * 4 : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
+  const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
   dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
   dq_args.skip_drpb = deterministic != 0;
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));

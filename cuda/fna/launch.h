@@ -81,10 +81,10 @@ ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool
 ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                                 const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 
-// float32 (simt_f32.cu): query and key tiles of f32_tile_rows(dt) = 2^f32_tile_log(dt) tokens
-// (a.add_tiles counts tiles of that many additional keys).
+// float32 (simt_f32.cu): query and key tiles of 2^f32_tile_log(dt) tokens; the dq kernel's shared
+// memory before its d-rpb table.
 int f32_tile_log(int dt);
-int f32_tile_rows(int dt);
+int f32_dq_smem(int dt);
 ffi::Error launch_forward_f32(cudaStream_t stream, int dt, const FnaArgs& a, const FnaPtrs& p,
                               int64_t batch);
 // dq (+ d-rpb) with dq_args, then dk / dv with kv_args (the delta kernel ran before).

@@ -471,10 +471,25 @@ ffi::Error by_tile(int dt, F&& f) {
   }
 }
 
+// Host-side values of the shape that serves head-dim tile dt (32, 64 or 128).
+template <typename F>
+int f32_shape_value(int dt, F&& f) {
+  return dt <= 32 ? f(std::integral_constant<int, 32>{})
+                  : dt <= 64 ? f(std::integral_constant<int, 64>{})
+                             : f(std::integral_constant<int, 128>{});
+}
+
 }  // namespace
 
-int f32_tile_log(int dt) { return dt >= 128 ? 5 : 6; }
-int f32_tile_rows(int dt) { return 1 << f32_tile_log(dt); }
+int f32_tile_log(int dt) {
+  const int rows = f32_shape_value(dt, [](auto d) { return F32Shape<decltype(d)::value>::kRowsTile; });
+  int log = 0;
+  while ((1 << log) < rows) ++log;
+  return log;
+}
+int f32_dq_smem(int dt) {
+  return f32_shape_value(dt, [](auto d) { return f32_smem<decltype(d)::value>(false); });
+}
 
 ffi::Error launch_forward_f32(cudaStream_t stream, int dt, const FnaArgs& a, const FnaPtrs& p,
                               int64_t batch) {
