@@ -45,8 +45,7 @@ MMA_CODES = {"auto": 0, "mma_sync": 1, "wgmma": 2}
 
 _CURRENT = contextvars.ContextVar("jax_natten_fused_config", default=FusedConfig())
 
-# Query tiles of the forward kernel hold up to 128 tokens (the backward kernels split them in two);
-# key tiles up to 64.
+# Query tiles hold up to 128 tokens (kernels with smaller tiles halve them); key tiles up to 64.
 MAX_TILE_TOKENS = {"q_tile": 128, "kv_tile": 64}
 
 

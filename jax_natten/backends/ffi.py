@@ -52,9 +52,10 @@ def _attrs(params, scale=None, tuning=None) -> dict:
                  is_causal=np.asarray(params.is_causal, np.int64))
     if scale is not None:
         attrs["scale"] = np.float32(scale)
-    if tuning is not None:  # fused kernels: (q_tile, kv_tile) padded to 3 extents (0s: choose)
+    if tuning is not None:  # fused kernels: config.tuning (tiles padded to 3 extents, 0s: choose)
         attrs["q_tile"] = np.asarray(tuning[0], np.int64)
         attrs["kv_tile"] = np.asarray(tuning[1], np.int64)
+        attrs["mma"] = np.int64(tuning[3])
     return attrs
 
 
@@ -110,11 +111,8 @@ def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning=None)
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k, add_v = _additional(q, k, v, add_k, add_v)
     outs = [(q.shape[:-1] + (v.shape[-1],), q.dtype, True), (q.shape[:-1], jnp.float32, True)]
-    attrs = _attrs(params, scale, tuning)
-    if tuning is not None:
-        attrs["mma"] = np.int64(tuning[3])
     o, lse = _call(f"natten_{backend}_fna_fwd", outs, (q, k, v, rpb, add_k, add_v),
-                   (True, True, True, False, True, True), attrs)
+                   (True, True, True, False, True, True), _attrs(params, scale, tuning))
     return o, lse
 
 
@@ -135,7 +133,6 @@ def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, 
     attrs = _attrs(params, scale, tuning)
     if tuning is not None:
         outs.append((lse.shape, jnp.float32, True))  # delta workspace
-        attrs["mma"] = np.int64(tuning[3])
         attrs["deterministic"] = np.int64(bool(tuning[2]))
     dq, dk, dv, drpb, dak, dav, *_ = _call(
         f"natten_{backend}_fna_bwd", outs, args,
