@@ -45,10 +45,11 @@ _AK, _AV = ("b", "s", "kv", "d"), ("b", "s", "kv", "e")
 
 LAYOUTS = {  # op -> (operand labels, result labels)
     "fna_fwd": ((_Q, _K, _V, _RPB, _AK, _AV), (_O, _LSE)),
-    # The fused backward has a 7th result, its delta workspace (shape of lse); results are zipped
-    # with these labels, so the 6-result host op simply uses the first six.
+    # The fused backward has two more results, its workspaces: delta (shape of lse) and the
+    # float32 dq accumulator (shape of q); results are zipped with these labels, so the 6-result
+    # host op simply uses the first six.
     "fna_bwd": ((_Q, _K, _V, _RPB, _AK, _AV, _O, _LSE, _O, _LSE),
-                (_Q, _K, _V, _DRPB, _AK, _AV, _LSE)),
+                (_Q, _K, _V, _DRPB, _AK, _AV, _LSE, _Q)),
     "qk_fwd": ((_Q, _K, _RPB, _AK), (_W,)),
     "qk_bwd": ((_Q, _K, _AK, _W), (_Q, _K, _DRPB, _AK)),
     "av_fwd": ((_W, _V, _AV), (_O,)),

@@ -111,7 +111,8 @@ def test_cli_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
 
 def test_backend_names_pin_mma_families():
     assert runner.split_backend("fused/mma_sync") == ("fused", "mma_sync")
-    assert runner.split_backend("gemm") == ("gemm", "auto")
+    assert runner.split_backend("gemm") == ("gemm", "")
+    assert runner.known_backend("fused/deterministic") and not runner.known_backend("gemm/wgmma")
     assert all(runner.known_backend(b) for b in ("fused", "fused/wgmma", "fused/auto", "cpu"))
     assert not any(runner.known_backend(b) for b in ("fused/x", "gemm/mma_sync", "warp"))
 

@@ -1,4 +1,4 @@
-// FNA backward, query side (fna.cuh): delta = rowsum(do * o) - dlse, then per query tile the
+// FNA backward, query side (fna.cuh; deterministic mode and mma.sync): per query tile the
 // forward's walk over key tiles recomputing P = exp(logits - lse), dS = P (do.v - delta),
 // dq = scale * dS k, and d-rpb = sum of dS per relative offset.
 #include "fna.cuh"
@@ -8,29 +8,6 @@ namespace natten {
 namespace gpu {
 namespace fna {
 namespace {
-
-// One thread per query row (B * N * H rows of Dv elements; Dv is a multiple of 8, so rows split
-// into 16-byte vectors).
-template <typename T>
-__global__ void fna_delta_kernel(const T* o, const T* d_o, const float* dlse, float* delta,
-                                 int64_t rows, int dim_v) {
-  constexpr int kVec = 16 / sizeof(T);
-  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows;
-       r += int64_t{gridDim.x} * blockDim.x) {
-    const T* a = o + r * dim_v;
-    const T* b = d_o + r * dim_v;
-    float sum = 0.f;
-    for (int c = 0; c < dim_v; c += kVec) {
-      const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c));
-      const uint4 vb = __ldg(reinterpret_cast<const uint4*>(b + c));
-      const T* ea = reinterpret_cast<const T*>(&va);
-      const T* eb = reinterpret_cast<const T*>(&vb);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) sum += static_cast<float>(ea[e]) * static_cast<float>(eb[e]);
-    }
-    delta[r] = sum - dlse[r];
-  }
-}
 
 // MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward). kWg: wgmma on
 // core-matrix tiles (Hopper), else mma.sync (forward.cu explains both).
@@ -224,14 +201,6 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
   }
 }
 
-template <typename T>
-ffi::Error launch_delta(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  const int64_t rows = batch * a.tokens * a.heads;
-  fna_delta_kernel<T><<<grid_for(rows, 256), 256, 0, stream>>>(
-      static_cast<const T*>(p.o), static_cast<const T*>(p.d_o), p.dlse, p.delta, rows, a.dim_v);
-  return check_launch("fna backward (delta)");
-}
-
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   constexpr int kMT = dq_m_tiles(DT, kWg);
@@ -245,14 +214,6 @@ ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64
 }
 
 }  // namespace
-
-ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
-                                 const FnaPtrs& p, int64_t batch) {
-  if (t == ffi::DataType::F32) return launch_delta<float>(stream, a, p, batch);
-  return dispatch_tile(t, 32, [&](auto tag, auto) {
-    return launch_delta<typename decltype(tag)::type>(stream, a, p, batch);
-  });
-}
 
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                               const FnaArgs& a, const FnaPtrs& p, int64_t batch) {

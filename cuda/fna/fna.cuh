@@ -17,15 +17,21 @@
 //   backward  fna_delta_kernel: delta = rowsum(do * o) - dlse, one f32 per query row.
 //             fna_dq_kernel: the forward's walk again; recomputes P = exp(logits - lse), then
 //             dS = P (do.v - delta), dq = scale * dS k, and accumulates d-rpb.
-//             fna_dkdv_kernel: one CTA per (key tile, kv head, batch) walks the inverse box
-//             (queries whose windows hold any key of the tile: [first(lo), last(hi - 1)] per
-//             axis, window.h) in query tiles, for every query head of the kv head (GQA: no
-//             repeated kv), accumulating dk = scale * dS^T q and dv = P^T do in registers.
-//             CTAs past the spatial key tiles own tiles of additional keys and walk every query.
-//   dq and dk / dv are computed by separate kernels: no atomics, deterministic. d-rpb is summed
-//   in shared memory per CTA and added to the output with one atomic per entry and CTA, so its
-//   last bits depend on the order the CTAs run in; in deterministic mode the kernels skip it and
-//   the Python layer computes it from the unfused kernels' fixed-order reductions (ops.py).
+//             fna_bwd_kernel (backward.cu): one CTA per (key tile, kv head, batch) walks the
+//             inverse box (queries whose windows hold any key of the tile: [first(lo),
+//             last(hi - 1)] per axis, window.h) in query tiles, for every query head of the kv
+//             head (GQA: no repeated kv), accumulating dk = scale * dS^T q and dv = P^T do in
+//             registers. CTAs past the spatial key tiles own tiles of additional keys and walk
+//             every query.
+//   Two schedules. Default on Hopper: fna_bwd_kernel<kDq> alone also forms dq = dS k per step
+//   and adds it to a float32 workspace with the copy engine (bulk reduce-add), plus d-rpb; a
+//   convert kernel then writes dq. The adds land in any order (last bits vary run to run).
+//   Deterministic mode and mma.sync (sm_80): fna_dq_kernel (backward_dq.cu) walks the forward's
+//   key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk / dv only: no
+//   atomics on dq. d-rpb is summed in shared memory per CTA and added to the output with one
+//   atomic per entry and CTA, so its last bits depend on the order the CTAs run in; in
+//   deterministic mode the kernels skip it and the Python layer computes it from the unfused
+//   kernels' fixed-order reductions (ops.py).
 //
 // ---- Inside a CTA ------------------------------------------------------------------------------
 // 4 warps; warp w owns MT m16 tiles, rows 16 MT w .. 16 MT (w + 1) - 1 of the CTA's 64 MT (queries;
@@ -93,6 +99,7 @@ struct FnaPtrs {
   const float *rpb, *lse, *dlse;
   void *out, *dq, *dk, *dv, *dadd_k, *dadd_v;
   float *out_lse, *delta, *drpb;
+  float* dq_acc;  // float32 dq workspace of the single-walk backward (shape of dq), or null
 };
 
 // ---- tile geometry -------------------------------------------------------------------------------
@@ -653,8 +660,14 @@ constexpr int fwd_smem(int dt, int elem, int mt, bool wg) {
 constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
   return (2 * mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 6 * 4;
 }
-constexpr int dkdv_smem(int dt, int elem, bool wg) {  // k, v, 2 x (q, do), 2 x (lse, delta)
-  return 6 * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + 4 * kRows * 4;
+// Floats per row of the backward's float32 dq staging tile (rows stay 16-byte aligned; the pad
+// spreads a warp's fragment stores over the banks).
+template <int DT>
+constexpr int kDqLd = DT + 8;
+// k, v, 2 x (q, do), 2 x (lse, delta); with dq: + dS^T (64 x 64) and the float32 dq rows.
+constexpr int bwd_smem(int dt, int elem, bool wg, bool dq) {
+  return 6 * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + 4 * kRows * 4 +
+         (dq ? kRows * kRows * elem + kRows * (dt + 8) * 4 : 0);
 }
 
 }  // namespace fna

@@ -1,7 +1,8 @@
 // The FFI handlers of backend="fused": natten_fused_fna_{fwd,bwd} (contract: cuda/README.md).
 //   fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse
 //   fna_bwd: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v,
-//            delta (workspace: f32, shape of lse; the caller discards it)
+//            delta (workspace: f32, shape of lse), dq_acc (workspace: f32, shape of dq; the
+//            caller discards both)
 // Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
 // tiling.h), `mma` (int64: 0 auto, 1 mma.sync, 2 wgmma; float32 runs neither) and for the
 // backward `deterministic` (int64 0/1).
@@ -175,9 +176,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> drpb,
                     ffi::Result<ffi::AnyBuffer> dadd_k, ffi::Result<ffi::AnyBuffer> dadd_v,
-                    ffi::Result<ffi::AnyBuffer> delta, I64Span kernel_size, I64Span stride,
-                    I64Span dilation, I64Span is_causal, float scale, I64Span q_tile,
-                    I64Span kv_tile, int64_t mma, int64_t deterministic) {
+                    ffi::Result<ffi::AnyBuffer> delta, ffi::Result<ffi::AnyBuffer> dq_acc,
+                    I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal,
+                    float scale, I64Span q_tile, I64Span kv_tile, int64_t mma,
+                    int64_t deterministic) {
   Problem p;
   NATTEN_TRY(check_fna_bwd(p, q, k, v, rpb, add_k, add_v, o, lse, d_o, dlse, *dq, *dk, *dv, *drpb,
                            *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
@@ -185,28 +187,38 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const ffi::DataType t = q.element_type();
   NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32,
                         {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
+  NATTEN_TRY(check_like("dq workspace", *dq_acc, ffi::DataType::F32,
+                        {B, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
   NATTEN_TRY(check_dtype(t));
   const bool f32 = t == ffi::DataType::F32;
   int dt = 0;
   NATTEN_TRY(head_dim_tile(p, dt));
-  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the dk/dv kernel 64-token ones
-  // (float32: both 2^f32_tile_log(dt)).
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
+  // Schedule (fna.cuh): on Hopper one walk over key tiles forms dk, dv and dq (float32 adds in
+  // any order); deterministic mode, mma.sync and float32 run a dq kernel and a dk/dv kernel.
+  const bool single_walk = wgmma && deterministic == 0;
+  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
+  // (float32: both 2^f32_tile_log(dt)).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
   const int kv_log = f32 ? f32_tile_log(dt) : kTileLog;
   Tiling dq_tiling, kv_tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, kv_log));
   NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kv_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
-  NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
-  const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
-  dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
-  dq_args.skip_drpb = deterministic != 0;
-  NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta));
+  if (single_walk) {
+    const int bytes = bwd_smem(dt, 2, true, true);
+    kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
+  } else {
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, kv_log));
+    NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
+    const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
+    dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
+    dq_args.skip_drpb = deterministic != 0;
+  }
+  NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta, *dq_acc));
   if (B == 0 || p.tokens() == 0) return ok();
-  if (p.has_rpb) {  // the dq kernel adds its CTAs' partial sums
+  if (p.has_rpb) {  // the kernels add their CTAs' partial sums
     const cudaError_t e = cudaMemsetAsync(drpb->untyped_data(), 0, drpb->size_bytes(), stream);
     if (e != cudaSuccess) return launch_error("zeroing the rpb gradient", e);
   }
@@ -222,17 +234,23 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   ptr.dadd_v = dadd_v->untyped_data();
   ptr.drpb = p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr;
   ptr.delta = static_cast<float*>(delta->untyped_data());
-  NATTEN_TRY(launch_backward_delta(stream, t, dq_args, ptr, B));
+  ptr.dq_acc = static_cast<float*>(dq_acc->untyped_data());
+  if (single_walk) {
+    const cudaError_t e = cudaMemsetAsync(ptr.dq_acc, 0, dq_acc->size_bytes(), stream);
+    if (e != cudaSuccess) return launch_error("zeroing the dq workspace", e);
+  }
+  NATTEN_TRY(launch_backward_delta(stream, t, kv_args, ptr, B));
   for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {  // grid.z holds <= 65535 elements
     const int64_t n = std::min<int64_t>(kMaxGridY, B - b0);
     dq_args.batch0 = kv_args.batch0 = static_cast<int>(b0);
     if (f32) {
       NATTEN_TRY(launch_backward_f32(stream, dt, dq_args, kv_args, ptr, n));
     } else {
-      NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
-      NATTEN_TRY(launch_backward_dkdv(stream, t, dt, wgmma, kv_args, ptr, n));
+      if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
+      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, single_walk, kv_args, ptr, n));
     }
   }
+  if (single_walk) NATTEN_TRY(launch_backward_dq_convert(stream, t, kv_args, ptr, B));
   return ok();
 }
 
@@ -252,6 +270,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd,
                               NATTEN_FUSED_BIND(6, 2).Attr<int64_t>("mma"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaBwd, natten::gpu::fna::FusedBwd,
-                              NATTEN_FUSED_BIND(10, 7).Attr<int64_t>("mma")
+                              NATTEN_FUSED_BIND(10, 8).Attr<int64_t>("mma")
                                   .Attr<int64_t>("deterministic"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

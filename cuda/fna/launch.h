@@ -23,6 +23,8 @@ constexpr int kHeadDimTiles[] = {32, 64, 128};
 constexpr int kMaxHeadDim = 128;
 // Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
 constexpr int kMaxDqSmem = 160 * 1024;
+// The same for the key-side backward kernel (its dq variant keeps a d-rpb table too; sm_90 only).
+constexpr int kMaxBwdSmem = 200 * 1024;
 
 // m16 tiles per warp of the forward kernel: its query tiles hold 64 * fwd_m_tiles tokens. mma.sync
 // takes two (every B fragment loaded from shared memory feeds two products); wgmma reads B from
@@ -76,10 +78,14 @@ ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const Fna
 // dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                               const FnaArgs& a, const FnaPtrs& p, int64_t batch);
-// dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...). Grid: (a.kv_tiles + a.add_tiles,
+// dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with `with_dq` (wgmma only) dq
+// into the float32 workspace p.dq_acc (zeroed first) and d-rpb. Grid: (a.kv_tiles + a.add_tiles,
 // kv_heads, batch).
-ffi::Error launch_backward_dkdv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                                const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma, bool with_dq,
+                              const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+// dq = scale * dq_acc, rounded to the dtype, for all `batch` elements.
+ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
+                                      const FnaPtrs& p, int64_t batch);
 
 // float32 (simt_f32.cu): query and key tiles of 2^f32_tile_log(dt) tokens; the dq kernel's shared
 // memory before its d-rpb table.

@@ -120,8 +120,9 @@ def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, 
                  tuning=None):
     """-> dq, dk, dv, drpb (summed over batch; None when absent), dadd_k, dadd_v.
 
-    The fused kernels also take a workspace output (delta = rowsum(do * o) - dlse, f32, shape of
-    lse: handlers allocate nothing) and the `deterministic` attribute."""
+    The fused kernels also take two workspace outputs (handlers allocate nothing): delta =
+    rowsum(do * o) - dlse (f32, shape of lse) and a float32 dq accumulator (shape of q), and the
+    `deterministic` attribute."""
     has_rpb = rpb is not None
     drpb_shape = _drpb_shape(q, rpb)
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
@@ -133,6 +134,7 @@ def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, 
     attrs = _attrs(params, scale, tuning)
     if tuning is not None:
         outs.append((lse.shape, jnp.float32, True))  # delta workspace
+        outs.append((q.shape, jnp.float32, True))  # dq workspace (float32 adds, Hopper schedule)
         attrs["deterministic"] = np.int64(bool(tuning[2]))
     dq, dk, dv, drpb, dak, dav, *_ = _call(
         f"natten_{backend}_fna_bwd", outs, args,

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "host; only the custom problem when --spatial is given")
     g.add_argument("--backends", metavar="NAMES",
                    help=f"comma list of {', '.join(BACKENDS)}, or 'all'; fused/mma_sync and "
-                        "fused/wgmma pin the fused kernels' MMA family. Default: those "
+                        "fused/wgmma pin the fused kernels' MMA family, fused/deterministic "
+                        "runs the deterministic backward. Default: those "
                         "available on this device")
     g.add_argument("--baseline", default="auto", metavar="BACKEND",
                    help="speedups are over this backend: a backend name, 'peer:<name>', or "

@@ -69,16 +69,21 @@ def default_backends() -> list:
     return native + ["reference"]
 
 
+# Variants of the fused backend the CLI takes as 'fused/<variant>' -> their fused_config.
+FUSED_VARIANTS = {"auto": {}, "mma_sync": dict(mma="mma_sync"), "wgmma": dict(mma="wgmma"),
+                  "deterministic": dict(deterministic=True)}
+
+
 def split_backend(backend: str):
-    """'fused/mma_sync' -> ('fused', 'mma_sync'): a backend pinned to one fused MMA family
-    (jax_natten.fused_config(mma=...)); plain names -> (name, 'auto')."""
-    base, _, mma = backend.partition("/")
-    return base, mma or "auto"
+    """'fused/mma_sync' -> ('fused', 'mma_sync'): a backend pinned to one fused configuration
+    (FUSED_VARIANTS: an MMA family, or the deterministic backward); plain names -> (name, '')."""
+    base, _, variant = backend.partition("/")
+    return base, variant
 
 
 def known_backend(backend: str) -> bool:
-    base, mma = split_backend(backend)
-    return base in BACKENDS and (mma == "auto" or (base == "fused" and mma in config.MMA_CODES))
+    base, variant = split_backend(backend)
+    return base in BACKENDS and (not variant or (base == "fused" and variant in FUSED_VARIANTS))
 
 
 def device_for(backend: str):
@@ -224,7 +229,7 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
            "flops": flops, "shape": problem.shape(), "spec": problem.as_dict()}
     rec.update(env or environment())
 
-    backend, mma = split_backend(backend)
+    backend, variant = split_backend(backend)
     dev = device_for(backend)
     if dev is None:
         rec.update(status="skipped", device=None,
@@ -237,7 +242,7 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
     structs = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
     try:
-        with config.fused_config(mma=mma):  # read when the function is traced
+        with config.fused_config(**FUSED_VARIANTS.get(variant, {})):  # read at trace time
             lowered = jax.jit(function(problem, op, backend, pass_)).lower(*structs)
     except (ValueError, TypeError) as e:  # jax_natten refuses: the backend can't serve this
         rec.update(status="skipped", note=str(e).strip().splitlines()[0][:400])

@@ -94,10 +94,11 @@ __device__ __forceinline__ void fence_proxy_async() {
   "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " DREGS ", " A ", %" DS          \
   ", p, 1, 1, %" TR ";\n}\n"
 
-#define NATTEN_WGMMA_SS(TY)                                                                 \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                               \
-  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " NATTEN_D32 ", %32, %33, p, 1, 1, "  \
-  "0, 0;\n}\n"
+// Both operands by descriptor (placeholders AD, BD), transpose immediates TA, TB (1: MN-major).
+#define NATTEN_WGMMA_SS(N, TY, DREGS, AD, BD, SC, TA, TB)                                      \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" SC ", 0;\n"                                             \
+  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " DREGS ", %" AD ", %" BD        \
+  ", p, 1, 1, %" TA ", %" TB ";\n}\n"
 
 // d[N / 2] (+)= a[64 x 16] b[16 x N] for one warpgroup; TRANS = 1: B is MN-major (see above).
 template <typename T, int N, int TRANS>
@@ -143,17 +144,78 @@ __device__ __forceinline__ void wgmma_rs(float* d, const unsigned (&a)[4], uint6
 #endif
 }
 
+// d[N / 2] (+)= a[64 x 16] b[16 x N] with both operands in shared memory; TA / TB = 1: that
+// operand is MN-major (A: M contiguous, i.e. stored as its transpose), else K-major.
+template <typename T, int N, int TA, int TB>
+__device__ __forceinline__ void wgmma_ss(float* d, uint64_t a_desc, uint64_t b_desc,
+                                         int accumulate) {
+#if NATTEN_HAS_WGMMA
+  constexpr bool kHalf = std::is_same<T, __half>::value;
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N is 32, 64 or 128");
+  if constexpr (N == 32) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA_SS("32", "f16", NATTEN_D16, "16", "17", "18", "19", "20")
+                   : NATTEN_F16(d, 0)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    else
+      asm volatile(NATTEN_WGMMA_SS("32", "bf16", NATTEN_D16, "16", "17", "18", "19", "20")
+                   : NATTEN_F16(d, 0)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+  } else if constexpr (N == 64) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA_SS("64", "f16", NATTEN_D32, "32", "33", "34", "35", "36")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    else
+      asm volatile(NATTEN_WGMMA_SS("64", "bf16", NATTEN_D32, "32", "33", "34", "35", "36")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+  } else {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA_SS("128", "f16", NATTEN_D64, "64", "65", "66", "67", "68")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    else
+      asm volatile(NATTEN_WGMMA_SS("128", "bf16", NATTEN_D64, "64", "65", "66", "67", "68")
+                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+  }
+#endif
+}
+
 // d[32] (+)= a[64 x 16] b[16 x 64] with both operands K-major in shared memory (q k^T).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss64(float* d, uint64_t a_desc, uint64_t b_desc,
                                           int accumulate) {
-#if NATTEN_HAS_WGMMA
-  if constexpr (std::is_same<T, __half>::value)
-    asm volatile(NATTEN_WGMMA_SS("f16") : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                 : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-  else
-    asm volatile(NATTEN_WGMMA_SS("bf16") : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                 : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  wgmma_ss<T, 64, 0, 0>(d, a_desc, b_desc, accumulate);
+}
+
+// ---- bulk reduction (sm_90): shared -> global float adds by the copy engine ------------------------
+// Adds `bytes` (a multiple of 16; both addresses 16-byte aligned) of floats at `src` (shared) to
+// `dst` (global); completes asynchronously in this thread's bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(src));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(s), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until this thread's bulk groups have finished reading shared memory (it may be rewritten).
+__device__ __forceinline__ void bulk_wait_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+// Waits until this thread's bulk groups are complete (their global writes done).
+__device__ __forceinline__ void bulk_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
 }
 

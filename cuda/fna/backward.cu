@@ -1,0 +1,371 @@
+// FNA backward, key side (fna.cuh): per key tile and kv head, the walk over the query tiles of
+// its inverse box for every query head of the kv head, accumulating dk = scale * dS^T q and
+// dv = P^T do in registers (rows of the products are keys). CTAs past the spatial key tiles own
+// tiles of additional keys: every query attends to them, so they walk every query tile.
+//
+// With kDq (Hopper only) the same walk also produces dq, so no second kernel recomputes the
+// scores: each step's dS^T goes to shared memory, one more warpgroup MMA forms the step's
+// dq = dS k [64 queries x DT], and the copy engine adds it to a float32 workspace
+// (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
+// afterwards. The adds land in any order, so kDq is the non-deterministic mode.
+#include "fna.cuh"
+#include "launch.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+namespace {
+
+// kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
+// row block of keys either way. kDq: also dq and d-rpb (see above; wgmma only).
+template <typename T, int DT, bool kWg, bool kDq>
+__global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
+  static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
+  constexpr int kLd = kWg ? DT : DT + 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem);
+  T* Vs = Ks + kRows * kLd;
+  T* Qs = Vs + kRows * kLd;        // [2][kRows][kLd]
+  T* Os = Qs + 2 * kRows * kLd;    // do, [2][kRows][kLd]
+  float* Ls = reinterpret_cast<float*>(Os + 2 * kRows * kLd);  // lse, [2][kRows]
+  float* Ds = Ls + 2 * kRows;                                   // delta, [2][kRows]
+  // kDq: dS^T of the step (core-matrix tile, keys x queries), the step's dq rows (float32, padded
+  // rows: conflict-free fragment stores, 16-byte aligned for the bulk copies), then d-rpb.
+  T* Ss = reinterpret_cast<T*>(Ds + 2 * kRows);
+  float* Qacc = reinterpret_cast<float*>(Ss + kRows * kRows);
+  float* drpb_s = Qacc + kRows * kDqLd<DT>;
+
+  const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
+  const bool spatial = blockIdx.x < a.kv_tiles;
+  Box kb;
+  int s0 = 0;
+  if (spatial) {
+    if (!tile_box(a, a.kvlog, a.kv_tpg, a.kv_units, blockIdx.x, kb)) return;  // whole CTA
+  } else {
+    s0 = static_cast<int>(blockIdx.x - a.kv_tiles) * kRows;
+  }
+
+  // Key rows of the tile -> global rows of k / v (or of the additional kv).
+  auto key_row = [&](int r, const T* base, const T* add_base, int dim) -> const T* {
+    if (!spatial) {
+      if (s0 + r >= a.S) return nullptr;
+      return add_base + ((static_cast<int64_t>(b) * a.S + s0 + r) * a.kv_heads + kvh) * dim;
+    }
+    int off[3], l[3];
+    tile_offsets(r, a.kvlog, off);
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      l[ax] = kb.lo[ax] + off[ax];
+      if (l[ax] >= kb.hi[ax]) return nullptr;
+    }
+    return base + ((row0 + token_of(a, kb.grp, l)) * a.kv_heads + kvh) * dim;
+  };
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* add_k = static_cast<const T*>(p.add_k);
+  const T* add_v = static_cast<const T*>(p.add_v);
+  stage_rows<T, DT, kWg>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
+  stage_rows<T, DT, kWg>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
+  cp_async_commit();
+
+  const QueryWalk walk(a, kb, spatial, kvh);
+  QueryWalk::Cursor staged = walk.start(), current = walk.start();
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* d_o = static_cast<const T*>(p.d_o);
+  const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
+  auto stage_queries = [&](int buf) {
+    const QueryTile t = walk.tile(a, staged);
+    staged.next(walk, a);
+    int lim[3];
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
+    const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
+    qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
+    qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
+    for (int r = threadIdx.x; r < kRows; r += kThreads) {
+      int off[3];
+      tile_offsets(r, a.qlog, off);
+      const bool ok = off[0] < lim[0] && off[1] < lim[1] && off[2] < lim[2];
+      int l[3];
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) l[ax] = t.box.lo[ax] + off[ax];
+      const int64_t i = ok ? (row0 + token_of(a, t.box.grp, l)) * a.heads + t.h : 0;
+      cp_async4(Ls + buf * kRows + r, p.lse + i, ok);
+      cp_async4(Ds + buf * kRows + r, p.delta + i, ok);
+    }
+    cp_async_commit();
+  };
+
+  // The thread's two key rows: local coordinates and, per axis, the queries holding them.
+  int kl[2][3], qf[2][3], qn[2][3];
+  bool key_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + (lane >> 2) + 8 * i;
+    if (spatial) {
+      key_ok[i] = key_queries(a, kb, r, kl[i], qf[i], qn[i]);
+    } else {
+      key_ok[i] = s0 + r < a.S;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) kl[i][ax] = qf[i][ax] = qn[i][ax] = 0;
+    }
+  }
+
+  // d-rpb (kDq): summed per query head in shared memory when it fits, flushed with one atomic
+  // per entry whenever the walk moves to the next head; else atomics on the output.
+  const bool want_drpb = kDq && a.R && spatial && !a.skip_drpb;
+  int drpb_h = -1;  // head whose sums drpb_s holds
+  auto drpb_flush = [&]() {
+    __syncthreads();
+    float* g = p.drpb + (static_cast<int64_t>(b) * a.heads + drpb_h) * a.R;
+    for (int i = threadIdx.x; i < a.R; i += kThreads) {
+      if (drpb_s[i] != 0.f) atomicAdd(g + i, drpb_s[i]);
+      drpb_s[i] = 0.f;
+    }
+    __syncthreads();
+  };
+  if (want_drpb && a.drpb_in_smem)
+    for (int i = threadIdx.x; i < a.R; i += kThreads) drpb_s[i] = 0.f;
+
+  float dk1[1][DT / 8][4], dv1[1][DT / 8][4];
+  auto& dk = dk1[0];
+  auto& dv = dv1[0];
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  if (walk.total > 0) stage_queries(0);
+  for (int64_t it = 0; it < walk.total; ++it) {
+    if (it + 1 < walk.total) {
+      stage_queries((it + 1) & 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
+    if constexpr (kDq) {
+      if (threadIdx.x < kRows) bulk_wait_read();  // the last step's dq rows were read out
+    }
+    __syncthreads();
+    const int buf = static_cast<int>(it & 1);
+    const T* qs = Qs + buf * kRows * kLd;
+    const T* os = Os + buf * kRows * kLd;
+    const float* ls = Ls + buf * kRows;
+    const float* ds = Ds + buf * kRows;
+    const QueryTile t = walk.tile(a, current);
+    current.next(walk, a);
+    const float* rpb = a.R && spatial ? p.rpb + static_cast<int64_t>(t.h) * a.R : nullptr;
+    float* drpb = nullptr;
+    if (want_drpb) {
+      if (a.drpb_in_smem) {
+        if (t.h != drpb_h) {  // uniform over the CTA
+          if (drpb_h >= 0) drpb_flush();
+          drpb_h = t.h;
+        }
+        drpb = drpb_s;
+      } else {
+        drpb = p.drpb + (static_cast<int64_t>(b) * a.heads + t.h) * a.R;
+      }
+    }
+
+    // S^T = k q^T and dP^T = v do^T (rows: keys, columns: queries).
+    float s1[1][8][4], dp1[1][8][4];
+    auto& s = s1[0];
+    auto& dp = dp1[0];
+    if constexpr (kWg) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk)
+        wgmma_ss64<T>(&s[0][0], smem_desc(Ks + kk * 128, 128, DT * 16),
+                      smem_desc(qs + kk * 128, 128, DT * 16), kk);
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk)
+        wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
+                      smem_desc(os + kk * 128, 128, DT * 16), kk);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(s1);
+      reg_fence(dp1);
+    } else {
+      tile_scores<T, DT, 1, false>(s1, Ks, qs);
+      tile_scores<T, DT, 1, false>(dp1, Vs, os);
+    }
+    // P^T = exp(logits - lse of the query), 0 outside the neighborhood, into s; dS^T =
+    // P^T (dP^T - delta) into dp. Per column (query) of the thread: its coordinates, lse and
+    // delta once, then the thread's two key rows.
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = frag_col(nb, e);
+        int off[3], qc[3];
+        tile_offsets(c, a.qlog, off);
+        bool q_in = spatial || t.nonempty;
+#pragma unroll
+        for (int ax = 0; ax < 3; ++ax) {
+          qc[ax] = t.box.lo[ax] + off[ax];
+          if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
+        }
+        const float lse2 = ls[c] * kLog2e, delta = ds[c];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          bool in = q_in && key_ok[i];
+          if (spatial && !t.full) {
+#pragma unroll
+            for (int ax = 0; ax < 3; ++ax)
+              in = in && static_cast<unsigned>(qc[ax] - qf[i][ax]) <
+                             static_cast<unsigned>(qn[i][ax]);
+          }
+          float x = s[nb][2 * i + e] * a.scale_log2;
+          int ri = 0;
+          if (rpb != nullptr && in) {
+            ri = rpb_index(a, qc, kl[i]);
+            x += __ldg(rpb + ri) * kLog2e;
+          }
+          const float pr = in ? fast_exp2(x - lse2) : 0.f;
+          const float dsv = pr * (dp[nb][2 * i + e] - delta);
+          s[nb][2 * i + e] = pr;
+          dp[nb][2 * i + e] = dsv;
+          if (drpb != nullptr && in) atomicAdd(drpb + ri, dsv);
+        }
+      }
+    }
+
+    if constexpr (kWg) {
+      // dv += P^T do, dk += dS^T q: P^T and dS^T (packed) are the A operands, do and q the
+      // MN-major B (k16 step kk: query rows 16 kk..).
+      unsigned pa[4][4], da[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        da[kk][0] = pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
+        da[kk][1] = pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
+        da[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        da[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_rs<T, DT, 1>(&dv[0][0], pa[kk], smem_desc(os + kk * 16 * DT, DT * 16, 128), 1);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_rs<T, DT, 1>(&dk[0][0], da[kk], smem_desc(qs + kk * 16 * DT, DT * 16, 128), 1);
+      wgmma_commit();
+      if constexpr (kDq) {
+        // dS^T -> Ss (element (key r, query c) at core_offset(r, c, 64)): the packed registers
+        // hold rows r, r + 8 and column pairs 16 kk + 2 (lane % 4) (+ 8).
+        const int r = warp * 16 + (lane >> 2), c = 2 * (lane & 3);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          *reinterpret_cast<unsigned*>(Ss + core_offset(r, 16 * kk + c, kRows)) = da[kk][0];
+          *reinterpret_cast<unsigned*>(Ss + core_offset(r + 8, 16 * kk + c, kRows)) = da[kk][1];
+          *reinterpret_cast<unsigned*>(Ss + core_offset(r, 16 * kk + 8 + c, kRows)) = da[kk][2];
+          *reinterpret_cast<unsigned*>(Ss + core_offset(r + 8, 16 * kk + 8 + c, kRows)) = da[kk][3];
+        }
+        fence_proxy_async();
+        __syncthreads();
+        // dq[64 queries x DT] = dS k: A = dS^T read MN-major (queries contiguous; k16 step kk:
+        // key rows 16 kk..), B = the key tile read MN-major; N split in 64-column halves (the
+        // accumulator is then 32 registers at every DT).
+        constexpr int kN = DT < 64 ? DT : 64;
+#pragma unroll
+        for (int half = 0; half < DT / kN; ++half) {
+          float dq[kN / 8][4];
+          wgmma_fence();  // orders the last half's fragment reads before these writes
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma_ss<T, kN, 1, 1>(&dq[0][0], smem_desc(Ss + kk * 16 * kRows, kRows * 16, 128),
+                                  smem_desc(Ks + kk * 16 * DT + half * kN * 8, DT * 16, 128), kk);
+          wgmma_commit();
+          wgmma_wait<0>();
+          reg_fence(dq);
+#pragma unroll
+          for (int nb = 0; nb < kN / 8; ++nb)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+              *reinterpret_cast<float2*>(Qacc + (r + 8 * i) * kDqLd<DT> + half * kN +
+                                         frag_col(nb, 0)) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+        }
+      } else {
+        wgmma_wait<0>();
+      }
+      reg_fence(dk1);
+      reg_fence(dv1);
+      asm volatile("" ::"r"(pa[0][0]), "r"(pa[3][3]), "r"(da[0][0]), "r"(da[3][3]) : "memory");
+      if constexpr (kDq) {
+        // The step's dq rows -> the float32 workspace, one bulk add per query row in the problem.
+        fence_proxy_async();
+        __syncthreads();
+        if (threadIdx.x < kRows && (spatial || t.nonempty)) {
+          int qc[3];
+          int64_t grow;
+          if (query_row_at(a, t.box, threadIdx.x, row0, t.h, qc, grow)) {
+            bulk_reduce_add_f32(p.dq_acc + grow * a.dim, Qacc + threadIdx.x * kDqLd<DT>, a.dim * 4);
+            bulk_commit();
+          }
+        }
+      }
+    } else {
+      tile_apply<T, DT, 1, false>(dv1, s1, os);
+      tile_apply<T, DT, 1, false>(dk1, dp1, qs);
+    }
+    __syncthreads();  // the next iteration overwrites this buffer
+  }
+  if constexpr (kDq) {
+    if (threadIdx.x < kRows) bulk_wait_all();
+    if (want_drpb && a.drpb_in_smem && drpb_h >= 0) drpb_flush();
+  }
+
+  // Rows of dk / dv (or of the additional-kv gradients) of the thread's keys.
+  auto out_row = [&](int i, T* base, T* add_base, int dim) -> T* {
+    if (!key_ok[i]) return nullptr;
+    const int r = warp * 16 + (lane >> 2) + 8 * i;
+    if (!spatial)
+      return add_base + ((static_cast<int64_t>(b) * a.S + s0 + r) * a.kv_heads + kvh) * dim;
+    return base + ((row0 + token_of(a, kb.grp, kl[i])) * a.kv_heads + kvh) * dim;
+  };
+  T* dk_out = static_cast<T*>(p.dk);
+  T* dv_out = static_cast<T*>(p.dv);
+  T* dak = static_cast<T*>(p.dadd_k);
+  T* dav = static_cast<T*>(p.dadd_v);
+  store_rows<T, DT>(dk, a.scale, a.scale, [&](int i) { return out_row(i, dk_out, dak, a.dim); },
+                    a.dim);
+  store_rows<T, DT>(dv, 1.f, 1.f, [&](int i) { return out_row(i, dv_out, dav, a.dim_v); },
+                    a.dim_v);
+}
+
+template <typename T, int DT, bool kWg, bool kDq>
+ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      fna_bwd_kernel<T, DT, kWg, kDq>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBwdSmem);
+  if (attr != cudaSuccess) return launch_error("fna backward (shared memory)", attr);
+  const int smem = bwd_smem(DT, sizeof(T), kWg, kDq) + (kDq && a.drpb_in_smem ? a.R * 4 : 0);
+  const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
+                  static_cast<unsigned>(batch));
+  fna_bwd_kernel<T, DT, kWg, kDq><<<grid, kThreads, smem, stream>>>(a, p);
+  return check_launch(kDq ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)");
+}
+
+}  // namespace
+
+ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma, bool with_dq,
+                              const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+  return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    if (!wgmma) return launch<T, DT, false, false>(stream, a, p, batch);
+    return with_dq ? launch<T, DT, true, true>(stream, a, p, batch)
+                   : launch<T, DT, true, false>(stream, a, p, batch);
+  });
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten
