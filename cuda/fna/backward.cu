@@ -8,6 +8,8 @@
 // dq = dS k [64 queries x DT], and the copy engine adds it to a float32 workspace
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
 // afterwards. The adds land in any order, so kDq is the non-deterministic mode.
+#include <type_traits>
+
 #include "fna.cuh"
 #include "launch.h"
 
@@ -195,45 +197,70 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       tile_scores<T, DT, 1, false>(dp1, Vs, os);
     }
     // P^T = exp(logits - lse of the query), 0 outside the neighborhood, into s; dS^T =
-    // P^T (dP^T - delta) into dp. Per column (query) of the thread: its coordinates, lse and
-    // delta once, then the thread's two key rows.
+    // P^T (dP^T - delta) into dp. Per column (query) of the thread: its lse and delta (and for
+    // masked tiles its coordinates) once, then the thread's two key rows. Compiled three ways,
+    // picked per tile: kMask = false for spatial tiles inside every key's inverse window (no
+    // per-element test: the common case of large windows), kBias for rpb / d-rpb.
+    auto weights = [&](auto mask_tag, auto bias_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value, kBias = decltype(bias_tag)::value;
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) {
+      for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = frag_col(nb, e);
-        int off[3], qc[3];
-        tile_offsets(c, a.qlog, off);
-        bool q_in = spatial || t.nonempty;
+        for (int e = 0; e < 2; ++e) {
+          const int c = frag_col(nb, e);
+          int qc[3] = {0, 0, 0};
+          bool q_in = true;
+          if constexpr (kMask || kBias) {
+            int off[3];
+            tile_offsets(c, a.qlog, off);
+            q_in = spatial || t.nonempty;
 #pragma unroll
-        for (int ax = 0; ax < 3; ++ax) {
-          qc[ax] = t.box.lo[ax] + off[ax];
-          if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
-        }
-        const float lse2 = ls[c] * kLog2e, delta = ds[c];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          bool in = q_in && key_ok[i];
-          if (spatial && !t.full) {
-#pragma unroll
-            for (int ax = 0; ax < 3; ++ax)
-              in = in && static_cast<unsigned>(qc[ax] - qf[i][ax]) <
-                             static_cast<unsigned>(qn[i][ax]);
+            for (int ax = 0; ax < 3; ++ax) {
+              qc[ax] = t.box.lo[ax] + off[ax];
+              if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
+            }
           }
-          float x = s[nb][2 * i + e] * a.scale_log2;
-          int ri = 0;
-          if (rpb != nullptr && in) {
-            ri = rpb_index(a, qc, kl[i]);
-            x += __ldg(rpb + ri) * kLog2e;
+          const float lse2 = ls[c] * kLog2e, delta = ds[c];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            // Keys past the problem (zero rows) are never stored, but their weights must stay
+            // finite: they feed dq through zero key rows.
+            bool in = q_in && key_ok[i];
+            if constexpr (kMask) {
+              if (spatial) {
+#pragma unroll
+                for (int ax = 0; ax < 3; ++ax)
+                  in = in && static_cast<unsigned>(qc[ax] - qf[i][ax]) <
+                                 static_cast<unsigned>(qn[i][ax]);
+              }
+            }
+            float x = s[nb][2 * i + e] * a.scale_log2 - lse2;
+            int ri = 0;
+            if constexpr (kBias) {
+              if (rpb != nullptr && in) {
+                ri = rpb_index(a, qc, kl[i]);
+                x += __ldg(rpb + ri) * kLog2e;
+              }
+            }
+            const float pr = in ? fast_exp2(x) : 0.f;
+            const float dsv = pr * (dp[nb][2 * i + e] - delta);
+            s[nb][2 * i + e] = pr;
+            dp[nb][2 * i + e] = dsv;
+            if constexpr (kBias) {
+              if (drpb != nullptr && in) atomicAdd(drpb + ri, dsv);
+            }
           }
-          const float pr = in ? fast_exp2(x - lse2) : 0.f;
-          const float dsv = pr * (dp[nb][2 * i + e] - delta);
-          s[nb][2 * i + e] = pr;
-          dp[nb][2 * i + e] = dsv;
-          if (drpb != nullptr && in) atomicAdd(drpb + ri, dsv);
         }
       }
-    }
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+    if (rpb != nullptr)
+      weights(True{}, True{});
+    else if (spatial && t.full)
+      weights(False{}, False{});
+    else
+      weights(True{}, False{});
 
     if constexpr (kWg) {
       // dv += P^T do, dk += dS^T q: P^T and dS^T (packed) are the A operands, do and q the

@@ -1,6 +1,8 @@
 // FNA backward, query side (fna.cuh; deterministic mode and mma.sync): per query tile the
 // forward's walk over key tiles recomputing P = exp(logits - lse), dS = P (do.v - delta),
 // dq = scale * dS k, and d-rpb = sum of dS per relative offset.
+#include <type_traits>
+
 #include "fna.cuh"
 #include "launch.h"
 
@@ -138,52 +140,71 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
       current.next(walk.n);
     }
     const int s0 = (j - walk.spatial) * kRows;
-    // dS = P (dP - delta), P = exp(logits - lse); 0 outside the neighborhood.
+    // dS = P (dP - delta), P = exp(logits - lse); 0 outside the neighborhood. Compiled three
+    // ways, picked per tile: kMask = false for spatial tiles inside every window of the query
+    // tile (no per-element test), kBias for rpb / d-rpb.
+    auto weights = [&](auto mask_tag, auto bias_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value, kBias = decltype(bias_tag)::value;
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) {
+      for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        int kl[3] = {0, 0, 0};
-        if (spatial) {
-          int off[3];
-          tile_offsets(frag_col(nb, c), a.kvlog, off);
+        for (int c = 0; c < 2; ++c) {
+          int kl[3] = {0, 0, 0};
+          if (kMask || kBias) {
+            if (spatial) {
+              int off[3];
+              tile_offsets(frag_col(nb, c), a.kvlog, off);
 #pragma unroll
-          for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
-        }
-        const bool add_in = !spatial && s0 + frag_col(nb, c) < a.S;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            bool in = grow[mt][i] >= 0;
-            if (spatial && !full) {
-              const int* w = Win + frag_row(mt, i) * 6;
-#pragma unroll
-              for (int ax = 0; ax < 3; ++ax)
-                in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
-                               static_cast<unsigned>(w[2 * ax + 1]);
-            } else if (!spatial) {
-              in = in && add_in;
+              for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
             }
-            const int e = 2 * i + c;
-            float x = s[mt][nb][e] * a.scale_log2;
-            int ri = 0;
-            if (spatial && rpb != nullptr && in) {
-              int qo[3], qc[3];
-              tile_offsets(frag_row(mt, i), a.qlog, qo);
+          }
+          const bool add_in = !spatial && s0 + frag_col(nb, c) < a.S;
 #pragma unroll
-              for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
-              ri = rpb_index(a, qc, kl);
-              x += __ldg(rpb + ri) * kLog2e;
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              bool in = grow[mt][i] >= 0;
+              if constexpr (kMask) {
+                if (spatial) {
+                  const int* w = Win + frag_row(mt, i) * 6;
+#pragma unroll
+                  for (int ax = 0; ax < 3; ++ax)
+                    in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
+                                   static_cast<unsigned>(w[2 * ax + 1]);
+                } else {
+                  in = in && add_in;
+                }
+              }
+              const int e = 2 * i + c;
+              float x = s[mt][nb][e] * a.scale_log2 - lse2[mt][i];
+              int ri = 0;
+              if constexpr (kBias) {
+                if (spatial && rpb != nullptr && in) {
+                  int qo[3], qc[3];
+                  tile_offsets(frag_row(mt, i), a.qlog, qo);
+#pragma unroll
+                  for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
+                  ri = rpb_index(a, qc, kl);
+                  x += __ldg(rpb + ri) * kLog2e;
+                }
+              }
+              const float pr = in ? fast_exp2(x) : 0.f;
+              const float ds = pr * (dp[mt][nb][e] - delta[mt][i]);
+              s[mt][nb][e] = ds;
+              if constexpr (kBias) {
+                if (spatial && want_drpb && in) atomicAdd(drpb + ri, ds);
+              }
             }
-            const float pr = in ? fast_exp2(x - lse2[mt][i]) : 0.f;
-            const float ds = pr * (dp[mt][nb][e] - delta[mt][i]);
-            s[mt][nb][e] = ds;
-            if (spatial && want_drpb && in) atomicAdd(drpb + ri, ds);
           }
         }
       }
-    }
+    };
+    if (rpb != nullptr)
+      weights(std::true_type{}, std::true_type{});
+    else if (spatial && full)
+      weights(std::false_type{}, std::false_type{});
+    else
+      weights(std::true_type{}, std::false_type{});
     tile_apply<T, DT, MT, kWg>(acc, s, ks);
     __syncthreads();  // the next iteration overwrites this buffer
   }
