@@ -140,19 +140,18 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
+  // One step per query tile: wait for its staged rows, then (past the barrier, so every thread
+  // is done with the step before, which read the other buffer) stage the next tile's rows into
+  // the other buffer while this one computes.
   if (walk.total > 0) stage_queries(0);
   for (int64_t it = 0; it < walk.total; ++it) {
-    if (it + 1 < walk.total) {
-      stage_queries((it + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    cp_async_wait<0>();
     if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     if constexpr (kDq) {
       if (threadIdx.x < kRows) bulk_wait_read();  // the last step's dq rows were read out
     }
     __syncthreads();
+    if (it + 1 < walk.total) stage_queries((it + 1) & 1);
     const int buf = static_cast<int>(it & 1);
     const T* qs = Qs + buf * kRows * kLd;
     const T* os = Os + buf * kRows * kLd;
@@ -174,28 +173,51 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       }
     }
 
-    // S^T = k q^T and dP^T = v do^T (rows: keys, columns: queries).
+    // S^T = k q^T and dP^T = v do^T (rows: keys, columns: queries). At DT = 128 the dk / dv
+    // accumulators take 128 registers: dP^T is formed only after dv is done (kLateDp), else the
+    // kernel spills.
+    constexpr bool kLateDp = DT == 128;
     float s1[1][8][4], dp1[1][8][4];
     auto& s = s1[0];
     auto& dp = dp1[0];
+    auto scores_dp = [&]() {
+      if constexpr (kWg) {
+        wg_scores<T, DT, 1>(dp1, Vs, os);
+      } else {
+        tile_scores<T, DT, 1, false>(dp1, Vs, os);
+      }
+    };
     if constexpr (kWg) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
         wgmma_ss64<T>(&s[0][0], smem_desc(Ks + kk * 128, 128, DT * 16),
                       smem_desc(qs + kk * 128, 128, DT * 16), kk);
+      if constexpr (!kLateDp) {
 #pragma unroll
-      for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
-                      smem_desc(os + kk * 128, 128, DT * 16), kk);
+        for (int kk = 0; kk < DT / 16; ++kk)
+          wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
+                        smem_desc(os + kk * 128, 128, DT * 16), kk);
+      }
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(s1);
-      reg_fence(dp1);
+      if constexpr (!kLateDp) reg_fence(dp1);
     } else {
       tile_scores<T, DT, 1, false>(s1, Ks, qs);
-      tile_scores<T, DT, 1, false>(dp1, Vs, os);
+      if constexpr (!kLateDp) scores_dp();
     }
+    // dS^T = P^T (dP^T - delta), in dp (kLateDp: once dP^T exists).
+    auto late_ds = [&]() {
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float delta = ds[frag_col(nb, e)];
+          dp[nb][e] = s[nb][e] * (dp[nb][e] - delta);
+          dp[nb][2 + e] = s[nb][2 + e] * (dp[nb][2 + e] - delta);
+        }
+    };
     // P^T = exp(logits - lse of the query), 0 outside the neighborhood, into s; dS^T =
     // P^T (dP^T - delta) into dp. Per column (query) of the thread: its lse and delta (and for
     // masked tiles its coordinates) once, then the thread's two key rows. Compiled three ways,
@@ -243,11 +265,13 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
               }
             }
             const float pr = in ? fast_exp2(x) : 0.f;
-            const float dsv = pr * (dp[nb][2 * i + e] - delta);
             s[nb][2 * i + e] = pr;
-            dp[nb][2 * i + e] = dsv;
-            if constexpr (kBias) {
-              if (drpb != nullptr && in) atomicAdd(drpb + ri, dsv);
+            if constexpr (!kLateDp) {
+              const float dsv = pr * (dp[nb][2 * i + e] - delta);
+              dp[nb][2 * i + e] = dsv;
+              if constexpr (kBias) {
+                if (drpb != nullptr && in) atomicAdd(drpb + ri, dsv);
+              }
             }
           }
         }
@@ -266,21 +290,29 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       // dv += P^T do, dk += dS^T q: P^T and dS^T (packed) are the A operands, do and q the
       // MN-major B (k16 step kk: query rows 16 kk..).
       unsigned pa[4][4], da[4][4];
+      auto pack = [](unsigned (&f)[4][4], const float (&x)[8][4]) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        da[kk][0] = pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
-        da[kk][1] = pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
-        da[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        da[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-      }
+        for (int kk = 0; kk < 4; ++kk) {
+          f[kk][0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+          f[kk][1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+          f[kk][2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+          f[kk][3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+        }
+      };
+      pack(pa, s);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
         wgmma_rs<T, DT, 1>(&dv[0][0], pa[kk], smem_desc(os + kk * 16 * DT, DT * 16, 128), 1);
+      wgmma_commit();
+      if constexpr (kLateDp) {
+        wgmma_wait<0>();
+        reg_fence(dv1);
+        scores_dp();
+        late_ds();
+      }
+      pack(da, dp);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
         wgmma_rs<T, DT, 1>(&dk[0][0], da[kk], smem_desc(qs + kk * 16 * DT, DT * 16, 128), 1);
@@ -341,9 +373,12 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       }
     } else {
       tile_apply<T, DT, 1, false>(dv1, s1, os);
+      if constexpr (kLateDp) {
+        scores_dp();
+        late_ds();
+      }
       tile_apply<T, DT, 1, false>(dk1, dp1, qs);
     }
-    __syncthreads();  // the next iteration overwrites this buffer
   }
   if constexpr (kDq) {
     if (threadIdx.x < kRows) bulk_wait_all();
@@ -388,8 +423,12 @@ ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
     if (!wgmma) return launch<T, DT, false, false>(stream, a, p, batch);
-    return with_dq ? launch<T, DT, true, true>(stream, a, p, batch)
-                   : launch<T, DT, true, false>(stream, a, p, batch);
+    if (!with_dq) return launch<T, DT, true, false>(stream, a, p, batch);
+    if constexpr (DT <= 64) {  // the handler's schedule: the 128 tile runs the dq kernel
+      return launch<T, DT, true, true>(stream, a, p, batch);
+    } else {
+      return invalid("fused: no single-walk backward for head-dim tile 128");
+    }
   });
 }
 

@@ -196,8 +196,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
   // Schedule (fna.cuh): on Hopper one walk over key tiles forms dk, dv and dq (float32 adds in
-  // any order); deterministic mode, mma.sync and float32 run a dq kernel and a dk/dv kernel.
-  const bool single_walk = wgmma && deterministic == 0;
+  // any order); deterministic mode, mma.sync and float32 run a dq kernel and a dk/dv kernel. So
+  // does the 128 head-dim tile: there the single walk's shared memory (140 KB) leaves one CTA
+  // per SM and it measured slower (H200, 3d-video fwd+bwd: 62.9 vs 55.0 ms; BENCHMARKS.md).
+  const bool single_walk = wgmma && deterministic == 0 && dt <= 64;
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
   // (float32: both 2^f32_tile_log(dt)).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
