@@ -2,7 +2,10 @@
 (memcheck and racecheck; run by `.ci/gpu-run` with SANITIZE=1). Each case mixes the features that
 change the kernels' paths: borders, even/odd kernels, stride, dilation, causal, GQA, rpb and
 additional keys/values; head dims 32 / 64 / 128 pick the three head-dim tiles. Every case runs in
-bfloat16 on both MMA families this GPU has (wgmma and mma.sync on Hopper) and in float32."""
+bfloat16 on both MMA families this GPU has (wgmma, in both backward schedules, and mma.sync on
+Hopper) and in float32 (`variants`)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +23,21 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
 
 
 def variants():
-    """(dtype, mma) pairs to run: bf16 on each MMA family of this GPU, then float32."""
+    """(dtype, fused_config) pairs to run: bf16 on each MMA family of this GPU (on Hopper also the
+    deterministic backward, a different schedule), then float32. SANITIZE_VARIANTS (a comma list
+    of wgmma, deterministic, mma_sync, f32) picks some."""
     hopper = jax.devices("gpu")[0].compute_capability.startswith("9.")
-    return ([(jnp.bfloat16, "wgmma")] if hopper else []) + [(jnp.bfloat16, "mma_sync"),
-                                                            (jnp.float32, "auto")]
+    named = {"mma_sync": (jnp.bfloat16, dict(mma="mma_sync")), "f32": (jnp.float32, {})}
+    if hopper:
+        named = {"wgmma": (jnp.bfloat16, dict(mma="wgmma")),
+                 "deterministic": (jnp.bfloat16, dict(mma="wgmma", deterministic=True)), **named}
+    pick = [v for v in os.environ.get("SANITIZE_VARIANTS", "").split(",") if v]
+    return [named[v] for v in (pick or named) if v in named]
 
 
 def main():
     rng = np.random.default_rng(0)
-    for (rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add), (dtype, mma) in (
+    for (rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add), (dtype, settings) in (
             (case, v) for case in CASES for v in variants()):
         draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
         x = dict(query=draw(2, *spatial, h, dim), key=draw(2, *spatial, kvh, dim),
@@ -42,11 +51,11 @@ def main():
         f = getattr(jax_natten, f"na{rank}d")
         loss = lambda x: jnp.sum(f(**x, kernel_size=k, stride=s, dilation=d, is_causal=c,
                                    backend="fused").astype(jnp.float32) ** 2)
-        with jax_natten.fused_config(mma=mma):
+        with jax_natten.fused_config(**settings):
             value, grads = jax.jit(jax.value_and_grad(loss))(x)
         assert np.isfinite(float(value)) and all(
             bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-        print(f"ok rank {rank} {spatial} k{k} D{dim}/{dim_v} {jnp.dtype(dtype).name} {mma}",
+        print(f"ok rank {rank} {spatial} k{k} D{dim}/{dim_v} {jnp.dtype(dtype).name} {settings}",
               flush=True)
 
 
