@@ -2,7 +2,7 @@
 
 Everything the kernels see is first brought to one canonical form (`Problem`): per-axis parameter
 tuples padded to three spatial axes, extra leading dims folded into the batch. The errors say what was
-wrong and what is allowed (SPEC section 5).
+wrong and what is allowed (docs/semantics.md §11).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _per_axis(name: str, value, rank: int, kind) -> tuple:
 
 
 def make_params(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -> NAParams:
-    """Per-axis NA parameters, validated on their own (SPEC section 1)."""
+    """Per-axis NA parameters, validated on their own (docs/semantics.md §2-§5)."""
     params = NAParams(_per_axis("kernel_size", kernel_size, rank, int),
                       _per_axis("stride", stride, rank, int),
                       _per_axis("dilation", dilation, rank, int),

@@ -1,8 +1,9 @@
-"""Neighborhood-attention window math: the one Python definition (SPEC section 1).
+"""Neighborhood-attention window math: the one Python definition (docs/semantics.md §2-§5).
 
 `cuda/include/natten/window.h` is its C++ twin; `tests/test_window.py` checks the two agree and that
-both agree with a brute-force reading of the spec. Everything here is NumPy on static shapes: the
-windows depend only on sizes and parameters, never on data, so they are computed at trace time.
+both agree with a brute-force reading of the semantics document. Everything here is NumPy on static
+shapes: the windows depend only on sizes and parameters, never on data, so they are computed at
+trace time.
 """
 from __future__ import annotations
 

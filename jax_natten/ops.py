@@ -1,4 +1,4 @@
-"""Public neighborhood-attention ops: validation, layout, backend dispatch and custom_vjp.
+"""Public neighborhood-attention ops (docs/semantics.md): validation, layout, dispatch, custom_vjp.
 
 Every public call goes: validate (`_checks`) -> fold leading dims into the batch and pad to three
 spatial axes -> pick a backend -> run -> unpad. Native backends are differentiated by custom_vjp

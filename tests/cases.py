@@ -12,7 +12,7 @@ import jax_natten
 CUDA_BACKENDS = ("naive", "gemm", "fused")
 NATIVE_BACKENDS = ("cpu",) + CUDA_BACKENDS
 
-# Relative-error bounds against float64 (SPEC section 5); gradients get twice these.
+# Relative-error bounds against float64 (docs/semantics.md §12); gradients get twice these.
 TOLERANCE = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
 
 
@@ -79,7 +79,7 @@ CASE_IDS = [c.name for c in CASES]
 
 
 def fresh_rng():
-    """A new seed every run (SPEC: fresh random inputs); it is part of every failure message."""
+    """A new seed every run (never a fixed input); it is part of every failure message."""
     seed = int.from_bytes(os.urandom(4), "little")
     return np.random.default_rng(seed), seed
 

@@ -1,7 +1,7 @@
-"""A float64 NumPy oracle written straight from SPEC section 1, independent of jax_natten.
+"""A float64 NumPy oracle written from docs/semantics.md §2-§9, independent of jax_natten.
 
-Literal: the window rules are typed again from the spec text (not imported) and enumerated per
-query in Python, so a mistake in `_window.py` cannot hide itself; only the arithmetic is vectorized.
+Literal: the window rules are typed again from that text (not imported) and enumerated per query in
+Python, so a mistake in `_window.py` cannot hide itself; only the arithmetic is vectorized.
 """
 import functools
 import itertools
@@ -11,8 +11,8 @@ import numpy as np
 
 
 def spec_axis_window(x, L, k, s, d, causal):
-    """SPEC 1.1-1.4 for global query x: per offset t, (global key or None past a causal query,
-    relative-position index j - i + k - 1 in local coordinates)."""
+    """docs/semantics.md §2-§5 for global query x: per offset t, (global key or None past a
+    causal query, relative-position index j - i + k - 1 in local coordinates)."""
     g, i = x % d, x // d
     Lg = L // d + (1 if g < L % d else 0)
     if causal:

@@ -1,4 +1,4 @@
-"""Flax NNX and Linen neighborhood-attention modules (SPEC section 2)."""
+"""Flax NNX and Linen neighborhood-attention modules (README, "Flax modules")."""
 import functools
 
 import jax

@@ -25,7 +25,7 @@ examples:
       --batch 8 --dtype f32 --backends cpu,reference
   python -m jax_natten.benchmark --op qk,av --memory
 
-Defaults: on a GPU the shared problems (those of shared/bench, bf16) on the CUDA backends this
+Defaults: on a GPU the shared problems (those of the peer scripts, bf16) on the CUDA backends this
 build has plus 'reference'; on a host the small problems on 'cpu' and 'reference'.
 Useful FLOPs (forward) = 4*B*heads*N*prod(kernel)*D for attention (half for qk or av alone);
 forward+backward counts 3.5x that for attention (as the peer scripts do), 3x for qk/av.
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list", action="store_true", help="list the built-in problems and exit")
     g.add_argument("--problems", metavar="NAMES",
                    help="comma list of problem names and groups: all, shared (those of "
-                        "shared/bench), small (CPU-sized). Default: shared on a GPU, small on a "
-                        "host; only the custom problem when --spatial is given")
+                        "the peer scripts), small (CPU-sized). Default: shared on a GPU, small "
+                        "on a host; only the custom problem when --spatial is given")
     g.add_argument("--backends", metavar="NAMES",
                    help=f"comma list of {', '.join(BACKENDS)}, or 'all'; fused/mma_sync and "
                         "fused/wgmma pin the fused kernels' MMA family, fused/deterministic "
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add XLA's memory analysis of each compiled step (temp, argument, output "
                         "MiB) to the table (always in the JSON)")
     o.add_argument("--peers", metavar="PATH", action="append", default=[],
-                   help="JSON lines printed by shared/bench/peers_*.py: their times join the "
+                   help="JSON lines printed by the peer scripts (peers_*.py): their times join the "
                         "table as backends 'peer:<name>' (repeatable)")
     o.add_argument("--quiet", action="store_true", help="no progress output")
     return p
