@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "natten/cpu_handlers.h"
+#include "natten/limits.h"
 #include "natten/window.h"
 #ifdef JAX_NATTEN_WITH_CUDA
 #include "natten/cuda_handlers.h"
@@ -99,6 +100,26 @@ NB_MODULE(_natten_ext, m) {
         return out;
       },
       "[(first, last)] of natten::inverse_window for every key of one (undilated) axis.");
+
+  m.def(
+      "limits",
+      [] {
+        namespace l = natten::limits;
+        nb::dict mma;
+        mma["auto"] = static_cast<int64_t>(l::kMmaAuto);
+        mma["mma_sync"] = static_cast<int64_t>(l::kMmaSync);
+        mma["wgmma"] = static_cast<int64_t>(l::kMmaWgmma);
+        nb::dict out;
+        out["gemm_head_dim_multiple"] = l::kGemmHeadDimMultiple;
+        out["fused_head_dim_multiple"] = l::kFusedHeadDimMultiple;
+        out["fused_max_head_dim"] = l::kFusedMaxHeadDim;
+        out["fused_max_heads"] = l::kFusedMaxHeads;
+        out["fused_max_q_tile_tokens"] = l::kFusedMaxQTileTokens;
+        out["fused_max_kv_tile_tokens"] = l::kFusedMaxKvTileTokens;
+        out["mma_codes"] = mma;
+        return out;
+      },
+      "Limits and attribute codes the kernels and the Python layer share (natten/limits.h).");
 
   m.def(
       "has_cuda",

@@ -39,14 +39,18 @@ class FusedConfig:
     mma: str = "auto"
 
 
-# Codes of the `mma` attribute of the fused custom calls (cuda/fna/handlers.cu).
-MMA_CODES = {"auto": 0, "mma_sync": 1, "wgmma": 2}
+# The MMA families fused_config(mma=...) names (their attribute codes: backends/fna.py).
+MMA_FAMILIES = ("auto", "mma_sync", "wgmma")
 
 
 _CURRENT = contextvars.ContextVar("jax_natten_fused_config", default=FusedConfig())
 
-# Query tiles hold up to 128 tokens (kernels with smaller tiles halve them); key tiles up to 64.
-MAX_TILE_TOKENS = {"q_tile": 128, "kv_tile": 64}
+
+def max_tile_tokens(name: str) -> int | None:
+    """Tokens a `q_tile` / `kv_tile` may hold (cuda/include/natten/limits.h, read from the
+    extension; None without it, where the fused kernels cannot run anyway)."""
+    from .backends import ffi
+    return None if ffi.LIMITS is None else ffi.LIMITS[f"fused_max_{name}_tokens"]
 
 
 def _check_tile(name, tile):
@@ -56,8 +60,9 @@ def _check_tile(name, tile):
     for t in tile:
         if not isinstance(t, int) or isinstance(t, bool) or t < 1 or t & (t - 1):
             raise ValueError(f"{name} extents must be powers of two (1, 2, 4, ...), got {tile}")
-    if math.prod(tile) > MAX_TILE_TOKENS[name]:
-        raise ValueError(f"{name} must hold at most {MAX_TILE_TOKENS[name]} tokens, got {tile} "
+    most = max_tile_tokens(name)
+    if most is not None and math.prod(tile) > most:
+        raise ValueError(f"{name} must hold at most {most} tokens, got {tile} "
                          f"({math.prod(tile)})")
     return tile
 
@@ -66,8 +71,8 @@ def _check_tile(name, tile):
 def fused_config(*, q_tile=None, kv_tile=None, deterministic=False, mma="auto"):
     """Context manager that sets the fused kernels' tile shapes, deterministic mode and the
     MMA family ("auto", "mma_sync" or "wgmma")."""
-    if mma not in MMA_CODES:
-        raise ValueError(f"mma must be one of {sorted(MMA_CODES)}, got {mma!r}")
+    if mma not in MMA_FAMILIES:
+        raise ValueError(f"mma must be one of {sorted(MMA_FAMILIES)}, got {mma!r}")
     cfg = FusedConfig(_check_tile("q_tile", q_tile), _check_tile("kv_tile", kv_tile),
                       bool(deterministic), mma)
     token = _CURRENT.set(cfg)
@@ -79,21 +84,3 @@ def fused_config(*, q_tile=None, kv_tile=None, deterministic=False, mma="auto"):
 
 def current() -> FusedConfig:
     return _CURRENT.get()
-
-
-def tuning(cfg: FusedConfig, rank: int):
-    """The static tuning tuple of the fused op: (q_tile, kv_tile, deterministic, mma code)."""
-    return padded_tiles(cfg, rank) + (cfg.deterministic, MMA_CODES[cfg.mma])
-
-
-def padded_tiles(cfg: FusedConfig, rank: int, max_rank: int = 3):
-    """(q_tile, kv_tile) as 3 extents each (leading 1s; all 0 = let the kernels choose)."""
-    out = []
-    for name, tile in (("q_tile", cfg.q_tile), ("kv_tile", cfg.kv_tile)):
-        if tile is None:
-            out.append((0,) * max_rank)
-            continue
-        if len(tile) != rank:
-            raise ValueError(f"{name} {tile} has {len(tile)} extents for a {rank}-D problem")
-        out.append((1,) * (max_rank - rank) + tuple(tile))
-    return tuple(out)

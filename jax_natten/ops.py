@@ -1,8 +1,14 @@
-"""Public neighborhood-attention ops (docs/semantics.md): validation, layout, dispatch, custom_vjp.
+"""Public neighborhood-attention ops (docs/semantics.md): validation, layout, dispatch.
 
 Every public call goes: validate (`_checks`) -> fold leading dims into the batch and pad to three
-spatial axes -> pick a backend -> run -> unpad. Native backends are differentiated by custom_vjp
-rules that call their backward kernels; the reference backend by autodiff.
+spatial axes -> pick a backend (`backends.resolve`) -> the backend module's op -> unpad:
+
+    na{1,2,3}d     -> _na    -> _attention -> reference.attention | fna.attention | unfused.attention
+    na{1,2,3}d_qk  -> _na_qk -> _qk        -> reference.qk | unfused.qk
+    na{1,2,3}d_av  -> _na_av -> _av        -> reference.av | unfused.av
+
+The native ops (backends/fna.py, backends/unfused.py) carry their own custom_vjp rules and call
+their custom calls through backends/ffi.py; the reference backend is differentiated by autodiff.
 """
 from __future__ import annotations
 
@@ -11,66 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _checks, config, sharding
-from .backends import ffi, reference
-
-BACKENDS = ("fused", "gemm", "naive", "cpu", "reference")
-_NATIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-
-
-# ----------------------------------------------------------------------------- backend choice
-
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda")
-
-
-# Head dims the tensor-core tiles of each CUDA backend take (D for qk, D_v for av, both for the
-# fused op); the others take any head dim.
-_HEAD_DIM_MULTIPLE = {"gemm": 8, "fused": 8}
-_HEAD_DIM_MAX = {"fused": 128}
-# The fused kernels run float16 / bfloat16 on tensor cores and float32 at full precision on the
-# CUDA cores (cuda/fna/simt_f32.cu); the default sends float32 to "gemm" (resolve_backend).
-_FUSED_MAX_HEADS = 65535
-
-
-def _unsupported(backend: str, op: str, dtype, head_dims: tuple) -> str | None:
-    """Why `backend` cannot serve this call, or None if it can."""
-    if backend == "reference":
-        return None
-    if backend == "fused" and op != "attention":
-        return "'fused' has no unfused qk/av ops: use 'gemm', 'naive', 'cpu' or 'reference'"
-    if not ffi.available(backend):
-        return ffi.unavailable_reason(backend)
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NATIVE_DTYPES]:
-        return f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16 are)"
-    multiple, most = _HEAD_DIM_MULTIPLE.get(backend), _HEAD_DIM_MAX.get(backend)
-    if multiple and any(d % multiple or (most and d > most) for d in head_dims):
-        limit = f"up to {most}" if most else "any size"
-        return (f"head dims must be multiples of {multiple} ({multiple}, {2 * multiple}, ..., "
-                f"{limit}), got {', '.join(map(str, head_dims))}")
-    return None
-
-
-def resolve_backend(backend, op: str, dtype, head_dims: tuple) -> str:
-    """The backend that serves a call: the user's choice (checked), or the best available one.
-    `head_dims`: the head dims the op's kernels see (D and D_v; D for qk; D_v for av)."""
-    if backend is None:
-        if _on_gpu() and op == "attention":
-            # float32: the GEMM kernels are faster on all but small windows (BENCHMARKS.md); the
-            # fused float32 kernels need no [N, prod(kernel)] temporaries (backend="fused").
-            f32 = jnp.dtype(dtype) == jnp.float32
-            prefs = ("gemm", "fused", "reference") if f32 else ("fused", "gemm", "reference")
-        elif _on_gpu():
-            prefs = ("gemm", "naive", "reference")
-        else:
-            prefs = ("cpu", "reference")
-        return next(b for b in prefs if _unsupported(b, op, dtype, head_dims) is None)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None")
-    why = _unsupported(backend, op, dtype, head_dims)
-    if why is not None:
-        raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
-    return backend
+from . import _checks, config
+from .backends import BACKENDS, fna, reference, resolve, unfused
 
 
 # ----------------------------------------------------------------------------- layout
@@ -97,114 +45,29 @@ def _pad_rpb(rpb, problem):
     return rpb.reshape(rpb.shape[:1] + pad + rpb.shape[1:])
 
 
-# ----------------------------------------------------------------------------- differentiable cores
-# Arguments are in kernel layout; `params` is padded NAParams (static), like `scale` and `backend`.
+# ----------------------------------------------------------------------------- dispatch
+# Arguments in kernel layout; `params` is padded NAParams. Each op goes to the backend module that
+# runs it (backends/__init__.py has the table).
 
-# `tuning`: (q_tile, kv_tile, deterministic, mma) of the fused kernels (config.tuning), None for
-# "cpu".
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning):
-    return ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning)
-
-
-def _native_attention_fwd(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning):
-    o, lse = ffi.fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning)
-    return (o, lse), (q, k, v, rpb, add_k, add_v, o, lse)
-
-
-def _native_attention_bwd(params, scale, backend, tuning, res, cotangents):
-    q, k, v, rpb, add_k, add_v, o, lse = res
-    do, dlse = cotangents
-    dq, dk, dv, drpb, dak, dav = ffi.fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
-                                                  dlse, params, scale, tuning)
-    if backend == "fused" and tuning[2] and rpb is not None:
-        drpb = _fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale)
-    return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
-                                  None if add_k is None else dak, None if add_v is None else dav),
-                                 (q, k, v, rpb, add_k, add_v))
-
-
-_native_attention.defvjp(_native_attention_fwd, _native_attention_bwd)
-
-
-def _fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale):
-    """d-rpb of the fused op, bit-reproducible (fused_config(deterministic=True)): the fused
-    kernels sum it with atomics, so here it comes from the GEMM-based kernels instead, whose
-    reductions run in a fixed order. dS = P (do.v - delta) per window entry, P = exp(logits - lse),
-    then the qk op's backward w.r.t. rpb sums dS per relative offset. Costs [N, prod(kernel)]
-    temporaries: deterministic mode trades memory for reproducibility."""
-    f32 = jnp.float32
-    logits = _native_qk((q.astype(f32) * scale).astype(q.dtype), k, rpb, None, params, "gemm")
-    p = jnp.exp(logits.astype(f32) - lse[..., None])
-    dp = _native_qk(do.astype(v.dtype), v, None, None, params, "gemm").astype(f32)  # do . v
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1) - dlse
-    ds = p * (dp - delta[..., None])
-    _, pull = jax.vjp(lambda r: _native_qk(q, k, r, None, params, "gemm"), rpb)
-    return pull(ds.astype(q.dtype))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _native_qk(q, k, rpb, add_k, params, backend):
-    return ffi.qk_forward(backend, q, k, rpb, add_k, params)
-
-
-def _native_qk_fwd(q, k, rpb, add_k, params, backend):
-    return ffi.qk_forward(backend, q, k, rpb, add_k, params), (q, k, rpb, add_k)
-
-
-def _native_qk_bwd(params, backend, res, dw):
-    q, k, rpb, add_k = res
-    dq, dk, drpb, dak = ffi.qk_backward(backend, q, k, rpb, add_k, dw, params)
-    return sharding.like_primals((dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
-                                  None if add_k is None else dak), (q, k, rpb, add_k))
-
-
-_native_qk.defvjp(_native_qk_fwd, _native_qk_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_av(w, v, add_v, params, backend):
-    return ffi.av_forward(backend, w, v, add_v, params)
-
-
-def _native_av_fwd(w, v, add_v, params, backend):
-    return ffi.av_forward(backend, w, v, add_v, params), (w, v, add_v)
-
-
-def _native_av_bwd(params, backend, res, do):
-    w, v, add_v = res
-    dw, dv, dav = ffi.av_backward(backend, w, v, add_v, do, params)
-    return sharding.like_primals((dw, dv, None if add_v is None else dav), (w, v, add_v))
-
-
-_native_av.defvjp(_native_av_fwd, _native_av_bwd)
+def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend, settings=None):
+    """-> (o, lse). `settings`: fna.FusedSettings for "fused", else None."""
+    if backend == "reference":
+        return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
+    if backend in fna.BACKENDS:
+        return fna.attention(q, k, v, rpb, add_k, add_v, params, scale, backend, settings)
+    return unfused.attention(q, k, v, rpb, add_k, add_v, params, scale, backend)
 
 
 def _qk(q, k, rpb, add_k, params, backend):
     if backend == "reference":
         return reference.qk(q, k, rpb, add_k, params)
-    return _native_qk(q, k, rpb, add_k, params, backend)
+    return unfused.qk(q, k, rpb, add_k, params, backend)
 
 
 def _av(w, v, add_v, params, backend):
     if backend == "reference":
         return reference.av(w, v, add_v, params)
-    return _native_av(w, v, add_v, params, backend)
-
-
-def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend, tuning=None):
-    if backend == "reference":
-        return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
-    if backend in ("cpu", "fused"):
-        return _native_attention(q, k, v, rpb, add_k, add_v, params, scale, backend,
-                                 tuning if backend == "fused" else None)
-    # Unfused backends: qk -> softmax (float32) -> av, each op with its own backward kernels.
-    # Scaling q first keeps the bias unscaled: (scale q).k + rpb.
-    logits = _qk((q.astype(jnp.float32) * scale).astype(q.dtype), k, rpb, add_k, params, backend)
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    weights = jnp.exp(logits - lse[..., None]).astype(q.dtype)
-    return _av(weights, v, add_v, params, backend), lse
+    return unfused.av(w, v, add_v, params, backend)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -215,19 +78,16 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
                                       is_causal, rpb, additional_keys, additional_values)
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
-    backend = resolve_backend(backend, "attention", query.dtype,
-                              (problem.head_dim, problem.value_dim))
-    if backend == "fused" and query.shape[-2] > _FUSED_MAX_HEADS:
-        raise ValueError(f"backend 'fused' takes at most {_FUSED_MAX_HEADS} heads (a CUDA grid "
-                         f"dimension), got {query.shape[-2]}")
+    backend = resolve(backend, "attention", query.dtype, (problem.head_dim, problem.value_dim))
+    fna.check_heads(backend, problem.heads)
     scale = problem.head_dim ** -0.5 if scale is None else float(scale)
-    cfg = config.current()
-    tuning = config.tuning(cfg, rank)
+    settings = fna.FusedSettings.of(config.current(), rank)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
                           _fold_additional(additional_keys, problem),
                           _fold_additional(additional_values, problem),
-                          problem.params.padded(), scale, backend, tuning)
+                          problem.params.padded(), scale, backend,
+                          settings if backend == "fused" else None)
     out = _from_kernel_layout(out, problem, 2)
     return (out, _from_kernel_layout(lse, problem, 1)) if return_lse else out
 
@@ -236,7 +96,7 @@ def _na_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, addi
            backend):
     problem = _checks.check_attention(rank, query, key, None, kernel_size, stride, dilation,
                                       is_causal, rpb, additional_keys, None)
-    backend = resolve_backend(backend, "qk", query.dtype, (problem.head_dim,))
+    backend = resolve(backend, "qk", query.dtype, (problem.head_dim,))
     lay = functools.partial(_to_kernel_layout, problem=problem)
     w = _qk(lay(query), lay(key), _pad_rpb(rpb, problem),
             _fold_additional(additional_keys, problem), problem.params.padded(), backend)
@@ -247,7 +107,7 @@ def _na_av(rank, weights, value, kernel_size, stride, dilation, is_causal, addit
            backend):
     problem = _checks.check_weights(rank, weights, value, kernel_size, stride, dilation, is_causal,
                                     additional_values)
-    backend = resolve_backend(backend, "av", value.dtype, (problem.value_dim,))
+    backend = resolve(backend, "av", value.dtype, (problem.value_dim,))
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out = _av(lay(weights), lay(value), _fold_additional(additional_values, problem),
               problem.params.padded(), backend)

@@ -16,8 +16,8 @@ it gathers every operand onto every device first. Here each FFI call is wrapped 
   arrived split along a spatial or head_dim axis), and lowers the same FFI call on per-shard
   shapes. Each device runs the kernel on its own batch/head block: no all-gather of q, k or v.
 
-Order of wrappers (outermost first): `custom_vjp` (ops.py) -> `custom_vmap` (`ffi._call`) ->
-`custom_partitioning` (here) -> `jax.ffi.ffi_call`. vmapped axes arrive as extra leading batch dims
+Order of wrappers (outermost first): `custom_vjp` (backends/fna.py, backends/unfused.py) ->
+`custom_vmap` (`backends/ffi.py: _call`) -> `custom_partitioning` (here) -> `jax.ffi.ffi_call`. vmapped axes arrive as extra leading batch dims
 (`lead`) and are folded into the kernels' single batch dim per device, so a split vmapped axis
 stays split too. Inside `jax.shard_map` / `jax.pmap` (manual mesh axes) the call is emitted as a
 plain FFI call on the local blocks: with every axis manual that is all there is to do; with only
@@ -33,34 +33,10 @@ import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Dim labels of every operand and result of each handler (cuda/README.md, padded 3-D layout).
-# b: the batch dim(s), x/y/z: spatial, H: query heads, kv: kv heads, d: head_dim, e: value
-# head_dim, w: window width (K + S), s: additional tokens, r0..r2: rpb extents.
-_Q, _K, _V = ("b", "x", "y", "z", "H", "d"), ("b", "x", "y", "z", "kv", "d"), \
-    ("b", "x", "y", "z", "kv", "e")
-_O, _LSE, _W = ("b", "x", "y", "z", "H", "e"), ("b", "x", "y", "z", "H"), \
-    ("b", "x", "y", "z", "H", "w")
-_RPB, _DRPB = ("H", "r0", "r1", "r2"), ("b", "H", "r0", "r1", "r2")
-_AK, _AV = ("b", "s", "kv", "d"), ("b", "s", "kv", "e")
-
-LAYOUTS = {  # op -> (operand labels, result labels)
-    "fna_fwd": ((_Q, _K, _V, _RPB, _AK, _AV), (_O, _LSE)),
-    # The fused backward has two more results, its workspaces: delta (shape of lse) and the
-    # float32 dq accumulator (shape of q); results are zipped with these labels, so the 6-result
-    # host op simply uses the first six.
-    "fna_bwd": ((_Q, _K, _V, _RPB, _AK, _AV, _O, _LSE, _O, _LSE),
-                (_Q, _K, _V, _DRPB, _AK, _AV, _LSE, _Q)),
-    "qk_fwd": ((_Q, _K, _RPB, _AK), (_W,)),
-    "qk_bwd": ((_Q, _K, _AK, _W), (_Q, _K, _DRPB, _AK)),
-    "av_fwd": ((_W, _V, _AV), (_O,)),
-    "av_bwd": ((_W, _V, _AV, _O), (_W, _V, _AV)),
-}
+# Every buffer of a call comes with its dim labels (`ffi_call`'s `layouts`, from the op's description
+# in backends/ffi.py): b: the batch dim(s), x/y/z: spatial, H: query heads, kv: kv heads, d / e: head
+# dims, w: window width (K + S), s: additional tokens, r0..r2: rpb extents.
 _ABSENT = ("n",)  # an absent rpb / drpb: 0 elements, rank 1
-
-
-def _op(target: str) -> str:
-    """`natten_<backend>_<op>` -> `<op>`."""
-    return "_".join(target.split("_")[-2:])
 
 
 def _labels(layout, shape, lead: int) -> tuple:
@@ -246,13 +222,14 @@ def like_primals(cotangents, primals):
     return type(cotangents)(like(c, p) for c, p in zip(cotangents, primals))
 
 
-def ffi_call(target: str, out_types, args, attrs, lead: int = 1):
+def ffi_call(target: str, out_types, args, attrs, layouts, lead: int = 1):
     """`jax.ffi.ffi_call(target, out_types)(*args, **attrs)`, split over batch and heads under jit.
 
     `out_types`: global `jax.ShapeDtypeStruct`s; batched operands and results start with `lead`
-    batch dims, which are folded into one for the kernel. Returns a tuple of results.
+    batch dims, which are folded into one for the kernel. `layouts`: (operand labels, result
+    labels), one tuple of dim labels per buffer (`backends.ffi.FfiOp`). Returns a tuple of results.
     """
-    in_layouts, out_layouts = LAYOUTS[_op(target)]
+    in_layouts, out_layouts = layouts
     in_labels = tuple(_labels(l, a.shape, lead) for l, a in zip(in_layouts, args))
     out_labels = tuple(_labels(l, o.shape, lead) for l, o in zip(out_layouts, out_types))
 

@@ -14,6 +14,7 @@
 #include "natten/cuda_common.h"
 #include "natten/cuda_handlers.h"
 #include "natten/ffi_helpers.h"
+#include "natten/limits.h"
 #include "natten/op_checks.h"
 #include "tiling.h"
 
@@ -23,6 +24,14 @@ namespace fna {
 namespace {
 
 constexpr int64_t kMaxGridY = 65535;  // grid.y and grid.z limit
+// The limits Python checks first (natten/limits.h) are the kernels' own.
+static_assert(limits::kFusedMaxHeads == kMaxGridY, "heads run on grid.y");
+static_assert(limits::kFusedMaxHeadDim == kMaxHeadDim, "largest head-dim tile");
+static_assert(int64_t{1} << kMaxQTileLog == limits::kFusedMaxQTileTokens, "query tile size");
+static_assert(int64_t{1} << kTileLog == limits::kFusedMaxKvTileTokens, "key tile size");
+static_assert(limits::kFusedHeadDimMultiple == 8, "head_dim_tile");
+static_assert(limits::kMmaAuto == 0 && limits::kMmaSync == 1 && limits::kMmaWgmma == 2,
+              "the `mma` codes of pick_wgmma");
 
 // Head-dim tile serving D and Dv, or an error naming what the kernels take.
 ffi::Error head_dim_tile(const Problem& p, int& dt) {
@@ -262,8 +271,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 }  // namespace natten
 
 #define NATTEN_FUSED_BIND(args, rets)                                                  \
-  (natten::bind_buffers<args, rets>(                                                   \
-       xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())            \
+  (NATTEN_CUDA_BIND(args, rets)                                                        \
        .Attr<float>("scale")                                                           \
        .Attr<natten::I64Span>("q_tile")                                                \
        .Attr<natten::I64Span>("kv_tile"))

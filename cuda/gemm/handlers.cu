@@ -103,17 +103,11 @@ ffi::Error GemmAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ff
 }  // namespace gpu
 }  // namespace natten
 
-// Binding: the stream, then the buffers in the handler's parameter order, then the window
-// attributes (natten/ffi_helpers.h: bind_buffers).
-#define NATTEN_GEMM_BIND(args, rets)                                                              \
-  (natten::bind_buffers<args, rets>(                                                              \
-      xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()))
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkFwd, natten::gpu::GemmQkFwd, NATTEN_GEMM_BIND(4, 1),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkFwd, natten::gpu::GemmQkFwd, NATTEN_CUDA_BIND(4, 1),
                               {xla::ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkBwd, natten::gpu::GemmQkBwd, NATTEN_GEMM_BIND(4, 4),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmQkBwd, natten::gpu::GemmQkBwd, NATTEN_CUDA_BIND(4, 4),
                               {xla::ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvFwd, natten::gpu::GemmAvFwd, NATTEN_GEMM_BIND(3, 1),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvFwd, natten::gpu::GemmAvFwd, NATTEN_CUDA_BIND(3, 1),
                               {xla::ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvBwd, natten::gpu::GemmAvBwd, NATTEN_GEMM_BIND(4, 3),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenGemmAvBwd, natten::gpu::GemmAvBwd, NATTEN_CUDA_BIND(4, 3),
                               {xla::ffi::Traits::kCmdBufferCompatible});

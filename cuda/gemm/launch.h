@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "natten/ffi_helpers.h"
+#include "natten/limits.h"
 
 namespace natten {
 namespace gpu {
@@ -15,7 +16,7 @@ namespace gemm {
 
 // Head dims the kernels serve: rows move as 16-byte vectors, so dim % 8 == 0 (any dtype).
 inline ffi::Error check_head_dim(const char* what, int64_t dim) {
-  if (dim % 8 == 0) return ok();
+  if (dim % limits::kGemmHeadDimMultiple == 0) return ok();
   return invalid(std::string("the gemm backend supports ") + what +
                  " head_dim that is a multiple of 8 (8, 16, 24, ..., any size), got " +
                  std::to_string(dim));

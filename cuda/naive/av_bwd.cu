@@ -48,18 +48,5 @@ ffi::Error NaiveAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
 }  // namespace gpu
 }  // namespace natten
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveAvBwd, natten::gpu::NaiveAvBwd,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Arg<xla::ffi::AnyBuffer>()  // v
-                                  .Arg<xla::ffi::AnyBuffer>()  // add_v
-                                  .Arg<xla::ffi::AnyBuffer>()  // do
-                                  .Ret<xla::ffi::AnyBuffer>()  // dw
-                                  .Ret<xla::ffi::AnyBuffer>()  // dv
-                                  .Ret<xla::ffi::AnyBuffer>()  // dadd_v
-                                  .Attr<natten::I64Span>("kernel_size")
-                                  .Attr<natten::I64Span>("stride")
-                                  .Attr<natten::I64Span>("dilation")
-                                  .Attr<natten::I64Span>("is_causal"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveAvBwd, natten::gpu::NaiveAvBwd, NATTEN_CUDA_BIND(4, 3),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -35,15 +35,5 @@ ffi::Error NaiveAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
 }  // namespace gpu
 }  // namespace natten
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveAvFwd, natten::gpu::NaiveAvFwd,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Arg<xla::ffi::AnyBuffer>()  // v
-                                  .Arg<xla::ffi::AnyBuffer>()  // add_v
-                                  .Ret<xla::ffi::AnyBuffer>()  // o
-                                  .Attr<natten::I64Span>("kernel_size")
-                                  .Attr<natten::I64Span>("stride")
-                                  .Attr<natten::I64Span>("dilation")
-                                  .Attr<natten::I64Span>("is_causal"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveAvFwd, natten::gpu::NaiveAvFwd, NATTEN_CUDA_BIND(3, 1),
                               {xla::ffi::Traits::kCmdBufferCompatible});

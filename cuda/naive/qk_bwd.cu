@@ -49,19 +49,5 @@ ffi::Error NaiveQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
 }  // namespace gpu
 }  // namespace natten
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkBwd, natten::gpu::NaiveQkBwd,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // q
-                                  .Arg<xla::ffi::AnyBuffer>()  // k
-                                  .Arg<xla::ffi::AnyBuffer>()  // add_k
-                                  .Arg<xla::ffi::AnyBuffer>()  // dw
-                                  .Ret<xla::ffi::AnyBuffer>()  // dq
-                                  .Ret<xla::ffi::AnyBuffer>()  // dk
-                                  .Ret<xla::ffi::AnyBuffer>()  // drpb
-                                  .Ret<xla::ffi::AnyBuffer>()  // dadd_k
-                                  .Attr<natten::I64Span>("kernel_size")
-                                  .Attr<natten::I64Span>("stride")
-                                  .Attr<natten::I64Span>("dilation")
-                                  .Attr<natten::I64Span>("is_causal"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkBwd, natten::gpu::NaiveQkBwd, NATTEN_CUDA_BIND(4, 4),
                               {xla::ffi::Traits::kCmdBufferCompatible});

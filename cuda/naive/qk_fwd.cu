@@ -35,16 +35,5 @@ ffi::Error NaiveQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
 }  // namespace gpu
 }  // namespace natten
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkFwd, natten::gpu::NaiveQkFwd,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // q
-                                  .Arg<xla::ffi::AnyBuffer>()  // k
-                                  .Arg<xla::ffi::AnyBuffer>()  // rpb
-                                  .Arg<xla::ffi::AnyBuffer>()  // add_k
-                                  .Ret<xla::ffi::AnyBuffer>()  // w
-                                  .Attr<natten::I64Span>("kernel_size")
-                                  .Attr<natten::I64Span>("stride")
-                                  .Attr<natten::I64Span>("dilation")
-                                  .Attr<natten::I64Span>("is_causal"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenNaiveQkFwd, natten::gpu::NaiveQkFwd, NATTEN_CUDA_BIND(4, 1),
                               {xla::ffi::Traits::kCmdBufferCompatible});

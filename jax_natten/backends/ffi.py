@@ -1,10 +1,19 @@
-"""Native backends: the one place that registers and calls the FFI handlers (`cuda/README.md`).
+"""The FFI ops: the one place that registers the native handlers, describes their buffers, and calls
+them (contract: `cuda/README.md`).
 
-`cpu` runs the host C++ kernels; `naive`, `gemm` and `fused` the CUDA kernels. Every call goes
-through `_call`, which gives the FFI call a batching rule: vmapped arguments fold into the batch
-dim the kernels already loop over (one launch, not one per vmapped element).
+Each op (`FNA_FWD`, `FNA_BWD`, `QK_FWD`, `QK_BWD`, `AV_FWD`, `AV_BWD`) is described once, by an
+`FfiOp`: its target name per backend, its operands and its results (and per backend the workspace
+results the handlers write into instead of allocating). From that description come the result
+shapes and dtypes of every call, which operands and results carry the batch dim (vmap folding),
+and the dim labels the sharding rules are written in (`sharding.py`). The functions of the same
+names (`fna_fwd`, ..., `av_bwd`) call the op on the kernel layout.
+
+Every call goes through `_call`, which gives the FFI call a batching rule: vmapped arguments fold
+into the batch dim the kernels already loop over (one launch, not one per vmapped element).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import jax
@@ -17,6 +26,110 @@ try:
     _IMPORT_ERROR = None
 except ImportError as e:  # the package was not built: only the reference backend works
     _ext, _IMPORT_ERROR = None, e
+
+# Limits and codes the kernels and this package share (cuda/include/natten/limits.h, exported by
+# the extension); None without the extension, where no native backend runs.
+LIMITS: dict | None = _ext.limits() if _ext is not None else None
+
+
+# ----------------------------------------------------------------------------- op descriptions
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One operand or result of an FFI op.
+
+    `dims`: one label per dim. b: batch, x / y / z: spatial (padded to 3), H: query heads, kv: kv
+    heads, d: head dim of q and k, e: head dim of v, w: entries of a weights row (window + S),
+    s: additional tokens, r0 / r1 / r2: rpb extents (2k - 1). A buffer whose first label is `b`
+    is batched. `dtype`: "f32", or the name of the operand whose dtype a result has.
+    `optional`: absent buffers are passed / returned with shape (0,) (rpb and its gradient).
+    """
+    name: str
+    dims: tuple
+    dtype: str = ""
+    optional: bool = False
+
+    @property
+    def batched(self) -> bool:
+        return self.dims[0] == "b"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FfiOp:
+    """An FFI op: `targets` maps each backend that serves it to its target name (the names
+    cuda/module.cc registers); `workspaces` maps a backend to results its handler writes scratch
+    into (float32, sized here, discarded by the caller)."""
+    name: str
+    targets: dict
+    operands: tuple
+    results: tuple
+    workspaces: dict = dataclasses.field(default_factory=dict)
+
+    def results_of(self, backend: str) -> tuple:
+        return self.results + self.workspaces.get(backend, ())
+
+
+_SPACE = ("b", "x", "y", "z")
+_Q = Buffer("q", _SPACE + ("H", "d"))
+_K = Buffer("k", _SPACE + ("kv", "d"))
+_V = Buffer("v", _SPACE + ("kv", "e"))
+_RPB = Buffer("rpb", ("H", "r0", "r1", "r2"), "f32", optional=True)
+_ADD_K = Buffer("add_k", ("b", "s", "kv", "d"))
+_ADD_V = Buffer("add_v", ("b", "s", "kv", "e"))
+_O = Buffer("o", _SPACE + ("H", "e"), "q")
+_LSE = Buffer("lse", _SPACE + ("H",), "f32")
+_W = Buffer("w", _SPACE + ("H", "w"))
+_DRPB = Buffer("drpb", ("b", "H", "r0", "r1", "r2"), "f32", optional=True)  # per batch element
+
+
+def _grad(of: Buffer) -> Buffer:
+    """The gradient of an operand: same dims and dtype."""
+    return Buffer("d" + of.name, of.dims, of.name)
+
+
+FNA_FWD = FfiOp(
+    "fna_fwd",
+    targets={"cpu": "natten_cpu_fna_fwd", "fused": "natten_fused_fna_fwd"},
+    operands=(_Q, _K, _V, _RPB, _ADD_K, _ADD_V),
+    results=(_O, _LSE))
+FNA_BWD = FfiOp(
+    "fna_bwd",
+    targets={"cpu": "natten_cpu_fna_bwd", "fused": "natten_fused_fna_bwd"},
+    operands=(_Q, _K, _V, _RPB, _ADD_K, _ADD_V, Buffer("o", _O.dims), Buffer("lse", _LSE.dims),
+              Buffer("do", _O.dims), Buffer("dlse", _LSE.dims)),
+    results=(_grad(_Q), _grad(_K), _grad(_V), _DRPB, _grad(_ADD_K), _grad(_ADD_V)),
+    # delta = rowsum(do * o) - dlse, per query row; dq_acc: dq in float32, summed in any order
+    # (the Hopper schedule).
+    workspaces={"fused": (Buffer("delta", _LSE.dims, "f32"), Buffer("dq_acc", _Q.dims, "f32"))})
+QK_FWD = FfiOp(
+    "qk_fwd",
+    targets={"cpu": "natten_cpu_qk_fwd", "naive": "natten_naive_qk_fwd",
+             "gemm": "natten_gemm_qk_fwd"},
+    operands=(_Q, _K, _RPB, _ADD_K),
+    results=(Buffer("w", _W.dims, "q"),))
+QK_BWD = FfiOp(
+    "qk_bwd",
+    targets={"cpu": "natten_cpu_qk_bwd", "naive": "natten_naive_qk_bwd",
+             "gemm": "natten_gemm_qk_bwd"},
+    operands=(_Q, _K, _ADD_K, Buffer("dw", _W.dims)),
+    results=(_grad(_Q), _grad(_K), _DRPB, _grad(_ADD_K)))
+AV_FWD = FfiOp(
+    "av_fwd",
+    targets={"cpu": "natten_cpu_av_fwd", "naive": "natten_naive_av_fwd",
+             "gemm": "natten_gemm_av_fwd"},
+    operands=(_W, _V, _ADD_V),
+    results=(Buffer("o", _O.dims, "v"),))
+AV_BWD = FfiOp(
+    "av_bwd",
+    targets={"cpu": "natten_cpu_av_bwd", "naive": "natten_naive_av_bwd",
+             "gemm": "natten_gemm_av_bwd"},
+    operands=(_W, _V, _ADD_V, Buffer("do", _O.dims)),
+    results=(_grad(_W), _grad(_V), _grad(_ADD_V)))
+
+OPS = (FNA_FWD, FNA_BWD, QK_FWD, QK_BWD, AV_FWD, AV_BWD)
+
+
+# ----------------------------------------------------------------------------- registration
 
 _REGISTERED: dict = {}  # target name -> platform
 
@@ -34,7 +147,7 @@ _register()
 
 def available(backend: str) -> bool:
     """Whether this build has kernels for `backend` (`cpu`, `naive`, `gemm` or `fused`)."""
-    return any(name.startswith(f"natten_{backend}_") for name in _REGISTERED)
+    return any(op.targets.get(backend) in _REGISTERED for op in OPS)
 
 
 def unavailable_reason(backend: str) -> str:
@@ -45,21 +158,47 @@ def unavailable_reason(backend: str) -> str:
     return f"this build has no '{backend}' kernels"
 
 
-def _attrs(params, scale=None, tuning=None) -> dict:
-    attrs = dict(kernel_size=np.asarray(params.kernel_size, np.int64),
-                 stride=np.asarray(params.stride, np.int64),
-                 dilation=np.asarray(params.dilation, np.int64),
-                 is_causal=np.asarray(params.is_causal, np.int64))
-    if scale is not None:
-        attrs["scale"] = np.float32(scale)
-    if tuning is not None:  # fused kernels: config.tuning (tiles padded to 3 extents, 0s: choose)
-        attrs["q_tile"] = np.asarray(tuning[0], np.int64)
-        attrs["kv_tile"] = np.asarray(tuning[1], np.int64)
-        attrs["mma"] = np.int64(tuning[3])
-    return attrs
+# ----------------------------------------------------------------------------- calls
+
+def window_attrs(params) -> dict:
+    """The four attributes every handler takes (padded NAParams)."""
+    return dict(kernel_size=np.asarray(params.kernel_size, np.int64),
+                stride=np.asarray(params.stride, np.int64),
+                dilation=np.asarray(params.dilation, np.int64),
+                is_causal=np.asarray(params.is_causal, np.int64))
 
 
-def _call(target: str, outs, args, batched, attrs, lead: int = 1):
+def _present(buf: Buffer, x) -> bool:
+    return not buf.optional or x.ndim == len(buf.dims)
+
+
+def call(op: FfiOp, backend: str, args, attrs: dict, sizes: dict | None = None):
+    """`op` on `backend`'s target with operands `args` (in the order of `op.operands`; an absent
+    optional operand has shape (0,)). Result shapes come from the labels of `op.results_of`:
+    sizes read off the operands, plus `sizes` for labels no operand has (w; r0..r2 of a gradient
+    whose bias is no operand). An optional result is absent (shape (0,)) when a size it needs is
+    unknown. Returns every result, workspaces included."""
+    known = dict(sizes or {})
+    dtypes = {}
+    for buf, x in zip(op.operands, args, strict=True):
+        dtypes[buf.name] = x.dtype
+        if _present(buf, x):
+            for label, n in zip(buf.dims, x.shape, strict=True):
+                known.setdefault(label, n)
+    results = op.results_of(backend)
+    outs = []
+    for buf in results:
+        dtype = jnp.float32 if buf.dtype == "f32" else dtypes[buf.dtype]
+        if buf.optional and not all(label in known for label in buf.dims):
+            outs.append(((0,), dtype, False))
+        else:
+            outs.append((tuple(known[label] for label in buf.dims), dtype, buf.batched))
+    layouts = (tuple(b.dims for b in op.operands), tuple(b.dims for b in results))
+    batched = tuple(b.batched for b in op.operands)
+    return _call(op.targets[backend], outs, tuple(args), batched, attrs, layouts)
+
+
+def _call(target: str, outs, args, batched, attrs, layouts, lead: int = 1):
     """FFI call of `target` with `outs` = [(shape, dtype, has_batch)] and `args`.
 
     `batched[i]` says whether `args[i]` starts with the batch dims (`lead` of them: vmapped axes
@@ -70,112 +209,36 @@ def _call(target: str, outs, args, batched, attrs, lead: int = 1):
     out_types = [jax.ShapeDtypeStruct(s, d) for s, d, _ in outs]
 
     @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharding.ffi_call(target, out_types, args, attrs, lead)
+    def run(*args):
+        return sharding.ffi_call(target, out_types, args, attrs, layouts, lead)
 
-    @call.def_vmap
+    @run.def_vmap
     def fold(axis_size, in_batched, *args):
         if any(b and not has_b for b, has_b in zip(in_batched, batched)):
             # e.g. per-example rpb: one call per element (always correct, rarely needed).
             full = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
                     for a, b in zip(args, in_batched)]
-            res = jax.lax.map(lambda xs: _call(target, outs, xs, batched, attrs, lead), full)
+            res = jax.lax.map(lambda xs: _call(target, outs, xs, batched, attrs, layouts, lead),
+                              full)
             return tuple(res), (True,) * len(outs)
         # The vmapped axis becomes one more leading batch dim (folded inside the call, so a
         # sharded vmapped or batch axis stays sharded under jit).
         full = [a if b or not has_b else jnp.broadcast_to(a, (axis_size,) + a.shape)
                 for a, b, has_b in zip(args, in_batched, batched)]
         inner = [((axis_size,) + tuple(s) if has_b else s, d, has_b) for s, d, has_b in outs]
-        res = _call(target, inner, full, batched, attrs, lead + 1)
+        res = _call(target, inner, full, batched, attrs, layouts, lead + 1)
         return tuple(res), tuple(has_b for _, _, has_b in outs)
 
-    return call(*args)
+    return run(*args)
 
 
-# The kernels see the padded 3-D layout: q [B, X, Y, Z, H, D], k/v [B, X, Y, Z, KVH, D(v)],
-# rpb [H, rx, ry, rz] (or 0 elements), additional kv [B, S, KVH, D(v)] (S may be 0).
+# ----------------------------------------------------------------------------- the six ops
+# Kernel layout (padded to 3-D): q [B, X, Y, Z, H, D], k/v [B, X, Y, Z, KVH, D(v)],
+# rpb [H, rx, ry, rz], additional kv [B, S, KVH, D(v)]. Absent rpb / additional kv are passed as
+# 0-element buffers. Gradients of rpb come back per batch element and are summed here.
 
 def _absent_rpb():
     return jnp.zeros((0,), jnp.float32)
-
-
-def _drpb_shape(q, rpb):
-    """Per-batch partial d-rpb [B, H, rx, ry, rz] (the kernels never reduce across the batch, so
-    vmapped batches stay separate); 0 elements when there is no rpb."""
-    return (q.shape[0],) + tuple(rpb.shape) if rpb is not None else (0,)
-
-
-def fna_forward(backend, q, k, v, rpb, add_k, add_v, params, scale, tuning=None):
-    """-> o, lse. `tuning`: the fused kernels' (q_tile, kv_tile, deterministic, mma code)
-    (config.tuning), None otherwise."""
-    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
-    add_k, add_v = _additional(q, k, v, add_k, add_v)
-    outs = [(q.shape[:-1] + (v.shape[-1],), q.dtype, True), (q.shape[:-1], jnp.float32, True)]
-    o, lse = _call(f"natten_{backend}_fna_fwd", outs, (q, k, v, rpb, add_k, add_v),
-                   (True, True, True, False, True, True), _attrs(params, scale, tuning))
-    return o, lse
-
-
-def fna_backward(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, params, scale,
-                 tuning=None):
-    """-> dq, dk, dv, drpb (summed over batch; None when absent), dadd_k, dadd_v.
-
-    The fused kernels also take two workspace outputs (handlers allocate nothing): delta =
-    rowsum(do * o) - dlse (f32, shape of lse) and a float32 dq accumulator (shape of q), and the
-    `deterministic` attribute."""
-    has_rpb = rpb is not None
-    drpb_shape = _drpb_shape(q, rpb)
-    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
-    add_k, add_v = _additional(q, k, v, add_k, add_v)
-    outs = [(q.shape, q.dtype, True), (k.shape, k.dtype, True), (v.shape, v.dtype, True),
-            (drpb_shape, jnp.float32, has_rpb),
-            (add_k.shape, add_k.dtype, True), (add_v.shape, add_v.dtype, True)]
-    args = (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32))
-    attrs = _attrs(params, scale, tuning)
-    if tuning is not None:
-        outs.append((lse.shape, jnp.float32, True))  # delta workspace
-        outs.append((q.shape, jnp.float32, True))  # dq workspace (float32 adds, Hopper schedule)
-        attrs["deterministic"] = np.int64(bool(tuning[2]))
-    dq, dk, dv, drpb, dak, dav, *_ = _call(
-        f"natten_{backend}_fna_bwd", outs, args,
-        (True, True, True, False, True, True, True, True, True, True), attrs)
-    return dq, dk, dv, (drpb.sum(0) if has_rpb else None), dak, dav
-
-
-def qk_forward(backend, q, k, rpb, add_k, params):
-    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
-    add_k = _zero_tokens(k) if add_k is None else add_k
-    width = params.window_size + add_k.shape[1]
-    outs = [(q.shape[:-1] + (width,), q.dtype, True)]
-    (w,) = _call(f"natten_{backend}_qk_fwd", outs, (q, k, rpb, add_k), (True, True, False, True),
-                 _attrs(params))
-    return w
-
-
-def qk_backward(backend, q, k, rpb, add_k, dw, params):
-    has_rpb = rpb is not None
-    add_k = _zero_tokens(k) if add_k is None else add_k
-    outs = [(q.shape, q.dtype, True), (k.shape, k.dtype, True),
-            (_drpb_shape(q, rpb), jnp.float32, has_rpb), (add_k.shape, add_k.dtype, True)]
-    dq, dk, drpb, dak = _call(f"natten_{backend}_qk_bwd", outs, (q, k, add_k, dw.astype(q.dtype)),
-                              (True, True, True, True), _attrs(params))
-    return dq, dk, (drpb.sum(0) if has_rpb else None), dak
-
-
-def av_forward(backend, w, v, add_v, params):
-    add_v = _zero_tokens(v) if add_v is None else add_v
-    outs = [(w.shape[:-1] + (v.shape[-1],), v.dtype, True)]
-    (o,) = _call(f"natten_{backend}_av_fwd", outs, (w, v, add_v), (True, True, True),
-                 _attrs(params))
-    return o
-
-
-def av_backward(backend, w, v, add_v, do, params):
-    add_v = _zero_tokens(v) if add_v is None else add_v
-    outs = [(w.shape, w.dtype, True), (v.shape, v.dtype, True), (add_v.shape, add_v.dtype, True)]
-    dw, dv, dav = _call(f"natten_{backend}_av_bwd", outs, (w, v, add_v, do.astype(v.dtype)),
-                        (True, True, True, True), _attrs(params))
-    return dw, dv, dav
 
 
 def _zero_tokens(x):
@@ -183,6 +246,58 @@ def _zero_tokens(x):
     return jnp.zeros((x.shape[0], 0) + x.shape[-2:], x.dtype)
 
 
-def _additional(q, k, v, add_k, add_v):
-    return (_zero_tokens(k) if add_k is None else add_k,
-            _zero_tokens(v) if add_v is None else add_v)
+def _sum_drpb(drpb, has_rpb: bool):
+    return drpb.sum(0) if has_rpb else None
+
+
+def fna_fwd(backend, q, k, v, rpb, add_k, add_v, attrs: dict):
+    """-> o, lse. `attrs`: the window attributes, scale, and the backend's own."""
+    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
+    add_k = _zero_tokens(k) if add_k is None else add_k
+    add_v = _zero_tokens(v) if add_v is None else add_v
+    o, lse = call(FNA_FWD, backend, (q, k, v, rpb, add_k, add_v), attrs)
+    return o, lse
+
+
+def fna_bwd(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, attrs: dict):
+    """-> dq, dk, dv, drpb (summed over the batch; None without rpb), dadd_k, dadd_v."""
+    has_rpb = rpb is not None
+    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
+    add_k = _zero_tokens(k) if add_k is None else add_k
+    add_v = _zero_tokens(v) if add_v is None else add_v
+    dq, dk, dv, drpb, dak, dav, *_workspaces = call(
+        FNA_BWD, backend, (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype),
+                           dlse.astype(jnp.float32)), attrs)
+    return dq, dk, dv, _sum_drpb(drpb, has_rpb), dak, dav
+
+
+def qk_fwd(backend, q, k, rpb, add_k, params):
+    """-> w [B, X, Y, Z, H, K + S] (unscaled logits + rpb)."""
+    rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
+    add_k = _zero_tokens(k) if add_k is None else add_k
+    (w,) = call(QK_FWD, backend, (q, k, rpb, add_k), window_attrs(params),
+                sizes={"w": params.window_size + add_k.shape[1]})
+    return w
+
+
+def qk_bwd(backend, q, k, rpb, add_k, dw, params):
+    """-> dq, dk, drpb (summed over the batch; None without rpb), dadd_k. `rpb` only says whether
+    there is a bias (and its shape): the backward does not read it."""
+    add_k = _zero_tokens(k) if add_k is None else add_k
+    sizes = {} if rpb is None else dict(zip(("r0", "r1", "r2"), rpb.shape[1:]))
+    dq, dk, drpb, dak = call(QK_BWD, backend, (q, k, add_k, dw.astype(q.dtype)),
+                             window_attrs(params), sizes=sizes)
+    return dq, dk, _sum_drpb(drpb, rpb is not None), dak
+
+
+def av_fwd(backend, w, v, add_v, params):
+    """-> o [B, X, Y, Z, H, Dv] (dtype of v)."""
+    add_v = _zero_tokens(v) if add_v is None else add_v
+    (o,) = call(AV_FWD, backend, (w, v, add_v), window_attrs(params))
+    return o
+
+
+def av_bwd(backend, w, v, add_v, do, params):
+    """-> dw, dv, dadd_v."""
+    add_v = _zero_tokens(v) if add_v is None else add_v
+    return tuple(call(AV_BWD, backend, (w, v, add_v, do.astype(v.dtype)), window_attrs(params)))

@@ -149,3 +149,11 @@ inline ffi::Error make_params(const Problem& p, int64_t dim, Params& out) {
 
 }  // namespace gpu
 }  // namespace natten
+
+// The binding of every CUDA handler: XLA's stream, then `args` operand and `rets` result buffers in
+// the handler's parameter order, then the four window attributes (natten/ffi_helpers.h:
+// bind_buffers). The counts are those of the op's description (cuda/README.md). Handlers with more
+// attributes append them.
+#define NATTEN_CUDA_BIND(args, rets)                \
+  (natten::bind_buffers<args, rets>(                \
+      xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()))

@@ -1,0 +1,84 @@
+"""The unfused ops (`na*d_qk`, `na*d_av`) on "cpu", "naive" and "gemm", one custom call each way,
+and the attention op on "naive" / "gemm", composed of them.
+
+    qk (custom_vjp):  _qk_fwd -> ffi.qk_fwd -> natten_{cpu,naive,gemm}_qk_fwd    -> w
+                      _qk_bwd -> ffi.qk_bwd -> natten_{cpu,naive,gemm}_qk_bwd    -> dq, dk, ...
+    av (custom_vjp):  _av_fwd -> ffi.av_fwd -> natten_{cpu,naive,gemm}_av_fwd    -> o
+                      _av_bwd -> ffi.av_bwd -> natten_{cpu,naive,gemm}_av_bwd    -> dw, dv, ...
+    attention:        qk -> float32 softmax -> av (JAX differentiates the composition)
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .. import sharding
+from . import ffi
+
+BACKENDS = ("cpu", "naive", "gemm")  # the qk / av ops
+ATTENTION_BACKENDS = ("naive", "gemm")  # the attention op composed of them
+
+
+def unsupported(backend: str, head_dims: tuple) -> str | None:
+    """Why `backend` cannot serve this call for its head dims (None if it can): the "gemm"
+    kernels move rows as 16-byte vectors."""
+    if backend != "gemm":
+        return None
+    multiple = ffi.LIMITS["gemm_head_dim_multiple"]
+    if any(d % multiple for d in head_dims):
+        return (f"head dims must be multiples of {multiple} ({multiple}, {2 * multiple}, ..., "
+                f"any size), got {', '.join(map(str, head_dims))}")
+    return None
+
+
+# Arguments in kernel layout; `params` (padded NAParams) and `backend` are static.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def qk(q, k, rpb, add_k, params, backend):
+    """-> w: unscaled logits q.k + rpb per window offset, then per additional key."""
+    return ffi.qk_fwd(backend, q, k, rpb, add_k, params)
+
+
+def _qk_fwd(q, k, rpb, add_k, params, backend):
+    return ffi.qk_fwd(backend, q, k, rpb, add_k, params), (q, k, rpb, add_k)
+
+
+def _qk_bwd(params, backend, res, dw):
+    q, k, rpb, add_k = res
+    dq, dk, drpb, dak = ffi.qk_bwd(backend, q, k, rpb, add_k, dw, params)
+    return sharding.like_primals((dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
+                                  None if add_k is None else dak), (q, k, rpb, add_k))
+
+
+qk.defvjp(_qk_fwd, _qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def av(w, v, add_v, params, backend):
+    """-> o = sum_t w[..., t] v[key t] (+ additional values)."""
+    return ffi.av_fwd(backend, w, v, add_v, params)
+
+
+def _av_fwd(w, v, add_v, params, backend):
+    return ffi.av_fwd(backend, w, v, add_v, params), (w, v, add_v)
+
+
+def _av_bwd(params, backend, res, do):
+    w, v, add_v = res
+    dw, dv, dav = ffi.av_bwd(backend, w, v, add_v, do, params)
+    return sharding.like_primals((dw, dv, None if add_v is None else dav), (w, v, add_v))
+
+
+av.defvjp(_av_fwd, _av_bwd)
+
+
+def attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
+    """-> (o, lse) as qk -> float32 softmax -> av. Scaling q first keeps the bias unscaled:
+    (scale q).k + rpb."""
+    logits = qk((q.astype(jnp.float32) * scale).astype(q.dtype), k, rpb, add_k, params, backend)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    weights = jnp.exp(logits - lse[..., None]).astype(q.dtype)
+    return av(weights, v, add_v, params, backend), lse
