@@ -41,7 +41,8 @@ ffi::Error GemmQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                      ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
                      I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride,
+                          dilation, is_causal));
   const ffi::DataType dt = q.element_type();
   NATTEN_TRY(gemm::check_head_dim("query/key", p.dim));
   Params a;
@@ -51,15 +52,9 @@ ffi::Error GemmQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                              add_k.untyped_data(), dq->untyped_data()));
   NATTEN_TRY(gemm::launch_in(stream, dt, p, p.dim, dw.untyped_data(), dt, q.untyped_data(),
                              dk->untyped_data()));
-  return dispatch_float(dt, [&](auto tag) -> ffi::Error {
-    using T = typename decltype(tag)::type;
-    NATTEN_TRY((naive::launch_additional_reduce<T, T, T>(
-        stream, a, dw.untyped_data(), q.untyped_data(), dadd_k->untyped_data())));
-    if (p.has_rpb)
-      NATTEN_TRY(naive::launch_rpb_grad<T>(stream, a, dw.untyped_data(),
-                                           static_cast<float*>(drpb->untyped_data())));
-    return ok();
-  });
+  return naive::launch_qk_bwd_reductions(stream, a, dt, p.has_rpb, dw.untyped_data(),
+                                         q.untyped_data(), dadd_k->untyped_data(),
+                                         static_cast<float*>(drpb->untyped_data()));
 }
 
 ffi::Error GemmAvFwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ffi::AnyBuffer add_v,
@@ -78,7 +73,8 @@ ffi::Error GemmAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ff
                      ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dadd_v,
                      I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation,
+                          is_causal));
   const ffi::DataType wt = w.element_type(), vt = v.element_type();
   NATTEN_TRY(gemm::check_head_dim("value", p.dim_v));
   Params a;
@@ -89,14 +85,8 @@ ffi::Error GemmAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, ff
                              /*fill=*/0.f));
   NATTEN_TRY(gemm::launch_in(stream, vt, p, p.dim_v, w.untyped_data(), wt, d_o.untyped_data(),
                              dv->untyped_data()));
-  return dispatch_float(wt, [&](auto wtag) -> ffi::Error {
-    return dispatch_float(vt, [&](auto vtag) -> ffi::Error {
-      using TW = typename decltype(wtag)::type;
-      using TV = typename decltype(vtag)::type;
-      return naive::launch_additional_reduce<TW, TV, TV>(
-          stream, a, w.untyped_data(), d_o.untyped_data(), dadd_v->untyped_data());
-    });
-  });
+  return naive::launch_av_bwd_reduction(stream, a, wt, vt, w.untyped_data(), d_o.untyped_data(),
+                                        dadd_v->untyped_data());
 }
 
 }  // namespace

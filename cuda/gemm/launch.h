@@ -1,6 +1,6 @@
-// Host entry points of the GEMM-based kernels (cuda/gemm/gemm.cuh describes them), one .cu file
-// each so the template instances compile in parallel. The handlers (handlers.cu) validate first;
-// these build the tiling, dispatch on the compute dtype and check the launch.
+// Host entry points of the GEMM-based kernels, defined next to their kernels in pn.cu, nn.cu and
+// in.cu (gemm.cuh describes the three products). The handlers (handlers.cu) validate first; these
+// build the tiling, dispatch on the compute dtype and launch (gpu::launch).
 #pragma once
 
 #include <cuda_runtime.h>

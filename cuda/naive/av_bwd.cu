@@ -22,12 +22,13 @@ ffi::Error NaiveAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
                       ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dadd_v,
                       I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_av_bwd(p, w, v, add_v, d_o, *dw, *dv, *dadd_v, kernel_size, stride, dilation,
+                          is_causal));
   const ffi::DataType wt = w.element_type(), vt = v.element_type();
   Params a;
   NATTEN_TRY(make_params(p, p.dim_v, a));
   NATTEN_TRY(poison_outputs(stream, *dw, *dv, *dadd_v));
-  return dispatch_float(wt, [&](auto wtag) -> ffi::Error {
+  NATTEN_TRY(dispatch_float(wt, [&](auto wtag) -> ffi::Error {
     return dispatch_float(vt, [&](auto vtag) -> ffi::Error {
       using TW = typename decltype(wtag)::type;
       using TV = typename decltype(vtag)::type;
@@ -35,13 +36,12 @@ ffi::Error NaiveAvBwd(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v, f
                                                        v.untyped_data(), add_v.untyped_data(),
                                                        /*rpb=*/nullptr, dw->untyped_data(),
                                                        /*fill=*/0.f)));
-      NATTEN_TRY((naive::launch_inverse_gather<TW, TV, TV>(
-          stream, a, w.untyped_data(), d_o.untyped_data(), dv->untyped_data())));
-      NATTEN_TRY((naive::launch_additional_reduce<TW, TV, TV>(
-          stream, a, w.untyped_data(), d_o.untyped_data(), dadd_v->untyped_data())));
-      return ok();
+      return naive::launch_inverse_gather<TW, TV, TV>(stream, a, w.untyped_data(),
+                                                      d_o.untyped_data(), dv->untyped_data());
     });
-  });
+  }));
+  return naive::launch_av_bwd_reduction(stream, a, wt, vt, w.untyped_data(), d_o.untyped_data(),
+                                        dadd_v->untyped_data());
 }
 
 }  // namespace

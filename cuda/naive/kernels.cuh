@@ -26,6 +26,8 @@ namespace natten {
 namespace gpu {
 namespace naive {
 
+constexpr int kBlockThreads = 256;  // threads of a block: one output element each, or a tree sum
+
 // ---- small device helpers -----------------------------------------------------------------------
 __device__ __forceinline__ void token_coords(const Params& p, int64_t n, int& x, int& y, int& z) {
   z = static_cast<int>(n % p.Z);
@@ -83,7 +85,7 @@ __device__ __forceinline__ int axis_offset(const AxisParams& a, const AxisInvers
 // qk_fwd: a = q, kv = k, add_kv = add_k, fill = -inf.  av_bwd (dw): a = do, kv = v, add_kv = add_v,
 // no rpb, fill = 0.
 template <typename TA, typename TKV, typename TO>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 window_dot_kernel(Params p, const TA* __restrict__ a, const TKV* __restrict__ kv,
                   const TKV* __restrict__ add_kv, const float* __restrict__ rpb,
                   TO* __restrict__ out, float fill) {
@@ -137,7 +139,7 @@ window_dot_kernel(Params p, const TA* __restrict__ a, const TKV* __restrict__ kv
 // weights past a causal query (e.g. -inf logits) are never read.
 // av_fwd: w = w, kv = v, add_kv = add_v.  qk_bwd (dq): w = dw, kv = k, add_kv = add_k.
 template <typename TW, typename TKV, typename TO>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 window_gather_kernel(Params p, const TW* __restrict__ w, const TKV* __restrict__ kv,
                      const TKV* __restrict__ add_kv, TO* __restrict__ out) {
   const int64_t total = p.batch * p.tokens * p.heads * p.dim;
@@ -191,7 +193,7 @@ window_gather_kernel(Params p, const TW* __restrict__ w, const TKV* __restrict__
 // Fixed loop order (x, y, z, head): deterministic.
 // qk_bwd (dk): w = dw, a = q.  av_bwd (dv): w = w, a = do.
 template <typename TW, typename TA, typename TO>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 inverse_gather_kernel(Params p, const TW* __restrict__ w, const TA* __restrict__ a,
                       TO* __restrict__ out) {
   const int64_t total = p.batch * p.tokens * p.kv_heads * p.dim;
@@ -292,13 +294,15 @@ additional_reduce_kernel(Params p, const TW* __restrict__ w, const TA* __restric
 // drpb[b, h, r] = sum over queries n with a valid window offset t at relative index r:
 //                 dw[b, n, h, t],   r = (ix, iy, iz), offset along axis a: ta = ia - rpb0_a(n),
 //                 valid iff 0 <= ta < count_a(n) on every axis.
-// One block (kThreads) per (b, h, r); threads stride over the queries, then a fixed tree reduction
-// in shared memory: deterministic, no atomics. Per-batch partial sums (Python sums over B).
+// One block (kBlockThreads) per (b, h, r); threads stride over the queries, then a fixed tree
+// reduction in shared memory: deterministic, no atomics. Per-batch partial sums (Python sums them
+// over B).
 template <typename TW>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 rpb_grad_kernel(Params p, const TW* __restrict__ dw, float* __restrict__ drpb) {
-  static_assert((kThreads & (kThreads - 1)) == 0, "tree reduction needs a power-of-two block");
-  __shared__ float partial[kThreads];
+  static_assert((kBlockThreads & (kBlockThreads - 1)) == 0,
+                "tree reduction needs a power-of-two block");
+  __shared__ float partial[kBlockThreads];
   const int64_t blocks = p.batch * p.heads * p.R;
   for (int64_t blk = blockIdx.x; blk < blocks; blk += gridDim.x) {  // blk == (b * H + h) * R + r
     const int r = static_cast<int>(blk % p.R);
@@ -309,7 +313,7 @@ rpb_grad_kernel(Params p, const TW* __restrict__ dw, float* __restrict__ drpb) {
     const int iy = (r / p.rz) % p.ry;
     const int ix = r / (p.rz * p.ry);
     float acc = 0.f;
-    for (int64_t n = threadIdx.x; n < p.tokens; n += kThreads) {
+    for (int64_t n = threadIdx.x; n < p.tokens; n += kBlockThreads) {
       int x, y, z;
       token_coords(p, n, x, y, z);
       const AxisWindow wx = axis_window(p.ax[0], x);
@@ -326,7 +330,7 @@ rpb_grad_kernel(Params p, const TW* __restrict__ dw, float* __restrict__ drpb) {
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    for (int stride = kBlockThreads / 2; stride > 0; stride >>= 1) {
       if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
       __syncthreads();
     }
@@ -335,37 +339,34 @@ rpb_grad_kernel(Params p, const TW* __restrict__ dw, float* __restrict__ drpb) {
   }
 }
 
-// ---- launchers: skip empty launches, check every launch -----------------------------------------
+// ---- launchers (gpu::launch: skip empty launches, check every launch) ---------------------------
+// Blocks of kBlockThreads threads, one thread per item in a grid-stride loop.
+inline unsigned item_grid(int64_t items) { return items == 0 ? 0 : grid_for(items, kBlockThreads); }
+
 template <typename TA, typename TKV, typename TO>
 ffi::Error launch_window_dot(cudaStream_t stream, const Params& p, const void* a, const void* kv,
                              const void* add_kv, const float* rpb, void* out, float fill) {
-  const int64_t total = p.batch * p.tokens * p.heads * p.W;
-  if (total == 0) return ok();
-  window_dot_kernel<TA, TKV, TO><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-      p, static_cast<const TA*>(a), static_cast<const TKV*>(kv), static_cast<const TKV*>(add_kv),
-      rpb, static_cast<TO*>(out), fill);
-  return check_launch("naive window_dot_kernel");
+  return launch("naive window_dot_kernel", window_dot_kernel<TA, TKV, TO>,
+                item_grid(p.batch * p.tokens * p.heads * p.W), kBlockThreads, stream, p,
+                static_cast<const TA*>(a), static_cast<const TKV*>(kv),
+                static_cast<const TKV*>(add_kv), rpb, static_cast<TO*>(out), fill);
 }
 
 template <typename TW, typename TKV, typename TO>
 ffi::Error launch_window_gather(cudaStream_t stream, const Params& p, const void* w, const void* kv,
                                 const void* add_kv, void* out) {
-  const int64_t total = p.batch * p.tokens * p.heads * p.dim;
-  if (total == 0) return ok();
-  window_gather_kernel<TW, TKV, TO><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-      p, static_cast<const TW*>(w), static_cast<const TKV*>(kv), static_cast<const TKV*>(add_kv),
-      static_cast<TO*>(out));
-  return check_launch("naive window_gather_kernel");
+  return launch("naive window_gather_kernel", window_gather_kernel<TW, TKV, TO>,
+                item_grid(p.batch * p.tokens * p.heads * p.dim), kBlockThreads, stream, p,
+                static_cast<const TW*>(w), static_cast<const TKV*>(kv),
+                static_cast<const TKV*>(add_kv), static_cast<TO*>(out));
 }
 
 template <typename TW, typename TA, typename TO>
 ffi::Error launch_inverse_gather(cudaStream_t stream, const Params& p, const void* w, const void* a,
                                  void* out) {
-  const int64_t total = p.batch * p.tokens * p.kv_heads * p.dim;
-  if (total == 0) return ok();
-  inverse_gather_kernel<TW, TA, TO><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-      p, static_cast<const TW*>(w), static_cast<const TA*>(a), static_cast<TO*>(out));
-  return check_launch("naive inverse_gather_kernel");
+  return launch("naive inverse_gather_kernel", inverse_gather_kernel<TW, TA, TO>,
+                item_grid(p.batch * p.tokens * p.kv_heads * p.dim), kBlockThreads, stream, p,
+                static_cast<const TW*>(w), static_cast<const TA*>(a), static_cast<TO*>(out));
 }
 
 template <typename TW, typename TA, typename TO>
@@ -373,21 +374,26 @@ ffi::Error launch_additional_reduce(cudaStream_t stream, const Params& p, const 
                                     const void* a, void* out) {
   const int64_t blocks =
       p.batch * p.S * p.kv_heads * static_cast<int64_t>((p.dim + kRedLanes - 1) / kRedLanes);
-  if (blocks == 0) return ok();
-  const dim3 block(kRedLanes, kRedRows);
-  additional_reduce_kernel<TW, TA, TO><<<grid_for(blocks, 1), block, 0, stream>>>(
-      p, static_cast<const TW*>(w), static_cast<const TA*>(a), static_cast<TO*>(out));
-  return check_launch("naive additional_reduce_kernel");
+  return launch("naive additional_reduce_kernel", additional_reduce_kernel<TW, TA, TO>,
+                blocks == 0 ? 0 : grid_for(blocks, 1), dim3(kRedLanes, kRedRows), stream, p,
+                static_cast<const TW*>(w), static_cast<const TA*>(a), static_cast<TO*>(out));
 }
 
 template <typename TW>
 ffi::Error launch_rpb_grad(cudaStream_t stream, const Params& p, const void* dw, float* drpb) {
   const int64_t blocks = p.batch * p.heads * p.R;
-  if (blocks == 0) return ok();
-  rpb_grad_kernel<TW><<<grid_for(blocks, 1), kThreads, 0, stream>>>(p, static_cast<const TW*>(dw),
-                                                                      drpb);
-  return check_launch("naive rpb_grad_kernel");
+  return launch("naive rpb_grad_kernel", rpb_grad_kernel<TW>, blocks == 0 ? 0 : grid_for(blocks, 1),
+                kBlockThreads, stream, p, static_cast<const TW*>(dw), drpb);
 }
+
+// ---- the backward ops' reductions, shared by the naive and gemm handlers (reductions.cu) -------
+// qk_bwd: dadd_k from dw and q (dtype t), and drpb when the call has a bias.
+ffi::Error launch_qk_bwd_reductions(cudaStream_t stream, const Params& p, ffi::DataType t,
+                                    bool has_rpb, const void* dw, const void* q, void* dadd_k,
+                                    float* drpb);
+// av_bwd: dadd_v from w (dtype wt) and do (dtype vt).
+ffi::Error launch_av_bwd_reduction(cudaStream_t stream, const Params& p, ffi::DataType wt,
+                                   ffi::DataType vt, const void* w, const void* d_o, void* dadd_v);
 
 }  // namespace naive
 }  // namespace gpu

@@ -25,24 +25,22 @@ ffi::Error NaiveQkBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
                       ffi::Result<ffi::AnyBuffer> dadd_k, I64Span kernel_size, I64Span stride,
                       I64Span dilation, I64Span is_causal) {
   Problem p;
-  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_qk_bwd(p, q, k, add_k, dw, *dq, *dk, *drpb, *dadd_k, kernel_size, stride,
+                          dilation, is_causal));
   const ffi::DataType dt = q.element_type();
   Params a;
   NATTEN_TRY(make_params(p, p.dim, a));
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *drpb, *dadd_k));
-  return dispatch_float(dt, [&](auto tag) -> ffi::Error {
+  NATTEN_TRY(dispatch_float(dt, [&](auto tag) -> ffi::Error {
     using T = typename decltype(tag)::type;
     NATTEN_TRY((naive::launch_window_gather<T, T, T>(stream, a, dw.untyped_data(), k.untyped_data(),
                                                      add_k.untyped_data(), dq->untyped_data())));
-    NATTEN_TRY((naive::launch_inverse_gather<T, T, T>(stream, a, dw.untyped_data(),
-                                                      q.untyped_data(), dk->untyped_data())));
-    NATTEN_TRY((naive::launch_additional_reduce<T, T, T>(
-        stream, a, dw.untyped_data(), q.untyped_data(), dadd_k->untyped_data())));
-    if (p.has_rpb)
-      NATTEN_TRY(naive::launch_rpb_grad<T>(stream, a, dw.untyped_data(),
-                                           static_cast<float*>(drpb->untyped_data())));
-    return ok();
-  });
+    return naive::launch_inverse_gather<T, T, T>(stream, a, dw.untyped_data(), q.untyped_data(),
+                                                 dk->untyped_data());
+  }));
+  return naive::launch_qk_bwd_reductions(stream, a, dt, p.has_rpb, dw.untyped_data(),
+                                         q.untyped_data(), dadd_k->untyped_data(),
+                                         static_cast<float*>(drpb->untyped_data()));
 }
 
 }  // namespace

@@ -61,10 +61,10 @@ ffi::Error dispatch_float(ffi::DataType dtype, F&& f) {
 }
 
 // ---- launches -----------------------------------------------------------------------------------
-constexpr int kThreads = 256;
 // Kernels use grid-stride loops, so the grid can be capped without losing elements.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
+// Blocks of a grid-stride kernel over `items` (at least 1, at most kMaxBlocks).
 inline unsigned grid_for(int64_t items, int64_t per_block) {
   int64_t blocks = (items + per_block - 1) / per_block;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
@@ -101,6 +101,16 @@ inline ffi::Error check_launch(const char* what) {
   if (e == cudaSuccess) return ok();
   return ffi::Error(ffi::ErrorCode::kInternal, std::string("natten: CUDA launch of ") + what +
                                                    " failed: " + cudaGetErrorString(e));
+}
+
+// How the unfused backends (naive, gemm) launch a kernel: on XLA's stream, nothing when `grid` is
+// 0 (an empty problem), the launch checked. `args` convert to the kernel's parameter types.
+template <typename... KernelParams, typename... Args>
+ffi::Error launch(const char* what, void (*kernel)(KernelParams...), unsigned grid, dim3 block,
+                  cudaStream_t stream, const Args&... args) {
+  if (grid == 0) return ok();
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return check_launch(what);
 }
 
 // ---- kernel arguments ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-// CUDA FFI handler symbols (platform "CUDA"), defined in cuda/naive/*.cu and cuda/gemm/*.cu and
-// registered by cuda/module.cc as natten_{naive,gemm}_{qk,av}_{fwd,bwd}. The contract is
-// cuda/README.md.
+// CUDA FFI handler symbols (platform "CUDA"), defined in cuda/naive/*.cu, cuda/gemm/handlers.cu and
+// cuda/fna/handlers.cu, registered by cuda/module.cc. Their buffers are described in
+// cuda/README.md (and jax_natten/backends/ffi.py).
 // Plain C++: includable from host-only translation units.
 #pragma once
 
@@ -13,14 +13,14 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveQkBwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenNaiveAvBwd);
 
-// The same four ops on the GEMM-based kernels (cuda/gemm/gemm.cuh), same buffers and attributes.
+// The same four ops on the GEMM-based kernels (cuda/gemm/), same buffers and attributes.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmQkBwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenGemmAvBwd);
 
 // Fused attention (cuda/fna/): fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse; fna_bwd: + o, lse,
-// do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v, delta (workspace). Extra attributes: scale,
-// q_tile, kv_tile (and deterministic for the backward).
+// do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v, then the workspaces delta and dq_acc. Extra
+// attributes: scale, q_tile, kv_tile, mma (and deterministic for the backward).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenFusedFnaFwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(NattenFusedFnaBwd);

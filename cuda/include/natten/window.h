@@ -1,5 +1,6 @@
 // Neighborhood-attention window math: the one C++ definition, shared by host and device code.
-// It mirrors jax_natten/_window.py line for line (docs/semantics.md §2-§5); tests check the two agree.
+// It mirrors jax_natten/_window.py line for line (docs/semantics.md §2-§5); tests check the two
+// agree.
 //
 // Every kernel sees a 3-D token layout: the Python layer pads rank-1 and rank-2 problems with leading
 // axes of length 1 (kernel 1, stride 1, dilation 1, not causal), for which the window is the single
