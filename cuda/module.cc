@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "fna/tiling.h"  // host-only: the fused kernels' tile choice, exposed for tests
 #include "natten/cpu_handlers.h"
 #include "natten/limits.h"
 #include "natten/window.h"
@@ -100,6 +101,35 @@ NB_MODULE(_natten_ext, m) {
         return out;
       },
       "[(first, last)] of natten::inverse_window for every key of one (undilated) axis.");
+
+  // fna/tiling.h exposed so tests can check the fused kernels' tile choice on the host.
+  m.def(
+      "fna_tiling",
+      [](std::vector<int> extent, std::vector<int> kernel, std::vector<int> stride,
+         std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
+         std::vector<int64_t> kv_tile, int q_max_log, int kv_max_log) {
+        namespace fna = natten::gpu::fna;
+        const size_t rank = natten::kMaxRank;
+        for (const auto* v : {&extent, &kernel, &stride, &dilation})
+          if (v->size() != rank) throw nb::value_error("give 3 entries per axis list");
+        if (causal.size() != rank) throw nb::value_error("give 3 causal flags");
+        natten::Problem p;
+        for (int a = 0; a < natten::kMaxRank; ++a) {
+          check_axis(extent[a], kernel[a], stride[a], dilation[a]);
+          p.extent[a] = extent[a];
+          p.axis[a] = natten::AxisParams{extent[a], kernel[a], stride[a], dilation[a], causal[a]};
+        }
+        fna::Tiling t;
+        const natten::ffi::Error e =
+            fna::choose_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
+                               natten::I64Span(kv_tile.data(), kv_tile.size()), q_max_log, t,
+                               kv_max_log);
+        if (e.failure()) throw nb::value_error(e.message().c_str());
+        return std::make_pair(std::make_tuple(t.qlog[0], t.qlog[1], t.qlog[2]),
+                              std::make_tuple(t.kvlog[0], t.kvlog[1], t.kvlog[2]));
+      },
+      "(query tile, key tile) log2 extents per axis that fna::choose_tiling picks for a padded "
+      "3-D problem and the user's tiles (all 0: choose), given the kernel's log2 tile sizes.");
 
   m.def(
       "limits",

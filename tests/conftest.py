@@ -1,8 +1,11 @@
 """Test setup: 8 host devices for the multi-device tests, poisoned kernel outputs, shared helpers."""
 import os
 
-# Both must be set before jax is imported anywhere.
+# All must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# On a GPU, `pytest -n 8` runs 8 processes on one device: each allocates as it goes instead of
+# reserving most of the memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Native handlers fill their outputs with NaN before computing, so unwritten elements show.
 os.environ.setdefault("JAX_NATTEN_POISON_OUTPUTS", "1")
 

@@ -1,10 +1,9 @@
 """Backends: which one serves a call (`resolve`), and the modules that run each op.
 
-| op | "reference" | "cpu" | "fused" | "gemm", "naive" |
-|---|---|---|---|---|
-| attention (`na{1,2,3}d`) | reference.attention | fna.attention | fna.attention | unfused.attention |
-| qk (`na{1,2,3}d_qk`) | reference.qk | unfused.qk | - | unfused.qk |
-| av (`na{1,2,3}d_av`) | reference.av | unfused.av | - | unfused.av |
+    op                       "reference"          "cpu", "fused"   "gemm", "naive"
+    attention (na{1,2,3}d)   reference.attention  fna.attention    unfused.attention
+    qk (na{1,2,3}d_qk)       reference.qk         unfused.qk (cpu) unfused.qk
+    av (na{1,2,3}d_av)       reference.av         unfused.av (cpu) unfused.av
 
 Native ops call their custom calls through `ffi.py`, which describes every custom call's buffers.
 """

@@ -1,0 +1,111 @@
+"""The fused kernels' tile choice (cuda/fna/tiling.h, through the extension) on the host: user tiles
+checked, shrunk and filled as documented, and the automatic choice equal to a Python reading of the
+same cost (the (query tile, key tile) pairs a forward walk visits)."""
+import itertools
+
+import pytest
+
+from jax_natten import _window
+from jax_natten.backends import ffi
+
+ext = pytest.importorskip("jax_natten._natten_ext")
+
+FWD_Q, KV = 7, 6  # log2 tile sizes of the mma.sync forward (128-token query tiles), key tiles
+
+
+def _padded(value, rank: int, fill) -> list:
+    """A per-axis value (or one for every axis) on 3 axes, leading axes padded like the op's."""
+    value = tuple(value) if isinstance(value, tuple) else (value,) * rank
+    return [fill] * (3 - rank) + list(value)
+
+
+def tiling(spatial, kernel, stride=1, dilation=1, causal=False, q_tile=None, kv_tile=None,
+           q_max_log=FWD_Q, kv_max_log=KV):
+    """fna::choose_tiling for a problem of rank len(spatial), padded to 3-D like the op."""
+    r = len(spatial)
+    tile = lambda t: [0, 0, 0] if t is None else _padded(t, r, 1)
+    return ext.fna_tiling(_padded(spatial, r, 1), _padded(kernel, r, 1), _padded(stride, r, 1),
+                          _padded(dilation, r, 1), _padded(causal, r, False), tile(q_tile),
+                          tile(kv_tile), q_max_log, kv_max_log)
+
+
+def _walk_cost(axes, qlog, kvlog):
+    cost = 1
+    for (L, k, s, d, c), ql, kl in zip(axes, qlog, kvlog):
+        lg = int(_window.group_length(L, d, 0))
+        tq, tk = 1 << ql, 1 << kl
+        nq = -(-lg // tq)
+        lo = min((nq // 2) * tq, lg - 1)
+        hi = min(lo + tq, lg)
+        span = int(_window.window_end(hi - 1, lg, k, s, c) - _window.window_start(lo, lg, k, s, c))
+        cost *= d * nq * -(-span // tk)
+    return cost
+
+
+def _shapes(axes, max_log):
+    caps = []
+    for L, _, _, d, _ in axes:
+        lg, cap = int(_window.group_length(L, d, 0)), 0
+        while cap < max_log and (1 << cap) < lg:
+            cap += 1
+        caps.append(cap)
+    return [s for s in itertools.product(*(range(c + 1) for c in caps)) if sum(s) <= max_log]
+
+
+def _expected(axes, q_max_log, kv_max_log):
+    """Cheapest (query, key) shapes; ties go to the later candidate; the key tile then grows along
+    its first axis to the full size."""
+    best = None
+    for q in _shapes(axes, q_max_log):
+        for kv in _shapes(axes, kv_max_log):
+            c = _walk_cost(axes, q, kv)
+            if best is None or c <= best[0]:
+                best = (c, q, kv)
+    _, q, kv = best
+    return q, (kv[0] + kv_max_log - sum(kv),) + kv[1:]
+
+
+PROBLEMS = [  # (spatial, kernel, stride, dilation, causal)
+    ((4096,), 13, 1, 1, False), ((1024,), 65, 1, 1, True), ((56, 56), 7, 1, 1, False),
+    ((64, 64), (13, 7), (1, 2), (2, 1), (False, True)), ((30, 17), 5, 5, 1, False),
+    ((16, 32, 32), (3, 7, 7), 1, (1, 2, 2), (True, False, False)), ((9, 10, 12), 3, 2, 3, False),
+]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=str)
+@pytest.mark.parametrize("q_max_log", [FWD_Q, KV, 5])
+def test_automatic_tiles_are_the_cheapest_walk(problem, q_max_log):
+    spatial, kernel, stride, dilation, causal = problem
+    r = len(spatial)
+    axes = list(zip(_padded(spatial, r, 1), _padded(kernel, r, 1), _padded(stride, r, 1),
+                    _padded(dilation, r, 1), _padded(causal, r, False)))
+    got = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_max_log)
+    assert got == _expected(axes, q_max_log, KV)
+    assert sum(got[0]) <= q_max_log and sum(got[1]) == KV
+
+
+def test_user_tiles_are_kept_shrunk_and_filled():
+    # Kept as given; the key tile grows along its first (here padded) axis to the kernel's 64
+    # tokens.
+    assert tiling((64, 64), 7, q_tile=(8, 16), kv_tile=(4, 8)) == ((0, 3, 4), (1, 2, 3))
+    # A 128-token query tile in a kernel of 64-token tiles: halved along its longest axis.
+    assert tiling((64, 64), 7, q_tile=(8, 16), kv_tile=(8, 8), q_max_log=KV) == ((0, 3, 3),
+                                                                                  (0, 3, 3))
+    # Only the key tile given: the query tile is still chosen by cost.
+    q, kv = tiling((64, 64), 7, kv_tile=(8, 8))
+    assert kv == (0, 3, 3) and sum(q) <= FWD_Q
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(q_tile=(3, 8)), "powers of two"),
+    (dict(q_tile=(16, 16)), "at most 128"),
+    (dict(kv_tile=(8, 16)), "at most 64"),
+])
+def test_bad_user_tiles_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiling((64, 64), 7, **kw)
+
+
+def test_tile_limits_are_the_python_ones():
+    assert 1 << FWD_Q == ffi.LIMITS["fused_max_q_tile_tokens"]
+    assert 1 << KV == ffi.LIMITS["fused_max_kv_tile_tokens"]
