@@ -191,6 +191,18 @@ __device__ __forceinline__ bool tile_row(const GemmArgs& g, const Geometry& t, i
   return mx < g.tile[0] && i[0] < t.hi[0] && i[1] < t.hi[1] && i[2] < t.hi[2];
 }
 
+// The key box of a query tile: per axis the union of its queries' windows, local keys
+// [kb0, kb0 + nb) (window starts and ends never decrease as the query grows).
+__device__ __forceinline__ void key_box(const GemmArgs& g, const Geometry& t, int (&kb0)[3],
+                                        int (&nb)[3]) {
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const AxisParams& A = g.p.ax[ax];
+    kb0[ax] = window_start(t.lo[ax], t.lg[ax], A.kernel, A.stride, A.causal);
+    nb[ax] = window_end(t.hi[ax] - 1, t.lg[ax], A.kernel, A.stride, A.causal) - kb0[ax];
+  }
+}
+
 // Linear index r of a box with extents n[3] -> box coordinates.
 __device__ __forceinline__ void box_coords(int r, const int (&n)[3], int (&c)[3]) {
   c[2] = r % n[2];

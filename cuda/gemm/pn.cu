@@ -44,12 +44,7 @@ pn_kernel(GemmArgs g, const T* __restrict__ a, const T* __restrict__ kv,
   Geometry t;
   if (!tile_geometry(g, tile, t)) return;  // uniform over the CTA
   int kb0[3], nb[3];
-#pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {
-    const AxisParams& A = p.ax[ax];
-    kb0[ax] = window_start(t.lo[ax], t.lg[ax], A.kernel, A.stride, A.causal);
-    nb[ax] = window_end(t.hi[ax] - 1, t.lg[ax], A.kernel, A.stride, A.causal) - kb0[ax];
-  }
+  key_box(g, t, kb0, nb);
   const int box = nb[0] * nb[1] * nb[2];
   const int keys = box + p.S;
 
