@@ -3,9 +3,9 @@
 Every public call goes: validate (`_checks`) -> fold leading dims into the batch and pad to three
 spatial axes -> pick a backend (`backends.resolve`) -> the backend module's op -> unpad:
 
-    na{1,2,3}d     -> _na    -> _attention -> reference.attention | fna.attention | unfused.attention
-    na{1,2,3}d_qk  -> _na_qk -> _qk        -> reference.qk | unfused.qk
-    na{1,2,3}d_av  -> _na_av -> _av        -> reference.av | unfused.av
+    na{1,2,3}d    -> _na    -> _attention -> reference.attention | fna.attention | unfused.attention
+    na{1,2,3}d_qk -> _na_qk -> _qk        -> reference.qk | unfused.qk
+    na{1,2,3}d_av -> _na_av -> _av        -> reference.av | unfused.av
 
 The native ops (backends/fna.py, backends/unfused.py) carry their own custom_vjp rules and call
 their custom calls through backends/ffi.py; the reference backend is differentiated by autodiff.

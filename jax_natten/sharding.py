@@ -17,9 +17,9 @@ it gathers every operand onto every device first. Here each FFI call is wrapped 
   shapes. Each device runs the kernel on its own batch/head block: no all-gather of q, k or v.
 
 Order of wrappers (outermost first): `custom_vjp` (backends/fna.py, backends/unfused.py) ->
-`custom_vmap` (`backends/ffi.py: _call`) -> `custom_partitioning` (here) -> `jax.ffi.ffi_call`. vmapped axes arrive as extra leading batch dims
-(`lead`) and are folded into the kernels' single batch dim per device, so a split vmapped axis
-stays split too. Inside `jax.shard_map` / `jax.pmap` (manual mesh axes) the call is emitted as a
+`custom_vmap` (`backends/ffi.py: _call`) -> `custom_partitioning` (here) -> `jax.ffi.ffi_call`.
+vmapped axes arrive as extra leading batch dims (`lead`) and are folded into the kernels' single
+batch dim per device, so a split vmapped axis stays split too. Inside `jax.shard_map` / `jax.pmap` (manual mesh axes) the call is emitted as a
 plain FFI call on the local blocks: with every axis manual that is all there is to do; with only
 some axes manual (`shard_map(..., axis_names=...)`) XLA replicates the call over the others.
 """
@@ -33,9 +33,9 @@ import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Every buffer of a call comes with its dim labels (`ffi_call`'s `layouts`, from the op's description
-# in backends/ffi.py): b: the batch dim(s), x/y/z: spatial, H: query heads, kv: kv heads, d / e: head
-# dims, w: window width (K + S), s: additional tokens, r0..r2: rpb extents.
+# Every buffer of a call comes with its dim labels (`ffi_call`'s `layouts`, from the op's
+# description in backends/ffi.py): b: the batch dim(s), x/y/z: spatial, H: query heads, kv: kv
+# heads, d / e: head dims, w: window width (K + S), s: additional tokens, r0..r2: rpb extents.
 _ABSENT = ("n",)  # an absent rpb / drpb: 0 elements, rank 1
 
 
