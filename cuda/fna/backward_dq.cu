@@ -28,10 +28,6 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T* add_k = static_cast<const T*>(p.add_k);
-  const T* add_v = static_cast<const T*>(p.add_v);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
 
   const T* q = static_cast<const T*>(p.q);
@@ -51,45 +47,12 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
   float* drpb = a.drpb_in_smem ? drpb_s : drpb_g;
 
   const KeyWalk walk = key_walk(a, qb);
-  const TileRows<DT, kRows, kWg> kvrows(a, a.kvlog);
-  TileCounter staged;  // the next spatial key tile to stage
-  staged.reset();
+  KeyStager<T, DT, kRows, kWg> keys(a);
   auto stage_keys = [&](int j, int buf) {
-    T* ks = Ks + buf * kRows * kLd;
-    T* vs = Vs + buf * kRows * kLd;
-    if (j < walk.spatial) {
-      int o[3];
-      bool full;
-      key_tile(a, walk, staged, o, full);
-      staged.next(walk.n);
-      const int lim[3] = {qb.lg[0] - o[0], qb.lg[1] - o[1], qb.lg[2] - o[2]};
-      const int64_t tok0 = token_of(a, qb.grp, o);
-      kvrows.stage(ks, k, row0, tok0, lim, a.kv_heads, kvh, a.dim);
-      kvrows.stage(vs, v, row0, tok0, lim, a.kv_heads, kvh, a.dim_v);
-    } else {
-      const int64_t s0 = (j - walk.spatial) * kRows;
-      const int64_t first = static_cast<int64_t>(b) * a.S;
-      kvrows.stage_linear(ks, add_k, first + s0, first + a.S, a.kv_heads, kvh, a.dim);
-      kvrows.stage_linear(vs, add_v, first + s0, first + a.S, a.kv_heads, kvh, a.dim_v);
-    }
-    cp_async_commit();
+    keys(a, p, walk, qb, b, row0, kvh, j, Ks + buf * kRows * kLd, Vs + buf * kRows * kLd);
   };
 
-  // Per query row of the tile, its window per axis (start, length; length 0 outside the problem).
-  for (int r = threadIdx.x; r < kQRows; r += kThreads) {
-    int off[3];
-    tile_offsets(r, a.qlog, off);
-    bool ok = true;
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) ok = ok && qb.lo[ax] + off[ax] < qb.hi[ax];
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      const int l = imin(qb.lo[ax] + off[ax], qb.lg[ax] - 1);
-      const int st = win_start(a.ax[ax], qb.lg[ax], l);
-      Win[r * 6 + 2 * ax] = st;
-      Win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
-    }
-  }
+  fill_windows(a, qb, kQRows, Win);
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   // The thread's rows: global row index (-1 outside the problem), lse (base 2) and delta.
   int64_t grow[MT][2];

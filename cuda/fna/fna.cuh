@@ -418,6 +418,64 @@ struct TileRows {
   }
 };
 
+// Stages the key tiles of a query tile's walk (key_walk: the spatial tiles over its key box, then
+// tiles of additional keys), one step j per call: its K and V rows into ks / vs as one cp.async
+// group. ROWS keys a tile; kCore / kElems as for TileRows. The one key stager of the forward and
+// dq kernels, tensor-core and float32. (The kernel's own values are passed in, not held: held
+// copies cost registers the forward kernels do not have.)
+template <typename T, int DT, int ROWS, bool kCore = false, int kElems = 8>
+struct KeyStager {
+  TileRows<DT, ROWS, kCore, kElems> rows;
+  TileCounter next_tile;  // the next spatial key tile to stage
+
+  __device__ __forceinline__ explicit KeyStager(const FnaArgs& a) : rows(a, a.kvlog) {
+    next_tile.reset();
+  }
+  // Step j of query tile qb's walk, for batch element b (its first token row0) and kv head kvh.
+  __device__ __forceinline__ void operator()(const FnaArgs& a, const FnaPtrs& p, const KeyWalk& walk,
+                                             const Box& qb, int b, int64_t row0, int kvh, int j,
+                                             T* ks, T* vs) {
+    if (j < walk.spatial) {
+      int o[3];
+      bool full;
+      key_tile(a, walk, next_tile, o, full);
+      next_tile.next(walk.n);
+      const int lim[3] = {qb.lg[0] - o[0], qb.lg[1] - o[1], qb.lg[2] - o[2]};
+      const int64_t tok0 = token_of(a, qb.grp, o);
+      rows.stage(ks, static_cast<const T*>(p.k), row0, tok0, lim, a.kv_heads, kvh, a.dim);
+      rows.stage(vs, static_cast<const T*>(p.v), row0, tok0, lim, a.kv_heads, kvh, a.dim_v);
+    } else {
+      const int64_t s0 = static_cast<int64_t>(j - walk.spatial) * ROWS;
+      const int64_t first = static_cast<int64_t>(b) * a.S;
+      rows.stage_linear(ks, static_cast<const T*>(p.add_k), first + s0, first + a.S, a.kv_heads,
+                        kvh, a.dim);
+      rows.stage_linear(vs, static_cast<const T*>(p.add_v), first + s0, first + a.S, a.kv_heads,
+                        kvh, a.dim_v);
+    }
+    cp_async_commit();
+  }
+};
+
+// Per row r < rows of query tile qb, its window per axis into win[r * 6 ..]: (start, length)
+// pairs, length 0 for rows outside the problem. Kept in shared memory by the kernels that test
+// many scores per row: registers are the scarce resource there.
+__device__ __forceinline__ void fill_windows(const FnaArgs& a, const Box& qb, int rows, int* win) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    int off[3];
+    tile_offsets(r, a.qlog, off);
+    bool ok = true;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) ok = ok && qb.lo[ax] + off[ax] < qb.hi[ax];
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      const int l = imin(qb.lo[ax] + off[ax], qb.lg[ax] - 1);
+      const int st = win_start(a.ax[ax], qb.lg[ax], l);
+      win[r * 6 + 2 * ax] = st;
+      win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
+    }
+  }
+}
+
 // A fragment (16 rows from row0, k16 step kk) of a [row][DT + 8] tile.
 template <typename T, int DT>
 __device__ __forceinline__ void a_frag(unsigned (&f)[4], const T* s, int row0, int kk) {

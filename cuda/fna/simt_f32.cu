@@ -113,51 +113,6 @@ __device__ __forceinline__ QueryRow query_row(const FnaArgs& a, const Box& qb, i
   return q;
 }
 
-// Stages key tile j of a query tile's walk (K and V) into buffer `buf`: the key box tiles, then
-// tiles of additional keys.
-template <int DT>
-struct KeyStagerF32 {
-  using S = F32Shape<DT>;
-  const FnaArgs& a;
-  const KeyWalk& walk;
-  const Box& qb;
-  int b, kvh;
-  int64_t row0;
-  const float *k, *v, *add_k, *add_v;
-  float *Ks, *Vs;
-  TileRows<DT, S::kRowsTile, false, 4> rows;
-  TileCounter next_tile;
-
-  __device__ __forceinline__ KeyStagerF32(const FnaArgs& a_, const KeyWalk& w, const Box& qb_,
-                                          int b_, int kvh_, const FnaPtrs& p, float* ks, float* vs)
-      : a(a_), walk(w), qb(qb_), b(b_), kvh(kvh_), row0(static_cast<int64_t>(b_) * a_.tokens),
-        k(static_cast<const float*>(p.k)), v(static_cast<const float*>(p.v)),
-        add_k(static_cast<const float*>(p.add_k)), add_v(static_cast<const float*>(p.add_v)),
-        Ks(ks), Vs(vs), rows(a_, a_.kvlog) {
-    next_tile.reset();
-  }
-  __device__ __forceinline__ void operator()(int j, int buf) {
-    float* ks = Ks + buf * S::kTile;
-    float* vs = Vs + buf * S::kTile;
-    if (j < walk.spatial) {
-      int o[3];
-      bool full;
-      key_tile(a, walk, next_tile, o, full);
-      next_tile.next(walk.n);
-      const int lim[3] = {qb.lg[0] - o[0], qb.lg[1] - o[1], qb.lg[2] - o[2]};
-      const int64_t tok0 = token_of(a, qb.grp, o);
-      rows.stage(ks, k, row0, tok0, lim, a.kv_heads, kvh, a.dim);
-      rows.stage(vs, v, row0, tok0, lim, a.kv_heads, kvh, a.dim_v);
-    } else {
-      const int64_t s0 = static_cast<int64_t>(j - walk.spatial) * S::kRowsTile;
-      const int64_t first = static_cast<int64_t>(b) * a.S;
-      rows.stage_linear(ks, add_k, first + s0, first + a.S, a.kv_heads, kvh, a.dim);
-      rows.stage_linear(vs, add_v, first + s0, first + a.S, a.kv_heads, kvh, a.dim_v);
-    }
-    cp_async_commit();
-  }
-};
-
 // Whether key jj of walk tile j is in the query row's neighborhood, and its rpb entry (ri; -1
 // without rpb). `o`, `full`: the spatial tile's origin and fullness.
 __device__ __forceinline__ bool key_in(const FnaArgs& a, const QueryRow& q, bool spatial,
@@ -197,7 +152,10 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
 
   const KeyWalk walk = key_walk(a, qb);
-  KeyStagerF32<DT> stage(a, walk, qb, b, kvh, p, Ks, Vs);
+  KeyStager<float, DT, S::kRowsTile, false, 4> keys(a);
+  auto stage = [&](int j, int buf) {
+    keys(a, p, walk, qb, b, row0, kvh, j, Ks + buf * S::kTile, Vs + buf * S::kTile);
+  };
   TileCounter current;
   current.reset();
   float acc[C], m = -INFINITY, l = 0.f;
@@ -292,7 +250,10 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
   float* drpb = a.drpb_in_smem ? drpb_s : drpb_g;
 
   const KeyWalk walk = key_walk(a, qb);
-  KeyStagerF32<DT> stage(a, walk, qb, b, kvh, p, Ks, Vs);
+  KeyStager<float, DT, S::kRowsTile, false, 4> keys(a);
+  auto stage = [&](int j, int buf) {
+    keys(a, p, walk, qb, b, row0, kvh, j, Ks + buf * S::kTile, Vs + buf * S::kTile);
+  };
   TileCounter current;
   current.reset();
   stage(0, 0);
