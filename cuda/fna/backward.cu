@@ -242,7 +242,8 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
               if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
             }
           }
-          const float lse2 = ls[c] * kLog2e, delta = ds[c];
+          const float lse2 = ls[c] * kLog2e;
+          [[maybe_unused]] const float delta = ds[c];  // kLateDp: used by late_ds
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             // Keys past the problem (zero rows) are never stored, but their weights must stay
@@ -350,7 +351,8 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
 #pragma unroll
             for (int i = 0; i < 2; ++i)
               *reinterpret_cast<float2*>(Qacc + (r + 8 * i) * kDqLd<DT> + half * kN +
-                                         frag_col(nb, 0)) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+                                         frag_col(nb, 0)) =
+                  make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
         }
       } else {
         wgmma_wait<0>();
@@ -366,7 +368,8 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
           int qc[3];
           int64_t grow;
           if (query_row_at(a, t.box, threadIdx.x, row0, t.h, qc, grow)) {
-            bulk_reduce_add_f32(p.dq_acc + grow * a.dim, Qacc + threadIdx.x * kDqLd<DT>, a.dim * 4);
+            bulk_reduce_add_f32(p.dq_acc + grow * a.dim, Qacc + threadIdx.x * kDqLd<DT>,
+                                a.dim * 4);
             bulk_commit();
           }
         }
@@ -405,20 +408,18 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
 
 template <typename T, int DT, bool kWg, bool kDq>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_bwd_kernel<T, DT, kWg, kDq>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBwdSmem);
-  if (attr != cudaSuccess) return launch_error("fna backward (shared memory)", attr);
   const int smem = bwd_smem(DT, sizeof(T), kWg, kDq) + (kDq && a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
-  fna_bwd_kernel<T, DT, kWg, kDq><<<grid, kThreads, smem, stream>>>(a, p);
-  return check_launch(kDq ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)");
+  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDq>>(
+      kDq ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid, stream,
+      a, p);
 }
 
 }  // namespace
 
-ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma, bool with_dq,
-                              const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                              bool with_dq, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;

@@ -188,13 +188,10 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   constexpr int kMT = dq_m_tiles(DT, kWg);
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_dq_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDqSmem);
-  if (attr != cudaSuccess) return launch_error("fna backward dq (shared memory)", attr);
   const int smem = dq_smem(DT, sizeof(T), kMT, kWg) + (a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_dq_kernel<T, DT, kMT, kWg><<<grid, kThreads, smem, stream>>>(a, p);
-  return check_launch("fna backward dq");
+  return launch_kernel<fna_dq_kernel<T, DT, kMT, kWg>>("fna backward dq", kMaxDqSmem, smem, grid,
+                                                      stream, a, p);
 }
 
 }  // namespace

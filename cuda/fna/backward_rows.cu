@@ -70,8 +70,8 @@ ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, cons
   const int64_t vecs = batch * a.tokens * a.heads * a.dim / 8;
   return dispatch_tile(t, 32, [&](auto tag, auto) {
     using T = typename decltype(tag)::type;
-    fna_dq_convert_kernel<T><<<grid_for(vecs, 256), 256, 0, stream>>>(p.dq_acc, static_cast<T*>(p.dq),
-                                                                    vecs, a.scale);
+    fna_dq_convert_kernel<T><<<grid_for(vecs, 256), 256, 0, stream>>>(
+        p.dq_acc, static_cast<T*>(p.dq), vecs, a.scale);
     return check_launch("fna backward (dq convert)");
   });
 }

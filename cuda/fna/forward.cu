@@ -226,12 +226,9 @@ template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   constexpr int kMT = fwd_m_tiles(DT, kWg);
   constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT, kWg);
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      fna_fwd_kernel<T, DT, kMT, kWg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (attr != cudaSuccess) return launch_error("fna forward (shared memory)", attr);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  fna_fwd_kernel<T, DT, kMT, kWg><<<grid, kThreads, kSmem, stream>>>(a, p);
-  return check_launch("fna forward");
+  return launch_kernel<fna_fwd_kernel<T, DT, kMT, kWg>>("fna forward", kSmem, kSmem, grid, stream,
+                                                       a, p);
 }
 
 }  // namespace

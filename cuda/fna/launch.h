@@ -49,6 +49,19 @@ inline ffi::Error launch_error(const char* what, cudaError_t e) {
                     std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));
 }
 
+// The one launcher of the FNA kernels: kKernel on `grid` x kThreads with `smem` bytes of dynamic
+// shared memory, after raising the kernel's limit to `limit` (once per kernel: the static is per
+// instantiation), and the launch checked.
+template <auto kKernel>
+ffi::Error launch_kernel(const char* what, int limit, int smem, dim3 grid, cudaStream_t stream,
+                         const FnaArgs& a, const FnaPtrs& p) {
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (attr != cudaSuccess) return launch_error(what, attr);
+  kKernel<<<grid, kThreads, smem, stream>>>(a, p);
+  return check_launch(what);
+}
+
 // f(TypeTag<T>{}, std::integral_constant<int, DT>{}) for a tensor-core dtype and head-dim tile.
 template <typename F>
 ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
@@ -81,8 +94,8 @@ ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with `with_dq` (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb. Grid: (a.kv_tiles + a.add_tiles,
 // kv_heads, batch).
-ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma, bool with_dq,
-                              const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
+                              bool with_dq, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 // dq = scale * dq_acc, rounded to the dtype, for all `batch` elements.
 ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                       const FnaPtrs& p, int64_t batch);

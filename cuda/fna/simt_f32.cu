@@ -412,15 +412,6 @@ constexpr int f32_smem(bool dkdv) {  // two double-buffered tiles (+ lse / delta
 }
 
 // Raises the kernel's dynamic shared-memory limit to `limit` once per process, then launches.
-template <auto kKernel>
-ffi::Error launch_f32(const char* what, int limit, int smem, dim3 grid, cudaStream_t stream,
-                      const FnaArgs& a, const FnaPtrs& p) {
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-  if (attr != cudaSuccess) return launch_error(what, attr);
-  kKernel<<<grid, kThreads, smem, stream>>>(a, p);
-  return check_launch(what);
-}
 
 template <typename F>
 ffi::Error by_tile(int dt, F&& f) {
@@ -458,7 +449,7 @@ ffi::Error launch_forward_f32(cudaStream_t stream, int dt, const FnaArgs& a, con
     constexpr int DT = decltype(dtc)::value;
     const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
     constexpr int kSmem = f32_smem<DT>(false);
-    return launch_f32<fna_fwd_f32_kernel<DT>>("fna forward (float32)", kSmem, kSmem, grid,
+    return launch_kernel<fna_fwd_f32_kernel<DT>>("fna forward (float32)", kSmem, kSmem, grid,
                                               stream, a, p);
   });
 }
@@ -470,12 +461,12 @@ ffi::Error launch_backward_f32(cudaStream_t stream, int dt, const FnaArgs& dq_ar
     const int dq_smem = f32_smem<DT>(false) + (dq_args.drpb_in_smem ? dq_args.R * 4 : 0);
     const dim3 dq_grid(static_cast<unsigned>(dq_args.q_tiles), dq_args.heads,
                        static_cast<unsigned>(batch));
-    NATTEN_TRY(launch_f32<fna_dq_f32_kernel<DT>>("fna backward dq (float32)", kMaxDqSmem,
+    NATTEN_TRY(launch_kernel<fna_dq_f32_kernel<DT>>("fna backward dq (float32)", kMaxDqSmem,
                                                  dq_smem, dq_grid, stream, dq_args, p));
     const dim3 kv_grid(static_cast<unsigned>(kv_args.kv_tiles + kv_args.add_tiles),
                        kv_args.kv_heads, static_cast<unsigned>(batch));
     constexpr int kSmem = f32_smem<DT>(true);
-    return launch_f32<fna_dkdv_f32_kernel<DT>>("fna backward dk/dv (float32)", kSmem, kSmem,
+    return launch_kernel<fna_dkdv_f32_kernel<DT>>("fna backward dk/dv (float32)", kSmem, kSmem,
                                                kv_grid, stream, kv_args, p);
   });
 }

@@ -190,15 +190,16 @@ __device__ __forceinline__ void wgmma_ss64(float* d, uint64_t a_desc, uint64_t b
   wgmma_ss<T, 64, 0, 0>(d, a_desc, b_desc, accumulate);
 }
 
-// ---- bulk reduction (sm_90): shared -> global float adds by the copy engine ------------------------
+// ---- bulk reduction (sm_90): shared -> global float adds by the copy engine --------------------
 // Adds `bytes` (a multiple of 16; both addresses 16-byte aligned) of floats at `src` (shared) to
 // `dst` (global); completes asynchronously in this thread's bulk group.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(src));
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-               "r"(s), "r"(bytes)
-               : "memory");
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+      "r"(s), "r"(bytes)
+      : "memory");
 #endif
 }
 __device__ __forceinline__ void bulk_commit() {
