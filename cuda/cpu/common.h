@@ -168,6 +168,20 @@ inline float softmax(float* scores, size_t n) {
   return max_score + std::log(sum);
 }
 
+// Backward of softmax (and of its log-sum-exp, whose cotangent is dlse), in place:
+// grads[i] = probs[i] * (grads[i] - sum_j probs[j] grads[j] + dlse), grads[] holding dP on entry.
+// The difference dP_i - sum_j P_j dP_j is formed relative to the entry m of the largest weight,
+// (dP_i - dP_m) - sum_{j != m} P_j (dP_j - dP_m), which is the same number (the weights sum to 1)
+// without the cancellation that loses it to f32 rounding near one-hot rows (jax_natten/_softmax.py).
+inline void softmax_backward(const float* probs, float* grads, size_t n, float dlse) {
+  if (n == 0) return;
+  const size_t m = static_cast<size_t>(std::max_element(probs, probs + n) - probs);
+  const float ref = grads[m];
+  float r = 0.f;
+  for (size_t i = 0; i < n; ++i) r += probs[i] * (grads[i] - ref);
+  for (size_t i = 0; i < n; ++i) grads[i] = probs[i] * ((grads[i] - ref) - r + dlse);
+}
+
 // out = sum_i weights[i] * v_i (out is overwritten).
 inline void weighted_sum(const float* weights, const KeyRows<const float>& v, int64_t b,
                          int64_t kv_head, int64_t dim_v, const std::vector<KeyRef>& keys,

@@ -1,7 +1,14 @@
-// Fused backward on the host. Recomputes P = exp(logits - lse) per query row, then
-// dS = P * (do.v - Delta) with Delta = rowsum(do * o) - dlse (dlse: the cotangent of lse, whose
-// gradient w.r.t. the logits is P), and scatters dS into dq, dk, drpb and P * do into dv
+// Fused backward on the host. Recomputes each query row's softmax P from its logits, then
+// dS = P * (dP - Delta) with dP = do.v and Delta = sum(P * dP) - dlse (dlse: the cotangent of lse,
+// whose gradient w.r.t. the logits is P), and scatters dS into dq, dk, drpb and P * do into dv
 // (additional keys/values included).
+// Neither stored forward result is read back, on purpose (numerics at the edges):
+// - P is normalized by its own row sum, not formed as exp(logits - lse): with large, nearly equal
+//   logits the float32 lse is off by more than log(window) and those weights would not sum to 1.
+// - Delta is not rowsum(do * o): that equals sum(P * dP) only for the exact o; from the stored o,
+//   rounded to the output dtype, it is off by ~eps(dtype) |do| |o|, and near one-hot rows, where
+//   dP_i - Delta is itself tiny, that error swamps dS. softmax_backward forms dP_i - Delta from
+//   the same f32 P and dP, relative to the largest weight's entry (no cancellation at all).
 #include "common.h"
 #include "natten/cpu_handlers.h"
 #include "natten/op_checks.h"
@@ -23,14 +30,12 @@ ffi::Error FnaBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
   const int64_t H = p.heads;
 
   return guarded([&] {
-    InputF32 q32(q), k32(k), v32(v), add_k32(add_k), add_v32(add_v), o32(o), dout32(dout);
-    const float* lse32 = static_cast<const float*>(lse.untyped_data());
+    InputF32 q32(q), k32(k), v32(v), add_k32(add_k), add_v32(add_v), dout32(dout);
     const float* dlse32 = static_cast<const float*>(dlse.untyped_data());
     const float* rpb32 = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
     OutputF32 dq32(*dq, kUnwritten), dk32(*dk, 0.f), dv32(*dv, 0.f), drpb32(*drpb, 0.f),
         dadd_k32(*dadd_k, 0.f), dadd_v32(*dadd_v, 0.f);
     const Rows<const float> q_rows{q32.data(), p.tokens(), H, p.dim};
-    const Rows<const float> o_rows{o32.data(), p.tokens(), H, p.dim_v};
     const Rows<const float> dout_rows{dout32.data(), p.tokens(), H, p.dim_v};
     const Rows<float> dq_rows{dq32.data(), p.tokens(), H, p.dim};
     const auto k_rows = key_rows<const float>(p, k32.data(), add_k32.data(), p.dim);
@@ -48,11 +53,10 @@ ffi::Error FnaBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
       score_row(q_row, k_rows, b, kv_head, p.dim, row.keys, scale,
                 rpb32 ? rpb32 + h * p.rpb_per_head() : nullptr, probs);
       const int64_t row_index = (b * p.tokens() + token) * H + h;
-      for (size_t i = 0; i < n; ++i) probs[i] = std::exp(probs[i] - lse32[row_index]);
-      const float delta = dot(dout_row, o_rows(b, token, h), p.dim_v) - dlse32[row_index];
+      softmax(probs, n);
       weighted_sum_backward(probs, dout_row, v_rows, dv_rows, b, kv_head, p.dim_v, row.keys,
                             dscores);
-      for (size_t i = 0; i < n; ++i) dscores[i] = probs[i] * (dscores[i] - delta);
+      softmax_backward(probs, dscores, n, dlse32[row_index]);
       score_row_backward(q_row, dscores, k_rows, dk_rows, b, kv_head, p.dim, row.keys, scale,
                          dq_rows(b, token, h),
                          p.has_rpb ? drpb32.data() + (b * H + h) * p.rpb_per_head() : nullptr);

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _window
+from .._softmax import softmax_lse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Gathered elements per chunk of queries (~256 MiB of float32): bounds the reference's memory.
@@ -75,7 +76,8 @@ def _over_query_chunks(fn, per_query, per_query_index, tokens: int, work_per_que
 
     xs = ([split(x, 1) for x in per_query], [split(np.asarray(i), 0) for i in per_query_index])
     outs = jax.lax.map(lambda a: fn(*a), xs)
-    merge = lambda y: jnp.moveaxis(y, 0, 1).reshape((y.shape[1], -1) + y.shape[3:])[:, :tokens]
+    merge = lambda y: jnp.moveaxis(y, 0, 1).reshape(
+        (y.shape[1], n_chunks * chunk) + y.shape[3:])[:, :tokens]
     return jax.tree.map(merge, outs)
 
 
@@ -86,14 +88,14 @@ def _logits(q, k, rpb, add_k, keys, valid, rpb_index, kv_heads):
     acc = _acc_dtype(q.dtype)
     qg = q.astype(acc).reshape(B, n, kv_heads, groups, D)
     kg = k.astype(acc)[:, keys]  # [B, n, K, KVH, D]
-    s = jnp.einsum("bnhgd,bnkhd->bnhgk", qg, kg, precision=_HIGHEST).reshape(B, n, H, -1)
+    s = jnp.einsum("bnhgd,bnkhd->bnhgk", qg, kg, precision=_HIGHEST).reshape(B, n, H, kg.shape[2])
     if rpb is not None:
-        bias = rpb.astype(acc).reshape(H, -1)[:, rpb_index]  # [H, n, K]
+        bias = rpb.astype(acc).reshape(H, math.prod(rpb.shape[1:]))[:, rpb_index]  # [H, n, K]
         s = s + jnp.transpose(bias, (1, 0, 2))[None]
     s = jnp.where(valid[None, :, None, :], s, -jnp.inf)
     if add_k is not None:
         sa = jnp.einsum("bnhgd,bshd->bnhgs", qg, add_k.astype(acc), precision=_HIGHEST)
-        s = jnp.concatenate([s, sa.reshape(B, n, H, -1)], axis=-1)
+        s = jnp.concatenate([s, sa.reshape(B, n, H, sa.shape[-1])], axis=-1)
     return s
 
 
@@ -108,14 +110,14 @@ def _weighted_values(w, v, add_v, keys, valid, kv_heads):
     vg = v.astype(acc)[:, keys]  # [B, n, K, KVH, Dv]
     o = jnp.einsum("bnhgk,bnkhd->bnhgd", wk, vg, precision=_HIGHEST)
     if add_v is not None:
-        wa = w[..., K:].astype(acc).reshape(B, n, kv_heads, groups, -1)
+        wa = w[..., K:].astype(acc).reshape(B, n, kv_heads, groups, w.shape[-1] - K)
         o = o + jnp.einsum("bnhgs,bshd->bnhgd", wa, add_v.astype(acc), precision=_HIGHEST)
-    return o.reshape(B, n, H, -1)
+    return o.reshape(B, n, H, o.shape[-1])
 
 
 def _flat(x):
-    """[B, X, Y, Z, H, D] -> [B, N, H, D]."""
-    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+    """[B, X, Y, Z, H, D] -> [B, N, H, D] (shapes spelled out: any dim may be 0)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:4]), *x.shape[-2:])
 
 
 def qk(q, k, rpb, add_k, params):
@@ -151,8 +153,7 @@ def attention(q, k, v, rpb, add_k, add_v, params, scale):
         keys_c, valid_c, rpb_c = idx
         s = _logits(qs[0].astype(acc) * jnp.asarray(scale, acc), _flat(k), rpb, add_k, keys_c,
                     valid_c, rpb_c, kv_heads)
-        lse = jax.nn.logsumexp(s, axis=-1)
-        p = jnp.exp(s - lse[..., None])
+        p, lse = softmax_lse(s)  # normalized weights, accurate near one-hot rows (_softmax.py)
         return _weighted_values(p, _flat(v), add_v, keys_c, valid_c, kv_heads), lse
 
     work = q.shape[0] * keys.shape[1] * (q.shape[-1] + v.shape[-1])
