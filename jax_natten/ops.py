@@ -80,8 +80,16 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         raise ValueError("additional_keys and additional_values must be given together")
     backend = resolve(backend, "attention", query.dtype, (problem.head_dim, problem.value_dim))
     fna.check_heads(backend, problem.heads)
-    scale = problem.head_dim ** -0.5 if scale is None else float(scale)
+    if scale is None:  # head_dim 0: every logit is 0 whatever the scale
+        scale = problem.head_dim ** -0.5 if problem.head_dim else 1.0
+    scale = float(scale)
     settings = fna.FusedSettings.of(config.current(), rank)
+    if problem.batch == 0 or problem.heads == 0:
+        # No query rows: nothing to compute (no kernel runs on an empty problem); the gradients
+        # of k, v, rpb and the additional tokens are zeros.
+        rows = query.shape[:-1]
+        out = jnp.zeros(rows + (problem.value_dim,), query.dtype)
+        return (out, jnp.zeros(rows, jnp.float32)) if return_lse else out
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out, lse = _attention(lay(query), lay(key), lay(value), _pad_rpb(rpb, problem),
                           _fold_additional(additional_keys, problem),

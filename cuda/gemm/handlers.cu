@@ -2,7 +2,7 @@
 // Decoding and validation are the naive handlers' (natten/ffi_helpers.h); the products run on the
 // tiled kernels of gemm.cuh (launch.h), the additional-token and rpb gradients on the naive
 // deterministic reductions (naive/kernels.cuh).
-//   qk_fwd: q, k, rpb, add_k -> w             PN(q, k)
+//   qk_fwd: q, k, rpb, add_k -> w             PN(q, k), w of q's dtype or float32
 //   qk_bwd: q, k, add_k, dw -> dq, dk, drpb, dadd_k
 //           dq = NN(dw, k), dk = IN(dw, q), drpb / dadd_k: naive reductions
 //   av_fwd: w, v, add_v -> o                  NN(w, v)
@@ -31,7 +31,7 @@ ffi::Error GemmQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
   NATTEN_TRY(poison_outputs(stream, *w));
   return gemm::launch_pn(stream, q.element_type(), p, p.dim, q.untyped_data(), k.untyped_data(),
-                         add_k.untyped_data(), bias, w->untyped_data(), q.element_type(),
+                         add_k.untyped_data(), bias, w->untyped_data(), w->element_type(),
                          -INFINITY);
 }
 

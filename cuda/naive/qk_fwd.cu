@@ -1,4 +1,4 @@
-// natten_naive_qk_fwd: q, k, rpb, add_k -> w [B, X, Y, Z, H, K + S] (dtype of q).
+// natten_naive_qk_fwd: q, k, rpb, add_k -> w [B, X, Y, Z, H, K + S] (dtype of q, or float32).
 // w[..., t] = q . k[neighbor t] + rpb[h, rel(t)] for t < K (-inf past a causal query),
 // w[..., K + s] = q . add_k[b, s, kvh]. No scaling.
 // One thread per element of w (window_dot_kernel).
@@ -23,8 +23,13 @@ ffi::Error NaiveQkFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   NATTEN_TRY(make_params(p, p.dim, a));
   const float* bias = p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
   NATTEN_TRY(poison_outputs(stream, *w));
+  const bool f32_out = w->element_type() == ffi::DataType::F32;
   return dispatch_float(q.element_type(), [&](auto tag) -> ffi::Error {
     using T = typename decltype(tag)::type;
+    if (f32_out)  // float32 logits of float16 / bfloat16 inputs (check_qk_fwd)
+      return naive::launch_window_dot<T, T, float>(stream, a, q.untyped_data(), k.untyped_data(),
+                                                   add_k.untyped_data(), bias, w->untyped_data(),
+                                                   -INFINITY);
     return naive::launch_window_dot<T, T, T>(stream, a, q.untyped_data(), k.untyped_data(),
                                              add_k.untyped_data(), bias, w->untyped_data(),
                                              -INFINITY);

@@ -271,11 +271,17 @@ def fna_bwd(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, attrs: dict):
     return dq, dk, dv, _sum_drpb(drpb, has_rpb), dak, dav
 
 
-def qk_fwd(backend, q, k, rpb, add_k, params):
-    """-> w [B, X, Y, Z, H, K + S] (unscaled logits + rpb)."""
+# qk_fwd writing float32 logits whatever q's dtype (the unfused attention's softmax input).
+_QK_FWD_F32 = dataclasses.replace(QK_FWD, results=(Buffer("w", _W.dims, "f32"),))
+
+
+def qk_fwd(backend, q, k, rpb, add_k, params, out_dtype=None):
+    """-> w [B, X, Y, Z, H, K + S] (unscaled logits + rpb), in q's dtype or, with
+    `out_dtype=jnp.float32`, in float32."""
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k = _zero_tokens(k) if add_k is None else add_k
-    (w,) = call(QK_FWD, backend, (q, k, rpb, add_k), window_attrs(params),
+    op = _QK_FWD_F32 if out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32 else QK_FWD
+    (w,) = call(op, backend, (q, k, rpb, add_k), window_attrs(params),
                 sizes={"w": params.window_size + add_k.shape[1]})
     return w
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import config, sharding
+from .._softmax import softmax_lse
 from . import ffi, unfused
 
 BACKENDS = ("cpu", "fused")
@@ -64,7 +65,7 @@ def unsupported(backend: str, op: str, head_dims: tuple) -> str | None:
     if op != "attention":
         return "'fused' has no unfused qk/av ops: use 'gemm', 'naive', 'cpu' or 'reference'"
     multiple, most = ffi.LIMITS["fused_head_dim_multiple"], ffi.LIMITS["fused_max_head_dim"]
-    if any(d % multiple or d > most for d in head_dims):
+    if any(d % multiple or d == 0 or d > most for d in head_dims):
         return (f"head dims must be multiples of {multiple} ({multiple}, {2 * multiple}, ..., "
                 f"up to {most}), got {', '.join(map(str, head_dims))}")
     return None
@@ -81,15 +82,15 @@ def check_heads(backend: str, heads: int):
 def fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale):
     """d-rpb of the fused op, bit-reproducible (fused_config(deterministic=True)): the fused
     kernels sum it with atomics, so here it comes from the GEMM-based kernels instead, whose
-    reductions run in a fixed order. dS = P (do.v - delta) per window entry, P = exp(logits - lse),
+    reductions run in a fixed order. dS = P (do.v - delta) per window entry, P the row's softmax,
     then the qk op's backward w.r.t. rpb sums dS per relative offset. Costs [N, prod(kernel)]
-    temporaries: deterministic mode trades memory for reproducibility."""
+    temporaries: deterministic mode trades memory for reproducibility. dS comes from the
+    backward of _softmax.softmax_lse (normalized P, no rowsum(do * o) from the rounded o)."""
     f32 = jnp.float32
-    logits = unfused.qk((q.astype(f32) * scale).astype(q.dtype), k, rpb, None, params, "gemm")
-    p = jnp.exp(logits.astype(f32) - lse[..., None])
-    dp = unfused.qk(do.astype(v.dtype), v, None, None, params, "gemm").astype(f32)  # do . v
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1) - dlse
-    ds = p * (dp - delta[..., None])
+    logits = unfused.f32_logits(q, k, rpb, None, params, scale, "gemm")
+    dp = unfused.qk(do.astype(v.dtype), v, None, None, params, "gemm", f32)  # do . v
+    _, softmax_pull = jax.vjp(softmax_lse, logits)
+    (ds,) = softmax_pull((dp, dlse.astype(f32)))
     _, pull = jax.vjp(lambda r: unfused.qk(q, k, r, None, params, "gemm"), rpb)
     return pull(ds.astype(q.dtype))[0]
 

@@ -5,7 +5,8 @@ and the attention op on "naive" / "gemm", composed of them.
                       _qk_bwd -> ffi.qk_bwd -> natten_{cpu,naive,gemm}_qk_bwd    -> dq, dk, ...
     av (custom_vjp):  _av_fwd -> ffi.av_fwd -> natten_{cpu,naive,gemm}_av_fwd    -> o
                       _av_bwd -> ffi.av_bwd -> natten_{cpu,naive,gemm}_av_bwd    -> dw, dv, ...
-    attention:        qk -> float32 softmax -> av (JAX differentiates the composition)
+    attention:        qk (float32 logits) -> softmax (_softmax.softmax_lse) -> av
+                      (JAX differentiates the composition)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import sharding
+from .._softmax import softmax_lse
 from . import ffi
 
 BACKENDS = ("cpu", "naive", "gemm")  # the qk / av ops
@@ -27,7 +29,7 @@ def unsupported(backend: str, head_dims: tuple) -> str | None:
     if backend != "gemm":
         return None
     multiple = ffi.LIMITS["gemm_head_dim_multiple"]
-    if any(d % multiple for d in head_dims):
+    if any(d % multiple or d == 0 for d in head_dims):
         return (f"head dims must be multiples of {multiple} ({multiple}, {2 * multiple}, ..., "
                 f"any size), got {', '.join(map(str, head_dims))}")
     return None
@@ -35,17 +37,18 @@ def unsupported(backend: str, head_dims: tuple) -> str | None:
 
 # Arguments in kernel layout; `params` (padded NAParams) and `backend` are static.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def qk(q, k, rpb, add_k, params, backend):
-    """-> w: unscaled logits q.k + rpb per window offset, then per additional key."""
-    return ffi.qk_fwd(backend, q, k, rpb, add_k, params)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def qk(q, k, rpb, add_k, params, backend, out_dtype=None):
+    """-> w: unscaled logits q.k + rpb per window offset, then per additional key; in q's dtype,
+    or float32 with `out_dtype=jnp.float32`."""
+    return ffi.qk_fwd(backend, q, k, rpb, add_k, params, out_dtype)
 
 
-def _qk_fwd(q, k, rpb, add_k, params, backend):
-    return ffi.qk_fwd(backend, q, k, rpb, add_k, params), (q, k, rpb, add_k)
+def _qk_fwd(q, k, rpb, add_k, params, backend, out_dtype=None):
+    return ffi.qk_fwd(backend, q, k, rpb, add_k, params, out_dtype), (q, k, rpb, add_k)
 
 
-def _qk_bwd(params, backend, res, dw):
+def _qk_bwd(params, backend, out_dtype, res, dw):
     q, k, rpb, add_k = res
     dq, dk, drpb, dak = ffi.qk_bwd(backend, q, k, rpb, add_k, dw, params)
     return sharding.like_primals((dq, dk, None if rpb is None else drpb.astype(rpb.dtype),
@@ -74,11 +77,23 @@ def _av_bwd(params, backend, res, do):
 av.defvjp(_av_fwd, _av_bwd)
 
 
+def f32_logits(q, k, rpb, add_k, params, scale, backend):
+    """scale * q.k + rpb in float32 from the qk kernels of `backend` (they accumulate in float32
+    and store the logits unrounded: in float16 / bfloat16, large logits would lose their
+    differences, and overflow float16 past 65504). The scale multiplies those logits rather than
+    q (no rounding of scale * q to q's dtype); the kernels add the bias, divided by the scale
+    first so that it comes out unscaled."""
+    f32 = jnp.float32
+    if scale > 0:
+        bias = None if rpb is None else rpb.astype(f32) / scale
+        return qk(q, k, bias, add_k, params, backend, f32) * scale  # -inf stays -inf
+    # scale * -inf would not stay -inf: scale q instead.
+    return qk((q.astype(f32) * scale).astype(q.dtype), k, rpb, add_k, params, backend, f32)
+
+
 def attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
-    """-> (o, lse) as qk -> float32 softmax -> av. Scaling q first keeps the bias unscaled:
-    (scale q).k + rpb."""
-    logits = qk((q.astype(jnp.float32) * scale).astype(q.dtype), k, rpb, add_k, params, backend)
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    weights = jnp.exp(logits - lse[..., None]).astype(q.dtype)
-    return av(weights, v, add_v, params, backend), lse
+    """-> (o, lse) as qk (float32 logits) -> softmax -> av. The weights are normalized by their
+    own sum and their gradient stays accurate near one-hot rows (_softmax.py); av takes them in
+    q's dtype."""
+    weights, lse = softmax_lse(f32_logits(q, k, rpb, add_k, params, scale, backend))
+    return av(weights.astype(q.dtype), v, add_v, params, backend), lse

@@ -11,15 +11,17 @@ namespace natten {
 #define NATTEN_TOKENS(p, heads, width) \
   { (p).batch, (p).extent[0], (p).extent[1], (p).extent[2], (heads), (width) }
 
-// qk forward: q, k, rpb, add_k -> w.
+// qk forward: q, k, rpb, add_k -> w, of q's dtype or float32 (the unfused attention keeps its
+// logits unrounded: large logits would lose their differences in float16 / bfloat16).
 inline ffi::Error check_qk_fwd(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                                const ffi::AnyBuffer& rpb, const ffi::AnyBuffer& add_k,
                                const ffi::AnyBuffer& w, I64Span kernel_size, I64Span stride,
                                I64Span dilation, I64Span is_causal) {
   NATTEN_TRY(decode_attention(p, q, k, nullptr, add_k, nullptr, rpb, /*rpb_is_grad=*/false,
                               kernel_size, stride, dilation, is_causal));
-  return check_like("weights (qk output)", w, q.element_type(),
-                    NATTEN_TOKENS(p, p.heads, p.slots()));
+  const ffi::DataType wt =
+      w.element_type() == ffi::DataType::F32 ? ffi::DataType::F32 : q.element_type();
+  return check_like("weights (qk output)", w, wt, NATTEN_TOKENS(p, p.heads, p.slots()));
 }
 
 // qk backward: q, k, add_k, dw -> dq, dk, drpb, dadd_k. There is no rpb input: the drpb output
