@@ -49,7 +49,7 @@ def windows(spatial, kernel, stride, dilation, causal):
 def _flat(x):
     """[B, *spatial, H, D] -> float64 [B, N, H, D]."""
     x = np.asarray(x, np.float64)
-    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-2]), *x.shape[-2:])
 
 
 def _per_head(x, heads):
@@ -102,3 +102,65 @@ def attention(q, k, v, kernel, stride, dilation, causal, scale=None, rpb=None, a
     lse = np.log(e.sum(-1)) + m[..., 0]
     p = e / e.sum(-1, keepdims=True)
     return av(p, v, kernel, stride, dilation, causal, add_v), lse
+
+
+def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=None, rpb=None,
+                  add_k=None, add_v=None, stored=None, delta_error=None):
+    """Gradients of sum(out * dout) + sum(lse * dlse) in float64, by the textbook backward:
+    P = softmax(logits), dP_t = dout . v_t, dS = P (dP - sum(P dP) + dlse), then dS and P * dout
+    scattered back to q, k, v, rpb and the additional tokens. -> dict named like the op's args.
+    `stored`: None, or a function applied to P and dS before they are scattered (a model of
+    kernels that keep them in a narrower dtype). `delta_error`: None, or a function of (P, dP)
+    whose value is added to each row's sum(P dP) (a model of kernels that round it)."""
+    rank = len(kernel)
+    spatial = q.shape[1:1 + rank]
+    keys, rel = windows(tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation),
+                        tuple(causal))
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    B, N, H, _ = qf.shape
+    KVH, K = kf.shape[2], keys.shape[1]
+    heads_k, heads_v = _per_head(kf, H), _per_head(vf, H)
+    valid = keys[None, :, None, :] >= 0
+    safe = np.maximum(keys, 0)
+    logits = qk(np.asarray(q, np.float64) * scale, k, kernel, stride, dilation, causal, rpb, add_k)
+    logits = logits.reshape(B, N, H, logits.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    do = _flat(dout)
+    dp = np.einsum("bnhd,bnkhd->bnhk", do, heads_v[:, safe])
+    if add_v is not None:
+        ak_v = _per_head(np.asarray(add_v, np.float64), H)
+        dp = np.concatenate([dp, np.einsum("bnhd,bshd->bnhs", do, ak_v)], axis=-1)
+    dp = np.where(np.isfinite(logits), dp, 0.0)
+    dl = np.asarray(dlse, np.float64).reshape(B, N, H)
+    delta = (p * dp).sum(-1, keepdims=True)
+    if delta_error is not None:
+        delta = delta + delta_error(p, dp)
+    ds = p * (dp - delta + dl[..., None])
+    if stored is not None:
+        p, ds = stored(p), stored(ds)
+    dsw, pw = np.where(valid, ds[..., :K], 0.0), np.where(valid, p[..., :K], 0.0)
+    dq = scale * np.einsum("bnhk,bnkhd->bnhd", dsw, heads_k[:, safe])
+    dk_h, dv_h = np.zeros_like(heads_k), np.zeros_like(heads_v)
+    for t in range(K):  # scatter window offset t of every query to its key
+        np.add.at(dk_h, (slice(None), safe[:, t]), scale * dsw[..., t, None] * qf)
+        np.add.at(dv_h, (slice(None), safe[:, t]), pw[..., t, None] * do)
+    per_kv = lambda x: x.reshape(x.shape[:2] + (KVH, H // KVH) + x.shape[3:]).sum(3)
+    grads = {}
+    if add_k is not None:
+        ak_k = _per_head(np.asarray(add_k, np.float64), H)
+        dq = dq + scale * np.einsum("bnhs,bshd->bnhd", ds[..., K:], ak_k)
+        grads["additional_keys"] = per_kv(scale * np.einsum("bnhs,bnhd->bshd", ds[..., K:], qf))
+        grads["additional_values"] = per_kv(np.einsum("bnhs,bnhd->bshd", p[..., K:], do))
+    if rpb is not None:
+        drpb = np.zeros(np.shape(rpb))
+        idx = tuple(rel[..., a] for a in range(rank))  # each [N, K]
+        for h in range(H):
+            np.add.at(drpb[h], idx, np.where(valid[0, :, 0], dsw[:, :, h].sum(0), 0.0))
+        grads["rpb"] = drpb
+    grads["query"] = dq.reshape(q.shape)
+    grads["key"] = per_kv(dk_h).reshape(k.shape)
+    grads["value"] = per_kv(dv_h).reshape(v.shape)
+    return grads
