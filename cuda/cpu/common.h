@@ -172,7 +172,8 @@ inline float softmax(float* scores, size_t n) {
 // grads[i] = probs[i] * (grads[i] - sum_j probs[j] grads[j] + dlse), grads[] holding dP on entry.
 // The difference dP_i - sum_j P_j dP_j is formed relative to the entry m of the largest weight,
 // (dP_i - dP_m) - sum_{j != m} P_j (dP_j - dP_m), which is the same number (the weights sum to 1)
-// without the cancellation that loses it to f32 rounding near one-hot rows (jax_natten/_softmax.py).
+// without the cancellation that loses it to f32 rounding near one-hot rows
+// (jax_natten/_softmax.py).
 inline void softmax_backward(const float* probs, float* grads, size_t n, float dlse) {
   if (n == 0) return;
   const size_t m = static_cast<size_t>(std::max_element(probs, probs + n) - probs);
