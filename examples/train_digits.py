@@ -32,7 +32,7 @@ BLOCKS = [(3, 1), (3, 2), (3, 1)]
 
 def library_attention(dim, heads, kernel_size, dilation, *, backend, rngs):
     """The library's Flax module: 2-D NA with relative positional bias."""
-    return NeighborhoodAttention2D(dim, heads, kernel_size, dilation=dilation, rel_pos_bias=True,
+    return NeighborhoodAttention2D(heads, dim, kernel_size, dilation=dilation, rel_pos_bias=True,
                                    backend=backend, rngs=rngs)
 
 

@@ -7,6 +7,7 @@ here once.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +60,62 @@ def make_config(rank: int, num_heads: int, kernel_size, *, stride=1, dilation=1,
                     rel_pos_bias=bool(rel_pos_bias), scale=scale, backend=backend)
 
 
+def check_features(cfg: NAConfig, in_features) -> None:
+    """NNX's `in_features`: a positive int that `num_heads` divides. Arguments passed in the old
+    order `(in_features, num_heads)` always fail here (unless both are equal, which is the same
+    layer), with a hint."""
+    name = f"NeighborhoodAttention{cfg.rank}D"
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise TypeError(f"{name}: in_features must be a positive int, got {in_features!r}; the "
+                        "arguments are (num_heads, in_features, kernel_size, ...)")
+    if in_features % cfg.num_heads:
+        hint = ""
+        if cfg.num_heads > in_features:
+            hint = (f". The order is (num_heads, in_features, ...), as in "
+                    f"flax.nnx.MultiHeadAttention: for {cfg.num_heads} channels in "
+                    f"{in_features} heads write {name}({in_features}, {cfg.num_heads}, ...)")
+        raise ValueError(f"{name}: in_features ({in_features}) must be divisible by num_heads "
+                         f"({cfg.num_heads}){hint}")
+
+
+def check_rate(name: str, rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"{name}: dropout_rate must be a number in [0, 1), got {rate!r}")
+
+
+# Deprecated keyword -> its new name (the values mean the same).
+_RENAMED = {"qkv_bias": "use_qkv_bias", "proj_dropout": "dropout_rate"}
+
+
+_WARNED: set = set()
+
+
+def take_deprecated(name: str, given: dict, **current) -> dict:
+    """Maps the deprecated keywords in `given` onto their new names; any other unknown keyword is
+    a TypeError that names the public class. `current`: the new keywords' values as passed. The
+    FutureWarning (shown to users, unlike DeprecationWarning from library frames) is issued once
+    per class and keyword: Linen rebuilds a module on every init/apply."""
+    out = dict(current)
+    for old, value in given.items():
+        new = _RENAMED.get(old)
+        if new is None:
+            raise TypeError(f"{name}() got an unexpected keyword argument {old!r}")
+        if (name, old) not in _WARNED:
+            _WARNED.add((name, old))
+            warnings.warn(f"{name}: {old}= is deprecated, use {new}= (as in Flax)",
+                          FutureWarning, stacklevel=3)
+        out[new] = value
+    return out
+
+
 def check_input(cfg: NAConfig, x: jax.Array, features: int | None = None) -> int:
-    """Checks `x` is `[batch..., *spatial, C]` (C == `features` if given); returns C."""
+    """Checks `x` is `[B, *spatial, C]` (C == `features` if given); returns C."""
     c = x.shape[-1] if x.ndim else None
     if x.ndim < cfg.rank + 2 or (features is not None and c != features):
-        axes = ", ".join(f"L{a}" for a in range(cfg.rank))
-        raise ValueError(f"NeighborhoodAttention{cfg.rank}D expects input [batch, {axes}, "
-                         f"{features if features is not None else 'C'}], got shape "
-                         f"{tuple(x.shape)}")
+        axes = ", ".join("XYZ"[:cfg.rank])
+        raise ValueError(f"NeighborhoodAttention{cfg.rank}D expects input [B, {axes}, "
+                         f"{features if features is not None else 'C'}] (channels last), got "
+                         f"shape {tuple(x.shape)}")
     cfg.head_dim(c)
     return c
 
@@ -77,7 +126,7 @@ def resolve_deterministic(name: str, call_value: bool | None, attribute: bool | 
     for value in (call_value, attribute, default):
         if value is not None:
             return bool(value)
-    raise ValueError(f"{name}: proj_dropout > 0 needs `deterministic`, passed to __call__ or the "
+    raise ValueError(f"{name}: dropout_rate > 0 needs `deterministic`, passed to __call__ or the "
                      "constructor, or set by model.train() / model.eval()")
 
 
@@ -87,7 +136,7 @@ def na_function(rank: int):
 
 
 def attend(cfg: NAConfig, qkv: jax.Array, rpb: jax.Array | None) -> jax.Array:
-    """Core of the module: fused projection `[batch..., *spatial, 3C]` -> `[batch..., *spatial, C]`.
+    """Core of the module: fused projection `[B..., *spatial, 3C]` -> `[B..., *spatial, C]`.
 
     The 3C channels are ordered (q|k|v, head, head_dim), like NATTEN's `qkv` Linear, so its
     weights port by transposing the kernel. Extra leading batch dimensions fold into one.

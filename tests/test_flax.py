@@ -38,7 +38,7 @@ def make_input(shape, seed):
 
 def nnx_layer(rank, seed=0, **kw):
     cls = getattr(natten_nnx, f"NeighborhoodAttention{rank}D")
-    return cls(FEATURES, HEADS, rngs=nnx.Rngs(seed), **kw)
+    return cls(HEADS, FEATURES, rngs=nnx.Rngs(seed), **kw)
 
 
 def linen_layer(rank, **kw):
@@ -65,7 +65,8 @@ def hand_computation(params, x, rank, kw):
     opts = {n: kw[n] for n in ("stride", "dilation", "is_causal", "scale") if n in kw}
     out = na_fn(rank)(q, k, v, kw["kernel_size"], rpb=params.get("rpb"), backend="reference",
                       **opts)
-    return out.reshape(x.shape) @ params["proj"]["kernel"] + params["proj"]["bias"]
+    out = out.reshape(x.shape) @ params["proj"]["kernel"]
+    return out + params["proj"]["bias"] if "bias" in params["proj"] else out
 
 
 def init_linen(layer, x, seed=0):
@@ -178,7 +179,7 @@ def test_extra_batch_dims_fold():
 
 def test_no_qkv_bias_and_scale():
     kw = dict(kernel_size=3, scale=0.3)
-    model = nnx_layer(2, qkv_bias=False, **kw)
+    model = nnx_layer(2, use_qkv_bias=False, **kw)
     params = nnx_params(model)
     assert "bias" not in params["qkv"] and "bias" in params["proj"]
     x = make_input((2, 5, 7), 10)
@@ -189,7 +190,7 @@ def test_no_qkv_bias_and_scale():
 
 def test_nnx_dropout_train_and_eval():
     kw = dict(kernel_size=3)
-    model = nnx_layer(2, proj_dropout=0.5, **kw)
+    model = nnx_layer(2, dropout_rate=0.5, **kw)
     x = make_input((2, 7, 9), 11)
     clean = hand(nnx_params(model), x, 2, kw)
     with pytest.raises(ValueError, match="deterministic"):
@@ -217,7 +218,7 @@ def test_nnx_dropout_train_and_eval():
 
 def test_linen_dropout_train_and_eval():
     kw = dict(kernel_size=3)
-    layer = linen_layer(2, proj_dropout=0.5, **kw)
+    layer = linen_layer(2, dropout_rate=0.5, **kw)
     x = make_input((2, 7, 9), 12)
     variables = init_linen(layer, x)
     clean = hand(variables["params"], x, 2, kw)
@@ -232,7 +233,7 @@ def test_linen_dropout_train_and_eval():
     np.testing.assert_allclose(np.asarray(y1)[~dropped], 2 * np.asarray(clean)[~dropped],
                                rtol=1e-5, atol=1e-6)
     # the attribute sets the default mode
-    train_layer = linen_layer(2, proj_dropout=0.5, deterministic=False, **kw)
+    train_layer = linen_layer(2, dropout_rate=0.5, deterministic=False, **kw)
     y3 = jax.jit(train_layer.apply)(variables, x, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_array_equal(y3, y1)
 
@@ -269,7 +270,7 @@ def test_rpb_needs_noncausal_stride1(bad):
 
 def test_heads_must_divide_features():
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        natten_nnx.NeighborhoodAttention2D(10, 4, 3, rngs=nnx.Rngs(0))
+        natten_nnx.NeighborhoodAttention2D(4, 10, 3, rngs=nnx.Rngs(0))
     layer = natten_linen.NeighborhoodAttention2D(num_heads=4, kernel_size=3)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         layer.init(jax.random.key(0), jax.random.normal(jax.random.key(1), (1, 5, 5, 10)))
@@ -296,3 +297,86 @@ def test_bad_input_shape():
         call(model, make_input((5, 7), 14))  # no batch dimension
     with pytest.raises(ValueError, match="expects input"):
         call(model, jax.random.normal(jax.random.key(0), (1, 5, 7, FEATURES + 2)))
+
+
+# ---- Flax conventions: argument order, names, precision ----------------------------------------
+
+def test_nnx_swapped_arguments_are_rejected_with_the_order():
+    """(in_features, num_heads) instead of (num_heads, in_features), as flax.nnx.MultiHeadAttention
+    orders them: a ValueError that says the order and the fix."""
+    with pytest.raises(ValueError, match=r"order is \(num_heads, in_features.*"
+                                         r"NeighborhoodAttention2D\(4, 64, \.\.\.\)"):
+        natten_nnx.NeighborhoodAttention2D(64, 4, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="in_features must be a positive int"):
+        natten_nnx.NeighborhoodAttention1D(4, 16.0, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"NeighborhoodAttention2D needs rngs=nnx.Rngs"):
+        natten_nnx.NeighborhoodAttention2D(4, 16, 3)
+    # keywords work in any order
+    layer = natten_nnx.NeighborhoodAttention2D(in_features=16, num_heads=4, kernel_size=3,
+                                               rngs=nnx.Rngs(0))
+    assert (layer.num_heads, layer.in_features, layer.head_dim) == (4, 16, 4)
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_unknown_keyword_names_the_public_class(api):
+    make = nnx_layer if api == "nnx" else linen_layer
+    with pytest.raises(TypeError, match=r"NeighborhoodAttention2D.*unexpected keyword argument "
+                                        r"'attn_dropout'"):
+        make(2, kernel_size=3, attn_dropout=0.1)
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout_rate must be a number in \[0, 1\)"):
+            make(2, kernel_size=3, dropout_rate=bad)
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_deprecated_names_still_work(api, monkeypatch):
+    from jax_natten import _modules_common
+    monkeypatch.setattr(_modules_common, "_WARNED", set())
+    x = make_input((2, 5, 7), 15)
+    make = nnx_layer if api == "nnx" else linen_layer
+    with pytest.warns(FutureWarning) as record:
+        old = make(2, kernel_size=3, qkv_bias=False, proj_dropout=0.25)
+    assert sorted(str(w.message) for w in record) == [
+        "NeighborhoodAttention2D: proj_dropout= is deprecated, use dropout_rate= (as in Flax)",
+        "NeighborhoodAttention2D: qkv_bias= is deprecated, use use_qkv_bias= (as in Flax)"]
+    new = make(2, kernel_size=3, use_qkv_bias=False, dropout_rate=0.25)
+    if api == "nnx":
+        assert old.dropout_rate == old.proj_dropout == 0.25
+        params_old, params_new = nnx_params(old), nnx_params(new)
+    else:
+        params_old = init_linen(old, x)["params"]
+        params_new = init_linen(new, x)["params"]
+        y_old = jax.jit(old.apply)({"params": params_old}, x)  # deterministic by default
+        assert rel_err(y_old, hand(params_old, x, 2, dict(kernel_size=3))) < 1e-5
+        y_drop = old.apply({"params": params_old}, x, deterministic=False,
+                           rngs={"dropout": jax.random.key(3)})
+        assert 0.1 < float(jnp.mean(y_drop == 0)) < 0.4  # the old rate, 0.25, is used
+    assert jax.tree.map(jnp.shape, params_old) == jax.tree.map(jnp.shape, params_new)
+    assert "bias" not in params_old["qkv"]
+
+
+def test_no_proj_bias():
+    kw = dict(kernel_size=3)
+    model = nnx_layer(2, use_proj_bias=False, **kw)
+    params = nnx_params(model)
+    assert "bias" not in params["proj"] and "bias" in params["qkv"]
+    x = make_input((2, 5, 7), 16)
+    assert rel_err(call(model, x), hand(params, x, 2, kw)) < 1e-5
+    layer = linen_layer(2, use_proj_bias=False, **kw)
+    assert "bias" not in init_linen(layer, x)["params"]["proj"]
+
+
+def test_precision_reaches_the_projections():
+    """precision is Flax's: it sets the projections' dot precision (visible in the jaxpr)."""
+    x = make_input((2, 5, 7), 17)
+    hi = jax.lax.Precision.HIGHEST
+    model = nnx_layer(2, kernel_size=3, precision=hi)
+    assert model.qkv.precision == hi and model.proj.precision == hi
+    text = str(jax.make_jaxpr(lambda x: model(x))(x))
+    assert text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 2
+    layer = linen_layer(2, kernel_size=3, precision=hi)
+    variables = init_linen(layer, x)
+    text = str(jax.make_jaxpr(lambda x: layer.apply(variables, x))(x))
+    assert text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 2
+    assert rel_err(layer.apply(variables, x), hand(variables["params"], x, 2,
+                                                   dict(kernel_size=3))) < 1e-5

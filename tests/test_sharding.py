@@ -185,7 +185,7 @@ def test_flax_module_under_sharded_jit(api):
     if api == "nnx":
         from flax import nnx
         import jax_natten.nnx
-        layer = jax_natten.nnx.NeighborhoodAttention2D(16, rngs=nnx.Rngs(seed), **kw)
+        layer = jax_natten.nnx.NeighborhoodAttention2D(in_features=16, rngs=nnx.Rngs(seed), **kw)
         graph, params = nnx.split(layer)
         apply = lambda p, x: nnx.merge(graph, p)(x)
     else:
