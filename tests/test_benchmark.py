@@ -106,7 +106,22 @@ def test_cli_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(SystemExit) as e:
         cli.main(TINY + ["--backends", "reference", "--plot", str(tmp_path / "x.png")])
-    assert e.value.code == 2 and "matplotlib" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'pip install "jax-natten[plot]"' in err
+
+
+def test_cli_help_refers_only_to_the_repository():
+    """The help names no folder outside the package and offers the `plot` extra, which exists."""
+    import pathlib
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    text = cli.build_parser().format_help()
+    assert not re.search(r"shared/|peers_\w+\.py|SPEC", text), text
+    assert '"jax-natten[plot]"' in text
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert extras["plot"] == ["matplotlib"]
+    assert "plot" in extras["dev"][0] and "test" in extras["dev"][0]
 
 
 def test_backend_names_pin_mma_families():

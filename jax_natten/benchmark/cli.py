@@ -25,8 +25,9 @@ examples:
       --batch 8 --dtype f32 --backends cpu,reference
   python -m jax_natten.benchmark --op qk,av --memory
 
-Defaults: on a GPU the shared problems (those of the peer scripts, bf16) on the CUDA backends this
-build has plus 'reference'; on a host the small problems on 'cpu' and 'reference'.
+Defaults: on a GPU the "shared" problems (six bf16 problems whose sizes match published peer
+measurements: see --list) on the CUDA backends this build has plus 'reference'; on a host the
+small problems on 'cpu' and 'reference'. --plot needs matplotlib (pip install "jax-natten[plot]").
 Useful FLOPs (forward) = 4*B*heads*N*prod(kernel)*D for attention (half for qk or av alone);
 forward+backward counts 3.5x that for attention (as the peer scripts do), 3x for qk/av.
 """
@@ -69,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to run")
     g.add_argument("--list", action="store_true", help="list the built-in problems and exit")
     g.add_argument("--problems", metavar="NAMES",
-                   help="comma list of problem names and groups: all, shared (those of "
-                        "the peer scripts), small (CPU-sized). Default: shared on a GPU, small "
-                        "on a host; only the custom problem when --spatial is given")
+                   help="comma list of problem names and groups: all, shared (six GPU-sized "
+                        "bf16 problems), small (CPU-sized); see --list. Default: shared on a "
+                        "GPU, small on a host; only the custom problem when --spatial is given")
     g.add_argument("--backends", metavar="NAMES",
                    help=f"comma list of {', '.join(BACKENDS)}, or 'all'; fused/mma_sync and "
                         "fused/wgmma pin the fused kernels' MMA family, fused/deterministic "
@@ -126,15 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write one JSON record per cell")
-    o.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    o.add_argument("--plot", metavar="PATH",
+                   help="write a PNG bar chart (needs matplotlib: pip install "
+                        "\"jax-natten[plot]\")")
     o.add_argument("--plot-metric", choices=("tflops", "ms", "speedup"), default="tflops",
                    help="what the bars show (default tflops)")
     o.add_argument("--memory", action="store_true",
                    help="add XLA's memory analysis of each compiled step (temp, argument, output "
                         "MiB) to the table (always in the JSON)")
     o.add_argument("--peers", metavar="PATH", action="append", default=[],
-                   help="JSON lines printed by the peer scripts (peers_*.py): their times join the "
-                        "table as backends 'peer:<name>' (repeatable)")
+                   help="a file of JSON lines from another library's benchmark, one object per "
+                        "problem: {\"problem\": NAME, \"<peer>_fwd_ms\": ms, "
+                        "\"<peer>_fwdbwd_ms\": ms}; their times join the table as backends "
+                        "'peer:<peer>' (repeatable)")
     o.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -208,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed "
-                         "(pip install matplotlib)")
+                         "(pip install matplotlib, or the package's extra: "
+                         "pip install \"jax-natten[plot]\")")
     if args.iters < 1 or args.warmup < 0 or args.max_seconds <= 0:
         parser.error("--iters must be >= 1, --warmup >= 0, --max-seconds > 0")
 

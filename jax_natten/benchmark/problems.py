@@ -1,8 +1,7 @@
-"""The benchmark problem set: the six problems shared with the peer scripts, and small ones of ours.
+"""The benchmark problem set: the six problems of the peer measurements, and small ones of ours.
 
-The "shared" group matches the problem set of the peer scripts exactly (same shapes, same names),
-so the numbers line up with the peer measurements (PyTorch FlexAttention, cuDNN, XLA) quoted in
-BENCHMARKS.md.
+The "shared" group has the shapes and names of the problems that the peer measurements of
+`BENCHMARKS.md` (PyTorch FlexAttention, cuDNN, dense XLA) were taken on, so the numbers line up.
 The "small" group fits a CPU in seconds and covers what the shared set does not: float32, dilation
 on a small grid, odd non-square shapes with stride and per-axis causality, 3-D, and GQA.
 """
@@ -97,7 +96,7 @@ class Problem:
 
 P = Problem
 PROBLEMS = [
-    # --- shared with the peer scripts (their problems.py): bf16 ---------------------------
+    # --- shared with the peer measurements (BENCHMARKS.md): bf16 ----------------------------------
     P("nat-2d-small", 64, 4, (56, 56), 32, 7, group="shared",
       about="NAT/DiNAT stage-1 sized 2-D layer: many small windows"),
     P("2d-large", 4, 16, (128, 128), 64, 31, group="shared",

@@ -124,9 +124,8 @@ _PEER_KEY = re.compile(r"^(?P<peer>.+)_(?P<pass>fwd|fwdbwd)_ms$")
 
 
 def load_peers(paths: Iterable[str], problems: dict, env: dict) -> list:
-    """Records from the JSON lines of the peer scripts peers_*.py (bf16, attention), for the
-    problems in `problems` (name -> Problem). Each `<peer>_<pass>_ms` key becomes backend
-    'peer:<peer>'."""
+    """Records from peer JSON lines (`--peers`: bf16, attention), for the problems
+    in `problems` (name -> Problem). Each `<peer>_<pass>_ms` key becomes backend 'peer:<peer>'."""
     from .runner import FWDBWD_FACTOR
     out = []
     for path in paths:
