@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 MAX_RANK = 3
@@ -86,14 +88,86 @@ def make_params(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -
 
 
 def normalize_params(rank: int, spatial: tuple, kernel_size, stride=1, dilation=1,
-                     is_causal=False) -> NAParams:
-    """Validate NA parameters, and against the spatial shape."""
+                     is_causal=False, layout: str = "") -> NAParams:
+    """Validate NA parameters, and against the spatial shape. `layout`: how the input shape was
+    read, added to the error (shapes read the wrong way are the usual cause)."""
     params = make_params(rank, kernel_size, stride, dilation, is_causal)
     for ax, (L, k, d) in enumerate(zip(spatial, params.kernel_size, params.dilation)):
         if k * d > L:
             raise ValueError(f"kernel_size * dilation must not exceed the axis length: axis {ax} "
-                             f"has length {L} but kernel_size {k} * dilation {d} = {k * d}")
+                             f"has length {L} but kernel_size {k} * dilation {d} = {k * d}"
+                             + (f". {layout}" if layout else ""))
     return params
+
+
+def _axes(rank: int) -> str:
+    return ", ".join("XYZ"[:rank])
+
+
+def _read_as(name: str, shape: tuple, rank: int) -> str:
+    """How a heads-last input shape is read: 'query shape (2, 9, 4, 8) is read heads-last as
+    [B, X, heads, D] = [2, 9, 4, 8]' (extra leading dims fold into B)."""
+    n = len(shape) - rank - 2
+    b = "x".join(map(str, shape[:n])) if n else "1"
+    dims = [b, *map(str, shape[n:])]
+    return (f"{name} shape {tuple(shape)} is read heads-last as [B, {_axes(rank)}, heads, D] = "
+            f"[{', '.join(dims)}]")
+
+
+def _looks_heads_first(shape: tuple, rank: int, strict: bool = True) -> bool:
+    """A heads-first input [B, heads, *spatial, D] read heads-last puts the heads on the first
+    spatial axis and the last spatial axis on the heads: a short first "axis" and more "heads".
+    `strict` (a warning about an input that is otherwise accepted): at least 16 "heads", more than
+    twice the first axis; else (a hint in an error that is raised anyway) more than the first."""
+    n = len(shape) - rank - 2
+    first, heads = shape[n], shape[-2]
+    if strict:
+        return first <= 32 and heads >= 16 and heads > 2 * first
+    return first <= 32 and heads > first
+
+
+def _heads_first_hint(shape: tuple, rank: int) -> str:
+    return (f"If it is heads-first [B, heads, {_axes(rank)}, D], move the heads axis: "
+            f"jnp.moveaxis(x, {len(shape) - rank - 2}, -2)")
+
+
+_WARNED_HEADS_FIRST: set = set()
+
+
+def _warn_heads_first(shape: tuple, rank: int) -> None:
+    key = (tuple(shape), rank)
+    if key in _WARNED_HEADS_FIRST:
+        return
+    _WARNED_HEADS_FIRST.add(key)
+    warnings.warn(f"{_read_as('query', shape, rank)}, which looks heads-first (few positions "
+                  f"on the first axis, many heads). {_heads_first_hint(shape, rank)}",
+                  UserWarning, stacklevel=5)
+
+
+def check_scale(scale):
+    """`scale`: None, a finite real number, or a scalar array (a traced one too) -> None, a float,
+    or the traced scalar."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(scale, numbers.Real):
+        value = float(scale)
+    elif hasattr(scale, "shape") and hasattr(scale, "dtype"):
+        if tuple(scale.shape) != ():
+            raise ValueError(f"scale must be a scalar, got an array of shape {tuple(scale.shape)}")
+        if not (jnp.issubdtype(scale.dtype, jnp.floating)
+                or jnp.issubdtype(scale.dtype, jnp.integer)):
+            raise TypeError(f"scale must be a real scalar, got dtype {scale.dtype}")
+        if isinstance(scale, jax.core.Tracer):
+            return scale  # traced (jit/grad over the scale): applied to the query in the graph
+        value = float(scale)
+    else:
+        raise TypeError(f"scale must be a finite real number or a scalar array, got "
+                        f"{scale!r} ({type(scale).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def _check_float(name: str, x):
@@ -120,8 +194,9 @@ class Problem:
 
 def _split(name: str, x, rank: int):
     if x.ndim < rank + 3:
-        raise ValueError(f"{name} must have shape [batch, *spatial ({rank} axes), heads, head_dim] "
-                         f"(rank >= {rank + 3}), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be heads-last [B, {_axes(rank)}, heads, D] (rank >= "
+                         f"{rank + 3}; extra leading dims fold into B), like "
+                         f"jax.nn.dot_product_attention; got shape {tuple(x.shape)}")
     n = x.ndim - rank - 2
     return tuple(x.shape[:n]), tuple(x.shape[n:n + rank]), x.shape[-2], x.shape[-1]
 
@@ -154,7 +229,12 @@ def check_attention(rank: int, query, key, value, kernel_size, stride, dilation,
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
                          f"({kv_heads}) (GQA/MQA)")
-    params = normalize_params(rank, spatial, kernel_size, stride, dilation, is_causal)
+    layout = _read_as("query", tuple(query.shape), rank)
+    if _looks_heads_first(tuple(query.shape), rank, strict=False):
+        layout += ". " + _heads_first_hint(tuple(query.shape), rank)
+    params = normalize_params(rank, spatial, kernel_size, stride, dilation, is_causal, layout)
+    if _looks_heads_first(tuple(query.shape), rank):
+        _warn_heads_first(tuple(query.shape), rank)
     num_additional = _check_additional(lead, kv_heads, head_dim, value_dim, query.dtype,
                                        additional_keys, additional_values)
     if rpb is not None:
@@ -205,7 +285,8 @@ def check_weights(rank: int, weights, value, kernel_size, stride, dilation, is_c
     if heads % kv_heads:
         raise ValueError(f"weights heads ({heads}) must be a multiple of value heads "
                          f"({kv_heads}) (GQA/MQA)")
-    params = normalize_params(rank, spatial, kernel_size, stride, dilation, is_causal)
+    params = normalize_params(rank, spatial, kernel_size, stride, dilation, is_causal,
+                              _read_as("weights", tuple(weights.shape), rank))
     num_additional = _check_additional(lead, kv_heads, None, value_dim, value.dtype, None,
                                        additional_values)
     if width != params.window_size + num_additional:

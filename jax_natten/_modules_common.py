@@ -51,6 +51,7 @@ def make_config(rank: int, num_heads: int, kernel_size, *, stride=1, dilation=1,
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     params = _checks.make_params(rank, kernel_size, stride, dilation, is_causal)
+    scale = _checks.check_scale(scale)
     if rel_pos_bias and not params.rpb_allowed:
         raise ValueError("rel_pos_bias=True is only defined for non-causal, stride-1 "
                          f"neighborhood attention; got is_causal={params.is_causal}, "

@@ -100,3 +100,47 @@ def test_unavailable_backend_names_reason():
             continue
         with pytest.raises(ValueError, match=rf"backend '{backend}' cannot serve this call: .+"):
             jax_natten.na2d(Q, KV, KV, 3, backend=backend)
+
+
+# ---- layout: heads-last, and inputs that look heads-first --------------------------------------
+
+def test_rank_error_states_the_heads_last_layout():
+    with pytest.raises(ValueError, match=r"query must be heads-last \[B, X, Y, heads, D\] "
+                                         r"\(rank >= 5.*jax.nn.dot_product_attention"):
+        jax_natten.na2d(arr(B, X, H, D), arr(B, X, H, D), arr(B, X, H, D), 3)
+
+
+def test_kernel_size_error_shows_how_the_shape_was_read():
+    with pytest.raises(ValueError, match=r"axis 1 has length 8 .* query shape \(2, 9, 8, 4, 8\) "
+                                         r"is read heads-last as \[B, X, Y, heads, D\] = "
+                                         r"\[2, 9, 8, 4, 8\]$"):
+        jax_natten.na2d(Q, KV, KV, (3, 9))
+    w = arr(B, X, Y, H, 9)
+    with pytest.raises(ValueError, match=r"weights shape .* is read heads-last"):
+        jax_natten.na2d_av(w, KV, (3, 9))
+
+
+def test_heads_first_input_gets_a_hint_in_the_error():
+    """[B, heads, L, D] read heads-last: 4 'positions', 12 'heads'; kernel 7 does not fit."""
+    q = arr(2, 4, 12, 8)
+    with pytest.raises(ValueError, match=r"axis 0 has length 4 .* If it is heads-first "
+                                         r"\[B, heads, X, D\], move the heads axis: "
+                                         r"jnp.moveaxis\(x, 1, -2\)"):
+        jax_natten.na1d(q, q, q, 7)
+
+
+def test_obviously_heads_first_input_warns_once():
+    """[B, heads=8, L=64, D] fits a kernel of 3 when read heads-last (8 positions, 64 heads), so
+    it runs, but it warns; moved heads-last, no warning and the right result."""
+    from jax_natten import _checks
+    _checks._WARNED_HEADS_FIRST.clear()
+    q = arr(2, 8, 64, 16)
+    with pytest.warns(UserWarning, match=r"looks heads-first.*jnp.moveaxis\(x, 1, -2\)"):
+        jax_natten.na1d(q, q, q, 3, backend="reference")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax_natten.na1d(q, q, q, 3, backend="reference")  # warned once per shape
+        ql = jnp.moveaxis(q, 1, -2)                          # [2, 64, 8, 16]: heads-last
+        out = jax_natten.na1d(ql, ql, ql, 3, backend="reference")
+    assert out.shape == (2, 64, 8, 16)
