@@ -27,9 +27,10 @@ __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAt
 class _NeighborhoodAttention(nnx.Module):
     """Multi-head neighborhood attention over `rank` spatial axes (Flax NNX).
 
-    Input `[B, *spatial, in_features]` (extra leading dims fold into B) -> output of the same shape: one fused `qkv` Linear
-    (C -> 3C), split into `num_heads` heads of `C // num_heads` channels, `jax_natten.na{rank}d`
-    (heads-last), the `proj` Linear (C -> C), then dropout on the result.
+    Input `[B, *spatial, in_features]` (extra leading dims fold into B) -> output of the same
+    shape: one fused `qkv` Linear (C -> 3C), split into `num_heads` heads of `C // num_heads`
+    channels, `jax_natten.na{rank}d` (heads-last), the `proj` Linear (C -> C), then dropout on
+    the result.
 
     Args:
       num_heads: attention heads; must divide `in_features` (first, as in
