@@ -6,13 +6,15 @@ from .ops import (
     na2d, na2d_av, na2d_qk,
     na3d, na3d_av, na3d_qk,
 )
-from .backends.ffi import available as backend_available
+from .ops import resolve_backend
+from .backends import FallbackWarning, available as backend_available, target_platform
 from .config import fused_config
 from . import parallel  # spatial (context) parallelism: jax_natten.parallel.na1d/na2d/na3d
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "backend_available", "fused_config", "merge_attentions", "parallel",
+    "BACKENDS", "FallbackWarning", "backend_available", "fused_config", "merge_attentions",
+    "parallel", "resolve_backend", "target_platform",
     "na1d", "na1d_qk", "na1d_av", "na2d", "na2d_qk", "na2d_av", "na3d", "na3d_qk", "na3d_av",
 ]

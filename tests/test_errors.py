@@ -90,8 +90,11 @@ def test_native_backend_refuses_float64():
         q = jnp.asarray(np.asarray(Q), jnp.float64)
         with pytest.raises(ValueError, match=r"float32, float16, bfloat16"):
             jax_natten.na2d(q, q, q, 3, backend="cpu")
-        # The default picks a backend that serves float64.
-        assert jax_natten.na2d(q, q, q, 3).dtype == jnp.float64
+        # The default picks a backend that serves float64 (and says so: FallbackWarning).
+        with pytest.warns(jax_natten.FallbackWarning):
+            from jax_natten import backends
+            backends._WARNED.clear()
+            assert jax_natten.na2d(q, q, q, 3).dtype == jnp.float64
 
 
 def test_unavailable_backend_names_reason():
@@ -144,3 +147,162 @@ def test_obviously_heads_first_input_warns_once():
         ql = jnp.moveaxis(q, 1, -2)                          # [2, 64, 8, 16]: heads-last
         out = jax_natten.na1d(ql, ql, ql, 3, backend="reference")
     assert out.shape == (2, 64, 8, 16)
+
+
+# ---- scale ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale, exc, pattern", [
+    ("0.5", TypeError, r"scale must be a finite real number or a scalar array, got '0.5' \(str\)"),
+    (True, TypeError, r"scale must be a finite real number"),
+    (float("nan"), ValueError, r"scale must be finite, got nan"),
+    (float("inf"), ValueError, r"scale must be finite, got inf"),
+    (np.ones(2, np.float32), ValueError, r"scale must be a scalar, got an array of shape \(2,\)"),
+    (jnp.asarray(1 + 2j), TypeError, r"scale must be a real scalar"),
+])
+def test_bad_scale(scale, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        jax_natten.na2d(Q, KV, KV, 3, scale=scale)
+
+
+def test_module_scale_is_validated():
+    from flax import nnx
+    import jax_natten.linen
+    import jax_natten.nnx
+    with pytest.raises(ValueError, match="scale must be finite"):
+        jax_natten.nnx.NeighborhoodAttention2D(4, 16, 3, scale=float("inf"), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="scale must be a finite real number"):
+        jax_natten.linen.NeighborhoodAttention2D(num_heads=4, kernel_size=3, scale="x")
+
+
+def test_scale_number_kinds_agree():
+    """A Python float, a NumPy scalar and a concrete 0-d array are the same scale."""
+    outs = [jax_natten.na2d(Q, KV, KV, 3, scale=s, backend="reference")
+            for s in (0.25, np.float32(0.25), jnp.asarray(0.25))]
+    for o in outs[1:]:
+        assert jnp.array_equal(o, outs[0])
+
+
+# ---- the device: explicit backends, backend_available, resolve_backend -------------------------
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["fused", "gemm", "naive"])
+def test_cuda_backend_off_a_gpu_names_the_device(backend):
+    """On a machine where JAX sees no GPU, a CUDA backend is a ValueError before anything runs,
+    naming the device JAX sees, whether or not the build has CUDA kernels."""
+    if _has_gpu():
+        pytest.skip("JAX sees a GPU here")
+    assert not jax_natten.backend_available(backend)
+    with pytest.raises(ValueError, match=rf"backend '{backend}' cannot serve this call: "
+                                         rf"'{backend}' runs CUDA kernels on an NVIDIA GPU, but "
+                                         r"this call would run on cpu:0 \(cpu; .*no GPU\)"):
+        jax_natten.na2d(Q, KV, KV, 3, backend=backend)
+    with pytest.raises(ValueError, match=r"would run on cpu:0"):
+        jax.jit(lambda q: jax_natten.na2d(q, KV, KV, 3, backend=backend))(Q)
+
+
+def test_cpu_backend_with_inputs_on_another_platform_names_it():
+    """The "cpu" backend's kernels run on the host: a call whose device is not the CPU (here a
+    target platform of "cuda") is refused with the device named."""
+    with jax_natten.target_platform("cuda"):
+        assert not jax_natten.backend_available("cpu")
+        with pytest.raises(ValueError, match=r"'cpu' runs host kernels, but this call would run "
+                                             r"on"):
+            jax_natten.na2d_qk(Q, KV, 3, backend="cpu")
+
+
+def test_backend_available_reflects_build_and_device():
+    assert jax_natten.backend_available("reference")
+    if not _has_gpu():
+        assert jax_natten.backend_available("cpu")
+        assert not any(jax_natten.backend_available(b) for b in ("fused", "gemm", "naive"))
+    with pytest.raises(ValueError, match=r"unknown backend 'flash'"):
+        jax_natten.backend_available("flash")
+    doc = jax_natten.backend_available.__doc__
+    assert "Whether `backend` can run here" in doc and "resolve_backend" in doc
+
+
+def test_resolve_backend():
+    """The backend of a call, without running it; the same errors as the call."""
+    want_native = "cpu" if not _has_gpu() else None
+    got = jax_natten.resolve_backend(jax_natten.na2d, Q, KV, KV, 3)
+    if want_native:
+        assert got == want_native
+    assert jax_natten.resolve_backend("na2d_qk", Q, KV, (3, 3)) in ("cpu", "gemm")
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (Q, KV, KV)]
+    assert jax_natten.resolve_backend("na2d", *shapes, 3, backend="reference") == "reference"
+    with pytest.raises(ValueError, match=r"kernel_size \* dilation must not exceed"):
+        jax_natten.resolve_backend("na2d", Q, KV, KV, 30)
+    with pytest.raises(ValueError, match=r"op must be one of"):
+        jax_natten.resolve_backend("na4d", Q, KV, KV, 3)
+    with jax.enable_x64(True):
+        q = jnp.asarray(np.asarray(Q), jnp.float64)
+        with pytest.warns(jax_natten.FallbackWarning):
+            assert jax_natten.resolve_backend("na2d", q, q, q, 3) == "reference"
+
+
+def test_fallback_to_reference_warns_once_with_the_reason():
+    """float64 under x64 on a host: the host kernels do not take it, the default falls back to
+    the (much slower) reference backend: a FallbackWarning that says why, once per reason;
+    asking for backend="reference" is silent."""
+    import warnings
+    from jax_natten import backends
+    backends._WARNED.clear()
+    with jax.enable_x64(True):
+        q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 9, 2, 8)), jnp.float64)
+        with pytest.warns(jax_natten.FallbackWarning,
+                          match=r"runs on the slow 'reference' backend .* dtype float64 is not "
+                                r"supported"):
+            out = jax_natten.na1d(q, q, q, 3)
+        assert out.dtype == jnp.float64
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            jax_natten.na1d(q, q, q, 3)                       # once per reason
+            jax_natten.na1d(q, q, q, 3, backend="reference")  # asked for: silent
+
+
+def test_choice_is_logged(caplog):
+    import logging
+    with caplog.at_level(logging.DEBUG, logger="jax_natten"):
+        backend = jax_natten.resolve_backend("na2d", Q, KV, KV, 3)
+    assert any(f"on backend {backend!r}" in r.getMessage() for r in caplog.records)
+
+
+def test_source_tree_import_warns_with_the_fix(tmp_path):
+    """Importing the package from a source tree without a build (the repository root): one
+    warning that says so and how to fix it; an explicit native backend's error repeats it."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    installed = pathlib.Path(jax_natten.__file__).parent
+    tree = tmp_path / "src"
+    shutil.copytree(installed, tree / "jax_natten",
+                    ignore=shutil.ignore_patterns("_natten_ext*", "__pycache__"))
+    (tree / "pyproject.toml").write_text("")
+    (tree / "CMakeLists.txt").write_text("")
+    code = ("import warnings, jax, jax.numpy as jnp\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import jax_natten\n"
+            "print('WARNINGS', len([x for x in w if 'jax_natten' in str(x.message)]))\n"
+            "print('MSG', [str(x.message) for x in w if 'jax_natten' in str(x.message)][0])\n"
+            "q = jnp.ones((1, 5, 1, 4))\n"
+            "try:\n"
+            "    jax_natten.na1d(q, q, q, 3, backend='cpu')\n"
+            "except ValueError as e:\n"
+            "    print('ERROR', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    out = res.stdout
+    assert res.returncode == 0, res.stderr
+    assert "WARNINGS 1" in out, out
+    assert f"imported from the source tree {tree}, which has no build" in out
+    assert "pip install ." in out and "only the slow 'reference' backend" in out
+    assert "ERROR backend 'cpu' cannot serve this call: the native extension is not built" in out
+    assert "circular import" not in out

@@ -100,3 +100,59 @@ def test_checkpoint_grad(backend):
 def test_native_extension_built():
     """CPU-only CI must exercise the real FFI path: the host kernels have to be there."""
     assert jax_natten.backend_available("cpu"), "jax_natten was installed without its extension"
+
+
+# ---- autodiff modes: what the native backends support, and a clear error for the rest ----------
+
+def _small():
+    rng, seed = fresh_rng()
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 8)), jnp.float32)
+    return q, seed
+
+
+@pytest.mark.parametrize("mode", ["jvp", "jacfwd", "grad_of_grad", "hessian"])
+def test_unsupported_autodiff_modes_say_so(mode):
+    """Forward mode and second derivatives of the native backends: NotImplementedError naming
+    what is supported (not JAX's generic rule errors); the reference backend computes them."""
+    require("cpu")
+    q, seed = _small()
+    f = lambda q, backend: jnp.sum(jnp.sin(jax_natten.na1d(q, q, q, 3, backend=backend)))
+    run = {"jvp": lambda g: jax.jvp(g, (q,), (jnp.ones_like(q),))[1],
+           "jacfwd": lambda g: jax.jacfwd(g)(q),
+           "grad_of_grad": lambda g: jax.grad(lambda q: jnp.sum(jax.grad(g)(q) ** 2))(q),
+           "hessian": lambda g: jax.hessian(g)(q)}[mode]
+    with pytest.raises(NotImplementedError, match=r"first-order reverse-mode derivatives only.*"
+                                                  r"backend='reference'"):
+        run(lambda q: f(q, "cpu"))
+    ref = run(lambda q: f(q, "reference"))
+    assert jnp.all(jnp.isfinite(ref)) and float(jnp.abs(ref).max()) > 0, f"seed {seed}"
+
+
+def test_reverse_mode_and_linearize_work_on_native():
+    require("cpu")
+    q, seed = _small()
+    f = lambda q, backend: jnp.sum(jnp.sin(jax_natten.na1d(q, q, q, 3, backend=backend)))
+    g = jax.grad(lambda q: f(q, "cpu"))(q)
+    want = jax.grad(lambda q: f(q, "reference"))(q)
+    assert rel_err(g, want) < 1e-5, f"seed {seed}"
+    assert rel_err(jax.jacrev(lambda q: f(q, "cpu"))(q), want) < 1e-5, f"seed {seed}"
+
+
+# ---- scale: validated; a traced scale is supported ---------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_traced_scale(backend):
+    """A scale that is traced (jit argument, differentiated) gives the result of the same Python
+    number, and its gradient matches the reference's."""
+    require(backend)
+    rng, seed = fresh_rng()
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 11, 4, 8)), jnp.float32) for _ in range(3))
+    s = float(rng.uniform(0.2, 0.6))
+    f = lambda s, backend: jax_natten.na1d(q, k, v, 5, scale=s, backend=backend)
+    got = jax.jit(f, static_argnums=1)(jnp.float32(s), backend)
+    assert rel_err(got, f(s, backend)) < 1e-5, f"seed {seed}"
+    loss = lambda s, backend: jnp.sum(jnp.sin(f(s, backend)))
+    ds = jax.grad(loss)(jnp.float32(s), backend)
+    want = jax.grad(loss)(jnp.float32(s), "reference")
+    assert abs(float(ds) - float(want)) <= 1e-4 * abs(float(want)) and float(want) != 0, \
+        f"seed {seed}"

@@ -14,6 +14,8 @@ into the batch dim the kernels already loop over (one launch, not one per vmappe
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import warnings
 
 import numpy as np
 import jax
@@ -24,8 +26,30 @@ from .. import sharding
 try:
     from .. import _natten_ext as _ext
     _IMPORT_ERROR = None
-except ImportError as e:  # the package was not built: only the reference backend works
+except ImportError as e:  # not built, or built for another Python/jaxlib: only "reference" runs
     _ext, _IMPORT_ERROR = None, e
+
+
+def _missing_extension() -> str:
+    """Why the extension is missing, and the fix (an import from the source tree, usually)."""
+    package = pathlib.Path(__file__).resolve().parents[1]
+    built = sorted(p.name for p in package.glob("_natten_ext*"))
+    if built:  # there, but it does not load: say what the loader said
+        return (f"the native extension {built[0]} in {package} does not load ({_IMPORT_ERROR}); "
+                f"rebuild it for this Python and jaxlib: pip install .")
+    source_tree = (package.parent / "pyproject.toml").is_file() and \
+        (package.parent / "CMakeLists.txt").is_file()
+    where = (f"jax_natten was imported from the source tree {package.parent}, which has no "
+             f"build" if source_tree else f"{package} has no _natten_ext module")
+    return (f"the native extension is not built: {where}. Install the package (pip install .) "
+            f"and import it from another directory (Python puts the current directory first "
+            f"on sys.path)")
+
+
+if _ext is None:
+    warnings.warn(f"jax_natten: {_missing_extension()}. Until then only the slow 'reference' "
+                  f"backend (pure jax.numpy) runs.", UserWarning,
+                  stacklevel=2)
 
 # Limits and codes the kernels and this package share (cuda/include/natten/limits.h, exported by
 # the extension); None without the extension, where no native backend runs.
@@ -152,9 +176,10 @@ def available(backend: str) -> bool:
 
 def unavailable_reason(backend: str) -> str:
     if _ext is None:
-        return f"the native extension is not built ({_IMPORT_ERROR})"
+        return _missing_extension()
     if backend != "cpu" and not _ext.has_cuda():
-        return "this build has no CUDA kernels (built without nvcc, or JAX_NATTEN_CUDA=OFF)"
+        return ("this build has no CUDA kernels (built without nvcc or without a CUDA-enabled "
+                "JAX, or with JAX_NATTEN_CUDA=OFF; see README, Building)")
     return f"this build has no '{backend}' kernels"
 
 
@@ -229,7 +254,24 @@ def _call(target: str, outs, args, batched, attrs, layouts, lead: int = 1):
         res = _call(target, inner, full, batched, attrs, layouts, lead + 1)
         return tuple(res), tuple(has_b for _, _, has_b in outs)
 
-    return run(*args)
+    # Differentiating a custom call itself (second derivatives through a custom_vjp backward)
+    # has no rule: say so, instead of JAX's "Differentiation rule for ... not implemented".
+    @jax.custom_jvp
+    def guarded(*args):
+        return run(*args)
+
+    @guarded.defjvp
+    def _no_derivative(primals, tangents):
+        raise NotImplementedError(HIGHER_ORDER_MESSAGE)
+
+    return guarded(*args)
+
+
+HIGHER_ORDER_MESSAGE = (
+    "jax_natten: the native backends ('cpu', 'fused', 'gemm', 'naive') have first-order "
+    "reverse-mode derivatives only (jax.grad, jax.vjp, jax.value_and_grad, jax.jacrev). "
+    "Forward mode (jax.jvp, jax.jacfwd) and second derivatives (grad of grad, jax.hessian) are "
+    "not supported there; backend='reference' (pure jax.numpy, slower) supports every mode.")
 
 
 # ----------------------------------------------------------------------------- the six ops
