@@ -171,7 +171,7 @@ _NA_DOC = """{rank}-D neighborhood attention: each query attends to the keys in 
       out = jax_natten.na{rank}d(q, k, v, kernel_size={kernel})      # shape {shape}
 """
 
-_QK_DOC = """{rank}-D neighborhood logits: q.k (unscaled) + rpb for every query and each key of its window.
+_QK_DOC = """{rank}-D neighborhood logits q.k + rpb (unscaled) of each query with its window's keys.
 
       query [B, {axes}, heads, D], key [B, {axes}, kv_heads, D] (heads-last; GQA allowed)
       returns [B, {axes}, heads, prod(kernel_size) (+ S)], in query's dtype
@@ -187,7 +187,7 @@ _QK_DOC = """{rank}-D neighborhood logits: q.k (unscaled) + rpb for every query 
       out = jax_natten.na{rank}d_av(jax.nn.softmax(w * q.shape[-1] ** -0.5), v, {kernel})
 """
 
-_AV_DOC = """{rank}-D neighborhood aggregation: out = sum over t of weights[..., t] * value[key t] (+ additional).
+_AV_DOC = """{rank}-D neighborhood aggregation: out = sum_t weights[..., t] * value[key t].
 
       weights [B, {axes}, heads, prod(kernel_size) (+ S)], as na{rank}d_qk returns them
       value   [B, {axes}, kv_heads, D_v] (heads-last; GQA allowed)
