@@ -86,7 +86,7 @@ def test_bad_input_raises_under_jit():
 def test_native_backend_refuses_float64():
     if not jax_natten.backend_available("cpu"):
         pytest.skip("no host kernels in this build")
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         q = jnp.asarray(np.asarray(Q), jnp.float64)
         with pytest.raises(ValueError, match=r"float32, float16, bfloat16"):
             jax_natten.na2d(q, q, q, 3, backend="cpu")

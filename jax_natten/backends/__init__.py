@@ -61,9 +61,11 @@ def target_platform(platform: str):
 
 
 def _device_of(x=None):
-    """The device an op on `x` runs on: a concrete array's own device, else JAX's default device
-    (`jax.default_device` if set, else the first device of the default backend)."""
-    if x is not None and isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    """The device an op on `x` runs on: a concrete array's own device if it is committed to one
+    (`jax.device_put`), else JAX's default device (`jax.default_device` if set, else the first
+    device of the default backend)."""
+    if (x is not None and isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            and getattr(x, "committed", False)):
         try:
             return next(iter(x.devices()))
         except Exception:  # noqa: BLE001 (deleted or otherwise unusable array: use the default)
