@@ -1,5 +1,11 @@
 """Backends: which one serves a call (`resolve`), and the modules that run each op.
 
+`resolve` checks an explicit backend against the build (`ffi.available`), the device the call
+would run on (`_device_reason`: CUDA kernels need a GPU, host kernels the CPU; `target_platform`
+overrides the device for cross-lowering), the dtype and the head dims; with `backend=None` it takes
+the first backend of the device's preference list that can serve the call and makes a fallback
+visible (FallbackWarning to "reference", INFO log otherwise).
+
     op                       "reference"          "cpu", "fused"   "gemm", "naive"
     attention (na{1,2,3}d)   reference.attention  fna.attention    unfused.attention
     qk (na{1,2,3}d_qk)       reference.qk         unfused.qk (cpu) unfused.qk
