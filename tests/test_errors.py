@@ -240,6 +240,8 @@ def test_resolve_backend():
         jax_natten.resolve_backend("na2d", Q, KV, KV, 30)
     with pytest.raises(ValueError, match=r"op must be one of"):
         jax_natten.resolve_backend("na4d", Q, KV, KV, 3)
+    from jax_natten import backends
+    backends._WARNED.clear()  # the warning comes once per reason and process
     with jax.enable_x64(True):
         q = jnp.asarray(np.asarray(Q), jnp.float64)
         with pytest.warns(jax_natten.FallbackWarning):
