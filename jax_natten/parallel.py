@@ -315,7 +315,8 @@ def _local_na(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                 f"multiple of stride * dilation (spatial axis {a}: block "
                 f"{problem.spatial[a] // shards[a]}, stride {prm.stride[a]}, dilation "
                 f"{prm.dilation[a]}); use backend=None or 'gather' for the XLA gather path")
-    scale = problem.head_dim ** -0.5 if scale is None else float(scale)
+    scale = _checks.check_scale(scale)  # a number, or a traced scalar (used as an array)
+    scale = problem.head_dim ** -0.5 if scale is None else scale
     pad = _checks.MAX_RANK - rank
     params = problem.params.padded()
     names, shards = (None,) * pad + names, (1,) * pad + shards

@@ -163,3 +163,23 @@ def test_traced_scale(backend):
         want = jax.grad(loss)(jnp.float32(s), "reference")
     assert abs(float(ds) - float(want)) <= 1e-4 * abs(float(want)) and float(want) != 0, \
         f"seed {seed}"
+
+
+@pytest.mark.parametrize("backend", [None, "gather"])
+def test_traced_scale_in_spatial_parallelism(backend):
+    """jax_natten.parallel takes the same scale: a traced one on the native and gather paths."""
+    import numpy as np
+    from jax.sharding import Mesh
+    if len(jax.devices("cpu")) < 2:
+        pytest.skip("needs 2 host devices")
+    rng, seed = fresh_rng()
+    mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("sp",))
+    with jax.default_device(_host()):
+        q = jnp.asarray(rng.standard_normal((1, 16, 2, 8)), jnp.float32)
+        s = jnp.float32(rng.uniform(0.2, 0.6))
+        f = lambda s: jax_natten.parallel.na1d(q, q, q, 3, scale=s, spatial_axes=("sp",),
+                                               mesh=mesh, backend=backend)
+        ref = lambda s: jax_natten.na1d(q, q, q, 3, scale=s, backend="reference")
+        assert rel_err(jax.jit(f)(s), ref(s)) < 1e-5, f"seed {seed}"
+        g, want = (jax.grad(lambda s: jnp.sum(jnp.sin(h(s))))(s) for h in (f, ref))
+    assert abs(float(g) - float(want)) <= 1e-4 * abs(float(want)), f"seed {seed}"
