@@ -7,7 +7,7 @@ from .ops import (
     na3d, na3d_av, na3d_qk,
 )
 from .ops import resolve_backend
-from .backends import FallbackWarning, available as backend_available, target_platform
+from .backends import FallbackWarning, backend_available, target_platform
 from .config import fused_config
 from . import parallel  # spatial (context) parallelism: jax_natten.parallel.na1d/na2d/na3d
 

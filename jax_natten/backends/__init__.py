@@ -132,7 +132,7 @@ def _device_reason(backend: str, x=None) -> str | None:
 
 # ----------------------------------------------------------------------------- availability
 
-def available(backend: str) -> bool:
+def backend_available(backend: str) -> bool:
     """Whether `backend` can run here: this build has its kernels (`"reference"` always runs) and
     JAX's default device is one they run on (`"cpu"`: the host; `"fused"`, `"gemm"`, `"naive"`:
     an NVIDIA GPU). Inside `jax_natten.target_platform(...)`, for that platform instead.
@@ -149,6 +149,9 @@ def available(backend: str) -> bool:
     if backend == "reference":
         return True
     return ffi.available(backend) and _device_reason(backend) is None
+
+
+available = backend_available
 
 
 def _unsupported(backend: str, op: str, dtype, head_dims: tuple, x=None) -> str | None:
