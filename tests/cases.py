@@ -126,14 +126,14 @@ def device_for(backend):
 def require(backend):
     """Skip a CUDA backend that this build or machine lacks; a missing host build is a failure."""
     if backend in CUDA_BACKENDS:
-        if not jax_natten.backend_available(backend):
+        if not jax_natten.backend_available(backend, "gpu"):
             pytest.skip(f"this build has no '{backend}' kernels")
         try:
             jax.devices("gpu")
         except RuntimeError:
             pytest.skip("no GPU")
     elif backend == "cpu":
-        assert jax_natten.backend_available("cpu"), "the host kernels were not built"
+        assert jax_natten.backend_available("cpu", "cpu"), "the host kernels were not built"
 
 
 def dtype_for(backend):

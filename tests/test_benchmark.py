@@ -32,7 +32,7 @@ def test_cli_tiny_problem(tmp_path, capsys):
     records = json.loads(out_json.read_text())
     assert len(records) == 3 * 2 + 2  # 3 backends x 2 passes + 2 peer results
     by = _records_by(records)
-    cpu_built = jax_natten.backend_available("cpu")
+    cpu_built = jax_natten.backend_available("cpu", "cpu")  # the runner puts it on the host
     for ps in ("fwd", "fwdbwd"):
         ref = by[("reference", ps)]
         assert ref["status"] == "ok" and ref["ms"] > 0 and ref["tflops"] > 0
@@ -119,6 +119,8 @@ def test_cli_help_refers_only_to_the_repository():
     assert not re.search(r"shared/|peers_\w+\.py|SPEC", text), text
     assert '"jax-natten[plot]"' in text
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("tests run outside the repository")
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
     assert extras["plot"] == ["matplotlib"]
     assert "plot" in extras["dev"][0] and "test" in extras["dev"][0]

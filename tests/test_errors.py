@@ -84,7 +84,7 @@ def test_bad_input_raises_under_jit():
 
 
 def test_native_backend_refuses_float64():
-    if not jax_natten.backend_available("cpu"):
+    if not jax_natten.backend_available("cpu", "cpu"):
         pytest.skip("no host kernels in this build")
     with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         q = jnp.asarray(np.asarray(Q), jnp.float64)
@@ -223,6 +223,13 @@ def test_backend_available_reflects_build_and_device():
         assert not any(jax_natten.backend_available(b) for b in ("fused", "gemm", "naive"))
     with pytest.raises(ValueError, match=r"unknown backend 'flash'"):
         jax_natten.backend_available("flash")
+    # On a named device: the host kernels run on the CPU only, CUDA kernels on a GPU only.
+    assert jax_natten.backend_available("cpu", jax.devices("cpu")[0])
+    assert not jax_natten.backend_available("cpu", "gpu")
+    assert not jax_natten.backend_available("fused", "cpu")
+    with jax_natten.target_platform("cuda"):
+        assert not jax_natten.backend_available("cpu")
+        assert jax_natten.backend_available("cpu", "cpu")
     doc = jax_natten.backend_available.__doc__
     assert "Whether `backend` can run here" in doc and "resolve_backend" in doc
 

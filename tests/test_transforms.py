@@ -99,7 +99,8 @@ def test_checkpoint_grad(backend):
 
 def test_native_extension_built():
     """CPU-only CI must exercise the real FFI path: the host kernels have to be there."""
-    assert jax_natten.backend_available("cpu"), "jax_natten was installed without its extension"
+    assert jax_natten.backend_available("cpu", "cpu"), \
+        "jax_natten was installed without its extension"
 
 
 # ---- autodiff modes: what the native backends support, and a clear error for the rest ----------

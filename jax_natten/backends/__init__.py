@@ -95,6 +95,8 @@ def _platform(x=None) -> str:
 
 def _describe(x=None) -> str:
     """The device JAX sees, for error messages: 'cpu:0 (cpu; 8 cpu devices, no GPU)'."""
+    if _TARGET.get() is not None:
+        return f"the platform {_TARGET.get()!r} of jax_natten.target_platform"
     dev = _device_of(x)
     try:
         gpus = jax.devices("gpu")
@@ -108,10 +110,19 @@ def _describe(x=None) -> str:
     return f"{dev} ({dev.device_kind}; {seen})"
 
 
+def _runs_on(backend: str, platform: str) -> bool:
+    """Whether `backend`'s kernels run on `platform` ("cuda", "cpu", ...)."""
+    if backend in CUDA_BACKENDS:
+        return platform == "cuda"
+    return backend != "cpu" or platform == "cpu"
+
+
 def _device_reason(backend: str, x=None) -> str | None:
     """Why `backend` cannot run on the device JAX would run this call on, or None."""
     platform = _platform(x)
-    if backend in CUDA_BACKENDS and platform != "cuda":
+    if _runs_on(backend, platform):
+        return None
+    if backend in CUDA_BACKENDS:
         try:
             has_gpu = bool(jax.devices("gpu"))
         except RuntimeError:
@@ -123,22 +134,22 @@ def _device_reason(backend: str, x=None) -> str | None:
         return (f"'{backend}' runs CUDA kernels on an NVIDIA GPU, but this call would run on "
                 f"{_describe(x)}; {fix}. On this device use backend=None (best available), "
                 f"'cpu' or 'reference'")
-    if backend == "cpu" and platform != "cpu":
-        return (f"'cpu' runs host kernels, but this call would run on {_describe(x)}; use "
-                f"backend=None (best available) there, or put the inputs on the CPU "
-                f"(jax.device_put(x, jax.devices('cpu')[0]), jax.default_device)")
-    return None
+    return (f"'cpu' runs host kernels, but this call would run on {_describe(x)}; use "
+            f"backend=None (best available) there, or put the inputs on the CPU "
+            f"(jax.device_put(x, jax.devices('cpu')[0]), jax.default_device)")
 
 
 # ----------------------------------------------------------------------------- availability
 
-def backend_available(backend: str) -> bool:
+def backend_available(backend: str, device=None) -> bool:
     """Whether `backend` can run here: this build has its kernels (`"reference"` always runs) and
-    JAX's default device is one they run on (`"cpu"`: the host; `"fused"`, `"gemm"`, `"naive"`:
-    an NVIDIA GPU). Inside `jax_natten.target_platform(...)`, for that platform instead.
+    the device is one they run on (`"cpu"`: the host; `"fused"`, `"gemm"`, `"naive"`: an NVIDIA
+    GPU). `device`: a `jax.Device` or a platform name ("cpu", "gpu"); by default JAX's default
+    device (`jax.default_device`), or the platform of `jax_natten.target_platform(...)`.
 
-        jax_natten.backend_available("cpu")      # True once the package is installed
-        jax_natten.backend_available("fused")    # False without a GPU or without CUDA kernels
+        jax_natten.backend_available("cpu")           # True once the package is installed
+        jax_natten.backend_available("fused")         # False without a GPU or CUDA kernels
+        jax_natten.backend_available("cpu", "cpu")    # the host kernels, on a GPU machine too
 
     Whether a given call is served also depends on its dtype and head dims:
     `jax_natten.resolve_backend` tells which backend a call will use. Raises ValueError for a
@@ -148,7 +159,12 @@ def backend_available(backend: str) -> bool:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "reference":
         return True
-    return ffi.available(backend) and _device_reason(backend) is None
+    if device is None:
+        platform = _platform()
+    else:
+        platform = device if isinstance(device, str) else device.platform
+        platform = "cuda" if platform == "gpu" else platform
+    return ffi.available(backend) and _runs_on(backend, platform)
 
 
 available = backend_available

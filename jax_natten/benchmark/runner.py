@@ -242,7 +242,9 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
     structs = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
     try:
-        with config.fused_config(**FUSED_VARIANTS.get(variant, {})):  # read at trace time
+        # Both are read at trace time: the fused settings, and the device (jax_natten refuses
+        # a backend that does not run on the device of the call).
+        with config.fused_config(**FUSED_VARIANTS.get(variant, {})), jax.default_device(dev):
             lowered = jax.jit(function(problem, op, backend, pass_)).lower(*structs)
     except (ValueError, TypeError) as e:  # jax_natten refuses: the backend can't serve this
         rec.update(status="skipped", note=str(e).strip().splitlines()[0][:400])
