@@ -62,12 +62,14 @@ def _native(f, *args):
 
 def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend, settings=None):
     """-> (o, lse). `settings`: fna.FusedSettings for "fused", else None. `scale`: a float, or a
-    traced scalar (applied to q here where the kernels take the scale as a static attribute)."""
+    traced scalar: the native backends take a static scale (a kernel attribute, or a branch on
+    its sign), so a traced one multiplies q here (in float32, rounded to q's dtype) and they get
+    1.0; its gradient comes through that product."""
     if backend == "reference":
         return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
+    if not isinstance(scale, float):
+        q, scale = (q.astype(jnp.float32) * scale).astype(q.dtype), 1.0
     if backend in fna.BACKENDS:
-        if not isinstance(scale, float):
-            q, scale = (q.astype(jnp.float32) * scale).astype(q.dtype), 1.0
         return _native(fna.attention, q, k, v, rpb, add_k, add_v, params, scale, backend,
                        settings)
     return _native(unfused.attention, q, k, v, rpb, add_k, add_v, params, scale, backend)

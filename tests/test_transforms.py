@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cases import (CASES, backend_params, dtype_for, fresh_rng, make_inputs, on_backend, rel_err,
-                   require)
+from cases import (CASES, backend_params, device_for, dtype_for, fresh_rng, make_inputs,
+                   on_backend, rel_err, require)
 import jax_natten
 
 CASE = next(c for c in CASES if c.name == "2d-rpb-add")  # rpb + additional kv: every input kind
@@ -147,13 +147,13 @@ def test_reverse_mode_works_on_native():
 
 # ---- scale: validated; a traced scale is supported ---------------------------------------------
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_traced_scale(backend):
     """A scale that is traced (jit argument, differentiated) gives the result of the same Python
-    number, and its gradient matches the reference's."""
+    number, and its gradient matches the reference's (float32; every backend)."""
     require(backend)
     rng, seed = fresh_rng()
-    with jax.default_device(_host()):
+    with jax.default_device(device_for(backend)):
         q, k, v = (jnp.asarray(rng.standard_normal((2, 11, 4, 8)), jnp.float32) for _ in range(3))
         s = float(rng.uniform(0.2, 0.6))
         f = lambda s, backend: jax_natten.na1d(q, k, v, 5, scale=s, backend=backend)
