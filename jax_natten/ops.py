@@ -49,9 +49,10 @@ def _pad_rpb(rpb, problem):
 # Arguments in kernel layout; `params` is padded NAParams. Each op goes to the backend module that
 # runs it (backends/__init__.py has the table).
 
-def _native(f, *args):
-    """A native op's custom_vjp: under forward-mode autodiff JAX refuses it with a message that
-    does not say what is supported; this one does."""
+def _guarded(f, *args):
+    """An op with a custom_vjp (every native op; the reference's attention, whose softmax has
+    one): under forward-mode autodiff JAX refuses it with a message that does not say what is
+    supported; this one does."""
     try:
         return f(*args)
     except TypeError as e:
@@ -66,25 +67,25 @@ def _attention(q, k, v, rpb, add_k, add_v, params, scale, backend, settings=None
     its sign), so a traced one multiplies q here (in float32, rounded to q's dtype) and they get
     1.0; its gradient comes through that product."""
     if backend == "reference":
-        return reference.attention(q, k, v, rpb, add_k, add_v, params, scale)
+        return _guarded(reference.attention, q, k, v, rpb, add_k, add_v, params, scale)
     if not isinstance(scale, float):
         q, scale = (q.astype(jnp.float32) * scale).astype(q.dtype), 1.0
     if backend in fna.BACKENDS:
-        return _native(fna.attention, q, k, v, rpb, add_k, add_v, params, scale, backend,
+        return _guarded(fna.attention, q, k, v, rpb, add_k, add_v, params, scale, backend,
                        settings)
-    return _native(unfused.attention, q, k, v, rpb, add_k, add_v, params, scale, backend)
+    return _guarded(unfused.attention, q, k, v, rpb, add_k, add_v, params, scale, backend)
 
 
 def _qk(q, k, rpb, add_k, params, backend):
     if backend == "reference":
         return reference.qk(q, k, rpb, add_k, params)
-    return _native(unfused.qk, q, k, rpb, add_k, params, backend)
+    return _guarded(unfused.qk, q, k, rpb, add_k, params, backend)
 
 
 def _av(w, v, add_v, params, backend):
     if backend == "reference":
         return reference.av(w, v, add_v, params)
-    return _native(unfused.av, w, v, add_v, params, backend)
+    return _guarded(unfused.av, w, v, add_v, params, backend)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -165,8 +166,9 @@ _NA_DOC = """{rank}-D neighborhood attention: each query attends to the keys in 
 
     Raises ValueError / TypeError before anything runs for bad shapes, dtypes or parameters, and
     for an explicit backend that cannot serve the call or does not run on this device.
-    Differentiable in reverse mode (jax.grad, jax.vjp) for query, key, value, rpb and the
-    additional keys/values; forward mode and second derivatives need backend="reference".
+    Differentiable in reverse mode (jax.grad, jax.vjp) for query, key, value, rpb, the
+    additional keys/values and a traced scale; second derivatives need backend="reference";
+    forward mode (jax.jvp) is not supported (NotImplementedError).
 
     Example:
       q = k = v = jax.random.normal(jax.random.key(0), ({example}), jnp.float32)

@@ -117,8 +117,9 @@ def _host():
 
 @pytest.mark.parametrize("mode", ["jvp", "jacfwd", "grad_of_grad", "hessian"])
 def test_unsupported_autodiff_modes_say_so(mode):
-    """Forward mode and second derivatives of the native backends: NotImplementedError naming
-    what is supported (not JAX's generic rule errors); the reference backend computes them."""
+    """Forward mode (every backend of the attention op) and second derivatives (native backends):
+    NotImplementedError saying what is supported, not JAX's generic errors. Second derivatives
+    in reverse mode work on the reference backend."""
     require("cpu")
     q, seed = _small()
     f = lambda q, backend: jnp.sum(jnp.sin(jax_natten.na1d(q, q, q, 3, backend=backend)))
@@ -126,12 +127,32 @@ def test_unsupported_autodiff_modes_say_so(mode):
            "jacfwd": lambda g: jax.jacfwd(g)(q),
            "grad_of_grad": lambda g: jax.grad(lambda q: jnp.sum(jax.grad(g)(q) ** 2))(q),
            "hessian": lambda g: jax.hessian(g)(q)}[mode]
-    with pytest.raises(NotImplementedError, match=r"first-order reverse-mode derivatives only.*"
-                                                  r"backend='reference'"), \
-            jax.default_device(_host()):
-        run(lambda q: f(q, "cpu"))
-    ref = run(lambda q: f(q, "reference"))
-    assert jnp.all(jnp.isfinite(ref)) and float(jnp.abs(ref).max()) > 0, f"seed {seed}"
+    backends = ["cpu"] if mode == "grad_of_grad" else ["cpu", "reference"]
+    for backend in backends:
+        with pytest.raises(NotImplementedError, match=r"forward-mode autodiff .* is not "
+                                                      r"supported.*jax.grad.*"
+                                                      r"backend='reference'"), \
+                jax.default_device(_host()):
+            run(lambda q: f(q, backend))
+    if mode == "grad_of_grad":
+        ref = run(lambda q: f(q, "reference"))
+        assert jnp.all(jnp.isfinite(ref)) and float(jnp.abs(ref).max()) > 0, f"seed {seed}"
+
+
+def test_second_derivatives_on_reference():
+    """grad of grad on the reference backend (reverse over reverse through its softmax rule)
+    equals a finite difference of the gradient along a random direction."""
+    rng, seed = fresh_rng()
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 8)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    with jax.enable_x64(True):
+        q64, t64 = q.astype(jnp.float64), t.astype(jnp.float64)
+        f = lambda q: jnp.sum(jnp.sin(jax_natten.na1d(q, q, q, 3, backend="reference")))
+        g = jax.grad(f)
+        hvp = jax.grad(lambda q: jnp.vdot(g(q), t64))(q64)  # H t by reverse over reverse
+        eps = 1e-5
+        fd = (g(q64 + eps * t64) - g(q64 - eps * t64)) / (2 * eps)
+    assert rel_err(hvp, fd) < 1e-5, f"seed {seed}"
 
 
 def test_reverse_mode_works_on_native():

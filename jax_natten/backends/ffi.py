@@ -268,10 +268,11 @@ def _call(target: str, outs, args, batched, attrs, layouts, lead: int = 1):
 
 
 HIGHER_ORDER_MESSAGE = (
-    "jax_natten: the native backends ('cpu', 'fused', 'gemm', 'naive') have first-order "
-    "reverse-mode derivatives only (jax.grad, jax.vjp, jax.value_and_grad, jax.jacrev). "
-    "Forward mode (jax.jvp, jax.jacfwd) and second derivatives (grad of grad, jax.hessian) are "
-    "not supported there; backend='reference' (pure jax.numpy, slower) supports every mode.")
+    "jax_natten: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) is not supported: the "
+    "attention ops carry reverse-mode rules (custom_vjp). Use jax.grad, jax.vjp, "
+    "jax.value_and_grad or jax.jacrev. Second derivatives in reverse mode (grad of grad, "
+    "jax.jacrev(jax.jacrev(f))) need backend='reference'; the native backends ('cpu', 'fused', "
+    "'gemm', 'naive') have first derivatives only.")
 
 
 # ----------------------------------------------------------------------------- the six ops
