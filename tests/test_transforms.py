@@ -187,6 +187,13 @@ def test_traced_scale(backend):
         f"seed {seed}"
 
 
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("backend", [None, "gather"])
 def test_traced_scale_in_spatial_parallelism(backend):
     """jax_natten.parallel takes the same scale: a traced one on the native and gather paths."""
@@ -194,6 +201,11 @@ def test_traced_scale_in_spatial_parallelism(backend):
     from jax.sharding import Mesh
     if len(jax.devices("cpu")) < 2:
         pytest.skip("needs 2 host devices")
+    if _has_gpu():
+        # Seen 2026-12-04 on the H200 machine (jax 0.11.2 + CUDA 13 plugin): the host compile of
+        # this shard_map segfaulted a test worker. Not yet reproduced or understood; CPU CI runs
+        # the test. Issue notes track it.
+        pytest.skip("segfaults in XLA's host compile on the GPU machine (under investigation)")
     rng, seed = fresh_rng()
     mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("sp",))
     with jax.default_device(_host()):
