@@ -293,12 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       unsigned pa[4][4], da[4][4];
       auto pack = [](unsigned (&f)[4][4], const float (&x)[8][4]) {
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          f[kk][0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
-          f[kk][1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
-          f[kk][2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-          f[kk][3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < 4; ++kk) pack_a<T>(f[kk], x, kk);
       };
       pack(pa, s);
       wgmma_fence();
@@ -359,7 +354,6 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       }
       reg_fence(dk1);
       reg_fence(dv1);
-      asm volatile("" ::"r"(pa[0][0]), "r"(pa[3][3]), "r"(da[0][0]), "r"(da[3][3]) : "memory");
       if constexpr (kDq) {
         // The step's dq rows -> the float32 workspace, one bulk add per query row in the problem.
         fence_proxy_async();

@@ -543,6 +543,16 @@ __device__ __forceinline__ void scores_regs(float (&acc)[MT][8][4],
   }
 }
 
+// The A fragment of k16 step kk of a [16 x 64] product whose left operand is a C-fragment score
+// tile (natten/mma.cuh: two adjacent n8 blocks packed to 16 bits; wgmma's register A is the same).
+template <typename T>
+__device__ __forceinline__ void pack_a(unsigned (&f)[4], const float (&x)[8][4], int kk) {
+  f[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+  f[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+  f[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+  f[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
 // acc[mt][16 x DT] += P[mt][16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile.
 template <typename T, int DT, int MT>
 __device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
@@ -551,12 +561,7 @@ __device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (
   for (int kk = 0; kk < 4; ++kk) {
     unsigned pa[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      pa[mt][0] = pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);
-      pa[mt][1] = pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);
-      pa[mt][2] = pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
-      pa[mt][3] = pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
-    }
+    for (int mt = 0; mt < MT; ++mt) pack_a<T>(pa[mt], p[mt], kk);
 #pragma unroll
     for (int np = 0; np < DT / 16; ++np) {
       unsigned bf[4];
@@ -615,10 +620,8 @@ __device__ __forceinline__ void wg_apply(float (&acc)[MT][DT / 8][4], const floa
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const unsigned pa[4] = {pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]),
-                              pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]),
-                              pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]),
-                              pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3])};
+      unsigned pa[4];
+      pack_a<T>(pa, p[mt], kk);
       wgmma_rs<T, DT, 1>(&acc[mt][0][0], pa, smem_desc(Bs + kk * 16 * DT, DT * 16, 128), 1);
     }
   wgmma_commit();
