@@ -7,11 +7,16 @@
 // scores: each step's dS^T goes to shared memory, one more warpgroup MMA forms the step's
 // dq = dS k [64 queries x DT], and the copy engine adds it to a float32 workspace
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
-// afterwards. The adds land in any order, so kDq is the non-deterministic mode.
+// afterwards. The adds land in any order, so kDq is the non-deterministic mode. kDq is also
+// warp-specialized (pipeline.cuh): a producer warpgroup stages the key tile, then each query
+// tile's q, do, lse and delta into a ring of three stages, while the computing warpgroup (warps
+// 0-3, the one that issues the MMAs) walks them; setmaxnreg gives it 216 registers per thread
+// and the producer 40.
 #include <type_traits>
 
 #include "fna.cuh"
 #include "launch.h"
+#include "pipeline.cuh"
 
 namespace natten {
 namespace gpu {
@@ -21,21 +26,25 @@ namespace {
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys either way. kDq: also dq and d-rpb (see above; wgmma only).
 template <typename T, int DT, bool kWg, bool kDq>
-__global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
   constexpr int kLd = kWg ? DT : DT + 8;
+  constexpr int kStages = bwd_stages(kDq);
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kRows * kLd;
-  T* Qs = Vs + kRows * kLd;        // [2][kRows][kLd]
-  T* Os = Qs + 2 * kRows * kLd;    // do, [2][kRows][kLd]
-  float* Ls = reinterpret_cast<float*>(Os + 2 * kRows * kLd);  // lse, [2][kRows]
-  float* Ds = Ls + 2 * kRows;                                   // delta, [2][kRows]
-  // kDq: dS^T of the step (core-matrix tile, keys x queries), the step's dq rows (float32, padded
-  // rows: conflict-free fragment stores, 16-byte aligned for the bulk copies), then d-rpb.
-  T* Ss = reinterpret_cast<T*>(Ds + 2 * kRows);
+  T* Qs = Vs + kRows * kLd;              // [kStages][kRows][kLd]
+  T* Os = Qs + kStages * kRows * kLd;    // do, [kStages][kRows][kLd]
+  float* Ls = reinterpret_cast<float*>(Os + kStages * kRows * kLd);  // lse, [kStages][kRows]
+  float* Ds = Ls + kStages * kRows;                                   // delta, [kStages][kRows]
+  // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
+  // (core-matrix tile, keys x queries), the step's dq rows (float32, padded rows: conflict-free
+  // fragment stores, 16-byte aligned for the bulk copies), then d-rpb.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
+  T* Ss = reinterpret_cast<T*>(bars + 8);
   float* Qacc = reinterpret_cast<float*>(Ss + kRows * kRows);
   float* drpb_s = Qacc + kRows * kDqLd<DT>;
+  static_assert(2 * kStages + 1 <= 8, "barriers fit their 64 bytes");
 
   const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -68,17 +77,17 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
   const T* v = static_cast<const T*>(p.v);
   const T* add_k = static_cast<const T*>(p.add_k);
   const T* add_v = static_cast<const T*>(p.add_v);
-  stage_rows<T, DT, kWg>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
-  stage_rows<T, DT, kWg>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
-  cp_async_commit();
-
-  const QueryWalk walk(a, kb, spatial, kvh);
-  QueryWalk::Cursor staged = walk.start(), current = walk.start();
+  auto stage_keys = [&]() {
+    stage_rows<T, DT, kWg>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
+    stage_rows<T, DT, kWg>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
+    cp_async_commit();
+  };
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
-  const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
-  auto stage_queries = [&](int buf) {
+  // The query-side rows of the walk's next tile (`staged`) into stage `buf`, one cp.async group.
+  auto stage_queries = [&](const QueryWalk& walk, int buf, QueryWalk::Cursor& staged,
+                           const TileRows<DT, kRows, kWg>& qrows) {
     const QueryTile t = walk.tile(a, staged);
     staged.next(walk, a);
     int lim[3];
@@ -87,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
     const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
     qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
     qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
-    for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    for (int r = kDq ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
       int off[3];
       tile_offsets(r, a.qlog, off);
       const bool ok = off[0] < lim[0] && off[1] < lim[1] && off[2] < lim[2];
@@ -99,6 +108,52 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       cp_async4(Ds + buf * kRows + r, p.delta + i, ok);
     }
     cp_async_commit();
+  };
+
+  // Feeding the walk. kDq (Hopper): warpgroup 1 is the producer (pipeline.cuh) that stages the
+  // key tile, then each query tile into a ring of kStages stages; warpgroup 0 computes. Else the
+  // CTA's one warpgroup stages the next query tile itself while it computes on the current one.
+  // Each role builds its own walk (QueryWalk) after the split: values live across it would be
+  // held in the launch's 128 registers per thread.
+  const StageRing<kStages> ring{bars, bars + kStages};
+  uint64_t* const keys_full = bars + 2 * kStages;
+  if constexpr (kDq) {
+    if (threadIdx.x == 0) {
+      ring.init(kThreads, kThreads);
+      mbar_init(keys_full, kThreads);
+    }
+    __syncthreads();
+    if (threadIdx.x >= kThreads) {  // the producer
+      regs_shrink<kBwdProducerRegs>();
+      const QueryWalk walk(a, kb, spatial, kvh);
+      QueryWalk::Cursor staged = walk.start();
+      const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
+      Handoff handoff;
+      stage_keys();
+      handoff.then(keys_full);
+      for (int64_t it = 0; it < walk.total; ++it) {
+        ring.acquire(it);
+        stage_queries(walk, ring.stage(it), staged, qrows);
+        handoff.then(ring.full + ring.stage(it));
+      }
+      handoff.flush();
+      return;
+    }
+    regs_grow<kBwdConsumerRegs>();
+  } else {
+    stage_keys();
+  }
+
+  // The computing warpgroup: the walk and the gradients.
+  const QueryWalk walk(a, kb, spatial, kvh);
+  QueryWalk::Cursor staged = walk.start(), current = walk.start();
+  [[maybe_unused]] const TileRows<DT, kRows, kWg> qrows(a, a.qlog);  // !kDq: this WG stages
+  // Barrier over the computing threads.
+  auto sync_compute = [&]() {
+    if constexpr (kDq)
+      role_sync(1, kThreads);
+    else
+      __syncthreads();
   };
 
   // The thread's two key rows: local coordinates and, per axis, the queries holding them.
@@ -121,13 +176,13 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
   const bool want_drpb = kDq && a.R && spatial && !a.skip_drpb;
   int drpb_h = -1;  // head whose sums drpb_s holds
   auto drpb_flush = [&]() {
-    __syncthreads();
+    sync_compute();
     float* g = p.drpb + (static_cast<int64_t>(b) * a.heads + drpb_h) * a.R;
     for (int i = threadIdx.x; i < a.R; i += kThreads) {
       if (drpb_s[i] != 0.f) atomicAdd(g + i, drpb_s[i]);
       drpb_s[i] = 0.f;
     }
-    __syncthreads();
+    sync_compute();
   };
   if (want_drpb && a.drpb_in_smem)
     for (int i = threadIdx.x; i < a.R; i += kThreads) drpb_s[i] = 0.f;
@@ -140,19 +195,28 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  // One step per query tile: wait for its staged rows, then (past the barrier, so every thread
-  // is done with the step before, which read the other buffer) stage the next tile's rows into
-  // the other buffer while this one computes.
-  if (walk.total > 0) stage_queries(0);
+  // One step per query tile. kDq: wait for the producer's stage (and for the last step's dq rows
+  // to be read out of shared memory). Else: wait for the staged rows, then (past the barrier, so
+  // every thread is done with the step before, which read the other buffer) stage the next
+  // tile's rows into the other buffer while this one computes.
+  if (walk.total > 0) {
+    if constexpr (kDq)
+      mbar_wait(keys_full, 0);
+    else
+      stage_queries(walk, 0, staged, qrows);
+  }
   for (int64_t it = 0; it < walk.total; ++it) {
-    cp_async_wait<0>();
-    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     if constexpr (kDq) {
-      if (threadIdx.x < kRows) bulk_wait_read();  // the last step's dq rows were read out
+      ring.wait(it);
+      if (threadIdx.x < kRows) bulk_wait_read();
+      sync_compute();
+    } else {
+      cp_async_wait<0>();
+      if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
+      __syncthreads();
+      if (it + 1 < walk.total) stage_queries(walk, (it + 1) & 1, staged, qrows);
     }
-    __syncthreads();
-    if (it + 1 < walk.total) stage_queries((it + 1) & 1);
-    const int buf = static_cast<int>(it & 1);
+    const int buf = kDq ? ring.stage(it) : static_cast<int>(it & 1);
     const T* qs = Qs + buf * kRows * kLd;
     const T* os = Os + buf * kRows * kLd;
     const float* ls = Ls + buf * kRows;
@@ -325,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
           *reinterpret_cast<unsigned*>(Ss + core_offset(r + 8, 16 * kk + 8 + c, kRows)) = da[kk][3];
         }
         fence_proxy_async();
-        __syncthreads();
+        sync_compute();
         // dq[64 queries x DT] = dS k: A = dS^T read MN-major (queries contiguous; k16 step kk:
         // key rows 16 kk..), B = the key tile read MN-major; N split in 64-column halves (the
         // accumulator is then 32 registers at every DT).
@@ -349,6 +413,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
                                          frag_col(nb, 0)) =
                   make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
         }
+        ring.release(it);  // every MMA that read the stage (dv, dk) has completed
       } else {
         wgmma_wait<0>();
       }
@@ -357,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 2) fna_bwd_kernel(const FnaArgs a, c
       if constexpr (kDq) {
         // The step's dq rows -> the float32 workspace, one bulk add per query row in the problem.
         fence_proxy_async();
-        __syncthreads();
+        sync_compute();
         if (threadIdx.x < kRows && (spatial || t.nonempty)) {
           int qc[3];
           int64_t grow;
@@ -407,7 +472,7 @@ ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64
                   static_cast<unsigned>(batch));
   return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDq>>(
       kDq ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid, stream,
-      a, p);
+      a, p, bwd_threads(kDq));
 }
 
 }  // namespace

@@ -25,7 +25,9 @@
 //             every query.
 //   Two schedules. Default on Hopper: fna_bwd_kernel<kDq> alone also forms dq = dS k per step
 //   and adds it to a float32 workspace with the copy engine (bulk reduce-add), plus d-rpb; a
-//   convert kernel then writes dq. The adds land in any order (last bits vary run to run).
+//   convert kernel then writes dq. The adds land in any order (last bits vary run to run). Its
+//   CTA has two roles (pipeline.cuh): a producer warpgroup stages the query-side tiles into a
+//   ring of shared-memory stages handed over by mbarriers, the other warpgroup computes.
 //   Deterministic mode and mma.sync (sm_80): fna_dq_kernel (backward_dq.cu) walks the forward's
 //   key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk / dv only: no
 //   atomics on dq. d-rpb is summed in shared memory per CTA and added to the output with one
@@ -340,7 +342,7 @@ template <typename T, int DT, bool kCore = false, typename RowPtr>
 __device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, const void* any) {
   constexpr int kVecs = DT / 8;  // 16-byte vectors per row
 #pragma unroll
-  for (int v = threadIdx.x; v < kRows * kVecs; v += kThreads) {
+  for (int v = threadIdx.x % kThreads; v < kRows * kVecs; v += kThreads) {
     const int r = v / kVecs, c = (v % kVecs) * 8;
     const T* src = row_ptr(r);
     const bool valid = src != nullptr && c < cols;
@@ -369,7 +371,8 @@ struct TileRows {
   int dtok[kPer];    // token index distance from the box origin (checked < 2^31 on the host)
 
   __device__ __forceinline__ TileRows(const FnaArgs& a, const int (&logs)[kMaxRank]) {
-    col = kCore ? ((threadIdx.x >> 3) % kVecs) * 8 : (threadIdx.x % kVecs) * kElems;
+    const int tid = threadIdx.x % kThreads;
+    col = kCore ? ((tid >> 3) % kVecs) * 8 : (tid % kVecs) * kElems;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       int off[3];
@@ -379,11 +382,13 @@ struct TileRows {
                 off[2] * a.ax[2].dilation;
     }
   }
+  // (The thread's index within its warpgroup: a warp-specialized kernel's producer stages too.)
   __device__ __forceinline__ int row(int i) const {
+    const int tid = threadIdx.x % kThreads;
     if constexpr (kCore)  // 8-row groups: kThreads / 8 / kVecs per pass
-      return (threadIdx.x & 7) + 8 * ((threadIdx.x >> 3) / kVecs + i * (kThreads / 8 / kVecs));
+      return (tid & 7) + 8 * ((tid >> 3) / kVecs + i * (kThreads / 8 / kVecs));
     else
-      return threadIdx.x / kVecs + i * (kThreads / kVecs);
+      return tid / kVecs + i * (kThreads / kVecs);
   }
   // Shared-memory element offset of copy i.
   __device__ __forceinline__ int dst(int i) const {
@@ -725,10 +730,20 @@ constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
 // spreads a warp's fragment stores over the banks).
 template <int DT>
 constexpr int kDqLd = DT + 8;
-// k, v, 2 x (q, do), 2 x (lse, delta); with dq: + dS^T (64 x 64) and the float32 dq rows.
+// The key-side backward: stages of its query-side tiles (q, do, lse, delta), threads per CTA
+// and, for its warp-specialized variant (dq in the walk: a producer and a computing warpgroup,
+// pipeline.cuh), each role's registers: 2 CTAs per SM share 64K registers, 128 per thread at
+// launch, moved from the producer's address arithmetic to the computing warpgroup's accumulators.
+constexpr int bwd_stages(bool dq) { return dq ? 3 : 2; }
+constexpr int bwd_threads(bool dq) { return dq ? 2 * kThreads : kThreads; }
+constexpr int kBwdProducerRegs = 40;
+constexpr int kBwdConsumerRegs = 216;
+// k, v, stages x (q, do, lse, delta); with dq: + the stage barriers (64 bytes), dS^T (64 x 64)
+// and the float32 dq rows.
 constexpr int bwd_smem(int dt, int elem, bool wg, bool dq) {
-  return 6 * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + 4 * kRows * 4 +
-         (dq ? kRows * kRows * elem + kRows * (dt + 8) * 4 : 0);
+  return (2 + 2 * bwd_stages(dq)) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
+         2 * bwd_stages(dq) * kRows * 4 +
+         (dq ? 64 + kRows * kRows * elem + kRows * (dt + 8) * 4 : 0);
 }
 
 }  // namespace fna

@@ -49,16 +49,17 @@ inline ffi::Error launch_error(const char* what, cudaError_t e) {
                     std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));
 }
 
-// The one launcher of the FNA kernels: kKernel on `grid` x kThreads with `smem` bytes of dynamic
-// shared memory, after raising the kernel's limit to `limit` (once per kernel: the static is per
-// instantiation), and the launch checked.
+// The one launcher of the FNA kernels: kKernel on `grid` x `threads` (kThreads, or two
+// warpgroups for the warp-specialized kernels) with `smem` bytes of dynamic shared memory, after
+// raising the kernel's limit to `limit` (once per kernel: the static is per instantiation), and
+// the launch checked.
 template <auto kKernel>
 ffi::Error launch_kernel(const char* what, int limit, int smem, dim3 grid, cudaStream_t stream,
-                         const FnaArgs& a, const FnaPtrs& p) {
+                         const FnaArgs& a, const FnaPtrs& p, int threads = kThreads) {
   static const cudaError_t attr =
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
   if (attr != cudaSuccess) return launch_error(what, attr);
-  kKernel<<<grid, kThreads, smem, stream>>>(a, p);
+  kKernel<<<grid, threads, smem, stream>>>(a, p);
   return check_launch(what);
 }
 
