@@ -282,7 +282,7 @@ def check_weights(rank: int, weights, value, kernel_size, stride, dilation, is_c
     if (vl, vs) != (lead, spatial):
         raise ValueError(f"value shape {tuple(value.shape)} does not match weights shape "
                          f"{tuple(weights.shape)} in batch and spatial dims")
-    if heads % kv_heads:
+    if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"weights heads ({heads}) must be a multiple of value heads "
                          f"({kv_heads}) (GQA/MQA)")
     params = normalize_params(rank, spatial, kernel_size, stride, dilation, is_causal,

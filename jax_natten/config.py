@@ -9,9 +9,11 @@ spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at 
 longest axis until it fits), key tiles at most 64 (a smaller key tile grows along its first axis
 to the kernel's full tile). `None` (the default) lets the kernels choose: they count the (query
 tile, key tile) pairs each candidate shape would visit on the problem at hand and take the fewest.
-`deterministic=True` makes the rpb gradient bit-reproducible (per-tile partial sums reduced in a
-fixed order instead of atomics); dq, dk, dv and the additional kv gradients are always computed
-without atomics, so they are deterministic in every mode.
+`deterministic=True` makes the whole backward bit-reproducible, at some cost in speed: dq comes
+from its own kernel (per query tile, no atomics) instead of being added from every key tile's
+walk into a float32 workspace in whatever order the tiles finish (the default Hopper schedule),
+and the rpb gradient is reduced in a fixed order (by the GEMM-based kernels) instead of with
+atomics. dk, dv and the additional kv gradients never use atomics.
 
 `mma` picks the matrix instructions of the float16 / bfloat16 kernels (forward and backward):
 "auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs

@@ -124,6 +124,9 @@ def _na_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, addi
     problem = _checks.check_attention(rank, query, key, None, kernel_size, stride, dilation,
                                       is_causal, rpb, additional_keys, None)
     backend = resolve(backend, "qk", query.dtype, (problem.head_dim,), query)
+    if problem.batch == 0 or problem.heads == 0:  # no query rows: no kernel runs on them
+        width = problem.params.window_size + problem.num_additional
+        return jnp.zeros(query.shape[:-1] + (width,), query.dtype)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     w = _qk(lay(query), lay(key), _pad_rpb(rpb, problem),
             _fold_additional(additional_keys, problem), problem.params.padded(), backend)
@@ -135,6 +138,8 @@ def _na_av(rank, weights, value, kernel_size, stride, dilation, is_causal, addit
     problem = _checks.check_weights(rank, weights, value, kernel_size, stride, dilation, is_causal,
                                     additional_values)
     backend = resolve(backend, "av", value.dtype, (problem.value_dim,), value)
+    if problem.batch == 0 or problem.heads == 0:  # no weight rows: no kernel runs on them
+        return jnp.zeros(weights.shape[:-1] + (problem.value_dim,), value.dtype)
     lay = functools.partial(_to_kernel_layout, problem=problem)
     out = _av(lay(weights), lay(value), _fold_additional(additional_values, problem),
               problem.params.padded(), backend)

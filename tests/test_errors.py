@@ -315,3 +315,28 @@ def test_source_tree_import_warns_with_the_fix(tmp_path):
     assert "pip install ." in out and "only the slow 'reference' backend" in out
     assert "ERROR backend 'cpu' cannot serve this call: the native extension is not built" in out
     assert "circular import" not in out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", ["batch0", "heads0"])
+def test_split_ops_on_empty_inputs(backend, case):
+    """qk / av with no query rows (batch 0, heads 0) return empty results and gradients of the
+    right shapes, like the attention op; no kernel runs on them."""
+    if not jax_natten.backend_available(backend):
+        pytest.skip(f"{backend} is not built")
+    b, h = (0, 2) if case == "batch0" else (2, 0)
+    q, k = arr(b, X, h, D), arr(b, X, 1 if h == 0 else 2, D)
+    logits = jax_natten.na1d_qk(q, k, 3, backend=backend)
+    assert logits.shape == (b, X, h, 3)
+    w = jax.nn.softmax(logits, axis=-1)
+    out = jax_natten.na1d_av(w, k, 3, backend=backend)
+    assert out.shape == (b, X, h, D)
+    grads = jax.grad(lambda q, k: jnp.sum(jax_natten.na1d_av(
+        jax.nn.softmax(jax_natten.na1d_qk(q, k, 3, backend=backend), -1), k, 3,
+        backend=backend)), argnums=(0, 1))(q, k)
+    assert grads[0].shape == q.shape and grads[1].shape == k.shape
+
+
+def test_av_with_zero_value_heads_is_refused():
+    with pytest.raises(ValueError, match="multiple of value heads"):
+        jax_natten.na1d_av(arr(B, X, 2, 3), arr(B, X, 0, D), 3)

@@ -1,5 +1,5 @@
 // The FFI handlers of backend="gemm": natten_gemm_{qk,av}_{fwd,bwd} (contract: cuda/README.md).
-// Decoding and validation are the naive handlers' (natten/ffi_helpers.h); the products run on the
+// Decoding (natten/ffi_helpers.h) and validation (natten/op_checks.h) are the naive handlers'; the products run on the
 // tiled kernels of gemm.cuh (launch.h), the additional-token and rpb gradients on the naive
 // deterministic reductions (naive/kernels.cuh).
 //   qk_fwd: q, k, rpb, add_k -> w             PN(q, k), w of q's dtype or float32

@@ -167,8 +167,6 @@ def backend_available(backend: str, device=None) -> bool:
     return ffi.available(backend) and _runs_on(backend, platform)
 
 
-available = backend_available
-
 
 def _unsupported(backend: str, op: str, dtype, head_dims: tuple, x=None) -> str | None:
     """Why `backend` cannot serve this call, or None if it can."""
