@@ -12,6 +12,7 @@ their custom calls through backends/ffi.py; the reference backend is differentia
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -283,7 +284,8 @@ def resolve_backend(op, *args, **kwargs) -> str:
         jax_natten.resolve_backend(jax_natten.na2d, q, k, v, 7)           # e.g. 'cpu'
         jax_natten.resolve_backend("na1d", q, k, v, 7, backend="fused")   # ValueError off a GPU
 
-    The device is JAX's default device (`jax.default_device`), or that of `target_platform`.
+    The device is that of the first array committed to one (`jax.device_put`), else JAX's
+    default device (`jax.default_device`), or that of `target_platform`.
     """
     fn = _OPS.get(op) if isinstance(op, str) else op
     if fn not in _OPS.values():
@@ -299,6 +301,12 @@ def resolve_backend(op, *args, **kwargs) -> str:
                                           for x, arr in zip(leaves, is_array)])
         return fn(*a, **kw)
 
-    with recording() as chosen:
+    # eval_shape traces the arrays, so their placement must be passed on as the default device:
+    # a call on arrays committed to a device (jax.device_put) runs there.
+    committed = [x for x in leaves if isinstance(x, jax.Array)
+                 and not isinstance(x, jax.core.Tracer) and getattr(x, "committed", False)]
+    place = (jax.default_device(next(iter(committed[0].devices()))) if committed
+             else contextlib.nullcontext())
+    with recording() as chosen, place:
         jax.eval_shape(call, *[x for x, arr in zip(leaves, is_array) if arr])
     return chosen[0]

@@ -247,6 +247,10 @@ def test_resolve_backend():
         jax_natten.resolve_backend("na2d", Q, KV, KV, 30)
     with pytest.raises(ValueError, match=r"op must be one of"):
         jax_natten.resolve_backend("na4d", Q, KV, KV, 3)
+    # Arrays committed to the host run there (on a GPU machine too), and resolve_backend says so.
+    if jax_natten.backend_available("cpu", "cpu"):
+        on_host = [jax.device_put(x, jax.devices("cpu")[0]) for x in (Q, KV, KV)]
+        assert jax_natten.resolve_backend("na2d", *on_host, 3) == "cpu"
     from jax_natten import backends
     backends._WARNED.clear()  # the warning comes once per reason and process
     with jax.enable_x64(True):
