@@ -37,16 +37,28 @@ def test_readme_op_table_matches_the_descriptions():
     _sources_present()
     rows = {r[0].strip("`"): r for r in _table_rows(README.read_text(), "| op | targets |")}
     assert set(rows) == {op.name for op in ffi.OPS}
+
+    def per_backend(cell):
+        """`names; backend: names; ...` -> (the leading names, {backend: names})."""
+        common, documented = [], {}
+        for part in filter(None, (p.strip() for p in cell.split(";"))):
+            if ":" in part:
+                backend, names = part.split(":")
+                documented[backend.strip("` ")] = _names(names)
+            else:
+                common = _names(part)
+        return common, documented
+
     for op in ffi.OPS:
-        _, targets, operands, results, workspaces = rows[op.name]
+        _, targets, operands, results, residuals, workspaces = rows[op.name]
         assert _names(targets) == list(op.targets.values()), op.name
-        assert _names(operands) == [b.name for b in op.operands], op.name
+        common, own = per_backend(operands)
+        assert common == [b.name for b in op.operands], op.name
+        assert own == {b: [x.name for x in bufs] for b, bufs in op.backend_operands.items()}
         assert _names(results) == [b.name for b in op.results], op.name
-        documented = {}
-        for part in filter(None, (p.strip() for p in workspaces.split(";"))):
-            backend, names = part.split(":")
-            documented[backend.strip("` ")] = _names(names)
-        assert documented == {b: [w.name for w in ws] for b, ws in op.workspaces.items()}
+        for cell, described in ((residuals, op.residuals), (workspaces, op.workspaces)):
+            assert per_backend(cell) == ([], {b: [w.name for w in ws]
+                                              for b, ws in described.items()}), op.name
 
 
 def test_readme_layout_labels_match_the_descriptions():
@@ -56,7 +68,7 @@ def test_readme_layout_labels_match_the_descriptions():
         labels[row[0].split()[0]] = tuple(row[2].strip("`").split())
     for op in ffi.OPS:
         for backend in op.targets:
-            for buf in op.operands + op.results_of(backend):
+            for buf in op.operands_of(backend) + op.results_of(backend):
                 # A gradient (dq, do, dlse, ...) has the labels of its primal.
                 name = buf.name if buf.name in labels else buf.name[1:]
                 assert labels.get(name) == buf.dims, (op.name, buf.name)
@@ -82,7 +94,7 @@ def test_handlers_bind_the_described_buffers():
     described = {}
     for op in ffi.OPS:
         for backend, target in op.targets.items():
-            described[target] = (len(op.operands), len(op.results_of(backend)))
+            described[target] = (len(op.operands_of(backend)), len(op.results_of(backend)))
     assert set(entries) == set(described)
     for target, symbol in entries.items():
         assert bindings.get(symbol) == described[target], (target, symbol)

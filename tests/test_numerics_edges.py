@@ -8,8 +8,9 @@
   causal, GQA/MQA, rpb, additional kv) in three input modes (ordinary, near one-hot, large
   logits with small differences), forward values, lse and every gradient.
 
-Every CUDA variant (naive, gemm, fused with each MMA family, float32 included) runs on a GPU only
-and skips elsewhere. The configurations come from a fixed seed (the same set every run); the input
+Every CUDA variant (naive, gemm, fused with each MMA family and in deterministic mode, float32
+included: each test runs every dtype) runs on a GPU only and skips elsewhere. The configurations
+come from a fixed seed (the same set every run); the input
 values are fresh every run (their seed is in each failure message). JAX_NATTEN_SWEEP sets the
 number of configurations (default 240); JAX_NATTEN_SWEEP_REPORT=<file> appends the worst relative
 error per variant and dtype as JSON lines.
@@ -84,12 +85,6 @@ class Variant:
     def param(self):
         gpu = self.backend in ("naive", "gemm", "fused")
         marks = [pytest.mark.gpu] if gpu else []
-        if self.backend == "fused":
-            # The fused kernels still form P as exp(s - lse) and delta from the rounded o; the
-            # port of this file's fixes to cuda/fna is open work (issue notes). Not strict: the
-            # zero-size and ordinary-input cases pass already.
-            marks.append(pytest.mark.xfail(reason="fused kernels: numerics port pending",
-                                           strict=False))
         return pytest.param(self, id=self.name, marks=marks)
 
 
@@ -102,6 +97,9 @@ VARIANTS = [
     Variant("fused", "fused", delta_from_o=True),
     Variant("fused-mma_sync", "fused", lambda: _mma("mma_sync"), delta_from_o=True),
     Variant("fused-wgmma", "fused", lambda: _mma("wgmma"), delta_from_o=True),
+    # The two-kernel backward schedule on Hopper too, and d-rpb from the fixed-order path.
+    Variant("fused-deterministic", "fused",
+            lambda: jax_natten.fused_config(deterministic=True), delta_from_o=True),
 ]
 VARIANT_PARAMS = [v.param() for v in VARIANTS]
 

@@ -1,6 +1,7 @@
 // FNA backward, query side (fna.cuh; deterministic mode and mma.sync): per query tile the
-// forward's walk over key tiles recomputing P = exp(logits - lse), dS = P (do.v - delta),
-// dq = scale * dS k, and d-rpb = sum of dS per relative offset.
+// forward's walk over key tiles recomputing P from the forward's softmax statistics (fna.cuh,
+// softmax_weight_exp2), dS = P (do.v - delta), dq = scale * dS k, and d-rpb = sum of dS per
+// relative offset.
 #include <type_traits>
 
 #include "fna.cuh"
@@ -54,16 +55,17 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
 
   fill_windows(a, qb, kQRows, Win);
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
-  // The thread's rows: global row index (-1 outside the problem), lse (base 2) and delta.
+  // The thread's rows: global row index (-1 outside the problem), softmax statistics, delta.
   int64_t grow[MT][2];
-  float lse2[MT][2], delta[MT][2];
+  float2 stats[MT][2];
+  float delta[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int qc[3];
       const bool ok = query_row_at(a, qb, frag_row(mt, i), row0, h, qc, grow[mt][i]);
-      lse2[mt][i] = ok ? p.lse[grow[mt][i]] * kLog2e : 0.f;
+      stats[mt][i] = ok ? p.stats[grow[mt][i]] : make_float2(0.f, 0.f);
       delta[mt][i] = ok ? p.delta[grow[mt][i]] : 0.f;
     }
   }
@@ -103,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
       current.next(walk.n);
     }
     const int s0 = (j - walk.spatial) * kRows;
-    // dS = P (dP - delta), P = exp(logits - lse); 0 outside the neighborhood. Compiled three
+    // dS = P (dP - delta), P = softmax_weight_exp2; 0 outside the neighborhood. Compiled three
     // ways, picked per tile: kMask = false for spatial tiles inside every window of the query
     // tile (no per-element test), kBias for rpb / d-rpb.
     auto weights = [&](auto mask_tag, auto bias_tag) {
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
                 }
               }
               const int e = 2 * i + c;
-              float x = s[mt][nb][e] * a.scale_log2 - lse2[mt][i];
+              float bias2 = 0.f;
               int ri = 0;
               if constexpr (kBias) {
                 if (spatial && rpb != nullptr && in) {
@@ -148,10 +150,12 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
 #pragma unroll
                   for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
                   ri = rpb_index(a, qc, kl);
-                  x += __ldg(rpb + ri) * kLog2e;
+                  bias2 = __ldg(rpb + ri) * kLog2e;
                 }
               }
-              const float pr = in ? fast_exp2(x) : 0.f;
+              const float pr = in ? fast_exp2(softmax_weight_exp2(s[mt][nb][e], a.scale_log2,
+                                                                  stats[mt][i], bias2))
+                                  : 0.f;
               const float ds = pr * (dp[mt][nb][e] - delta[mt][i]);
               s[mt][nb][e] = ds;
               if constexpr (kBias) {

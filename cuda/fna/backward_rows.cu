@@ -9,23 +9,29 @@ namespace gpu {
 namespace fna {
 namespace {
 
-// delta = rowsum(do * o) - dlse: one thread per query row (B * N * H rows of Dv elements).
+// delta = rowsum(do * o32) - dlse: one thread per query row (B * N * H rows of Dv elements). o32
+// is the forward's output before rounding: near one-hot rows, where dP - delta is a small
+// difference, the rounded o would cost eps(T) |do| |o| of it.
 template <typename T>
-__global__ void fna_delta_kernel(const T* o, const T* d_o, const float* dlse, float* delta,
+__global__ void fna_delta_kernel(const float* o32, const T* d_o, const float* dlse, float* delta,
                                  int64_t rows, int dim_v) {
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = 16 / sizeof(T);  // elements of do per 16-byte load
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows;
        r += int64_t{gridDim.x} * blockDim.x) {
-    const T* a = o + r * dim_v;
+    const float* a = o32 + r * dim_v;
     const T* b = d_o + r * dim_v;
     float sum = 0.f;
     for (int c = 0; c < dim_v; c += kVec) {
-      const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c));
       const uint4 vb = __ldg(reinterpret_cast<const uint4*>(b + c));
-      const T* ea = reinterpret_cast<const T*>(&va);
       const T* eb = reinterpret_cast<const T*>(&vb);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sum += static_cast<float>(ea[e]) * static_cast<float>(eb[e]);
+      for (int e = 0; e < kVec; e += 4) {
+        const float4 va = __ldg(reinterpret_cast<const float4*>(a + c + e));
+        sum = fmaf(va.x, static_cast<float>(eb[e]), sum);
+        sum = fmaf(va.y, static_cast<float>(eb[e + 1]), sum);
+        sum = fmaf(va.z, static_cast<float>(eb[e + 2]), sum);
+        sum = fmaf(va.w, static_cast<float>(eb[e + 3]), sum);
+      }
     }
     delta[r] = sum - dlse[r];
   }
@@ -51,7 +57,7 @@ template <typename T>
 ffi::Error launch_delta(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   const int64_t rows = batch * a.tokens * a.heads;
   fna_delta_kernel<T><<<grid_for(rows, 256), 256, 0, stream>>>(
-      static_cast<const T*>(p.o), static_cast<const T*>(p.d_o), p.dlse, p.delta, rows, a.dim_v);
+      p.o32, static_cast<const T*>(p.d_o), p.dlse, p.delta, rows, a.dim_v);
   return check_launch("fna backward (delta)");
 }
 

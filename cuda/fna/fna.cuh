@@ -13,9 +13,10 @@
 // others test each score against the row's window (per axis: key in [start, end)). Dilation only
 // appears in token addresses (global = g + local * d).
 //   forward   fna_fwd_kernel: one CTA per (query tile, head, batch); online softmax over the key
-//             tiles, then over tiles of additional keys; writes o and lse.
-//   backward  fna_delta_kernel: delta = rowsum(do * o) - dlse, one f32 per query row.
-//             fna_dq_kernel: the forward's walk again; recomputes P = exp(logits - lse), then
+//             tiles, then over tiles of additional keys; writes o and lse, and for a gradient
+//             the softmax statistics and o in float32 ("softmax statistics" below).
+//   backward  fna_delta_kernel: delta = rowsum(do * o32) - dlse, one f32 per query row.
+//             fna_dq_kernel: the forward's walk again; recomputes P from the statistics, then
 //             dS = P (do.v - delta), dq = scale * dS k, and accumulates d-rpb.
 //             fna_bwd_kernel (backward.cu): one CTA per (key tile, kv head, batch) walks the
 //             inverse box (queries whose windows hold any key of the tile: [first(lo),
@@ -60,6 +61,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "natten/mma.cuh"
 #include "natten/wgmma.cuh"
@@ -86,6 +88,8 @@ struct FnaArgs {
   int ry, rz, R;                // rpb extents of the y, z axes and per head (R = 0: no rpb)
   float scale;                  // softmax scale
   float scale_log2;             // scale * log2(e)
+  float scale_sign, scale_log2_abs;  // its sign (+-1) and magnitude (the forward folds the sign
+                                     // into the scores: exact)
   int qlog[kMaxRank], kvlog[kMaxRank];  // log2 of the query / key tile extents
   int q_tpg[kMaxRank], q_units[kMaxRank];    // query tiles per dilation group; d * q_tpg
   int kv_tpg[kMaxRank], kv_units[kMaxRank];  // the same for key tiles
@@ -97,12 +101,33 @@ struct FnaArgs {
 
 // Device pointers of one call (unused ones are null).
 struct FnaPtrs {
-  const void *q, *k, *v, *add_k, *add_v, *o, *d_o;
-  const float *rpb, *lse, *dlse;
+  const void *q, *k, *v, *add_k, *add_v, *d_o;
+  const float *rpb, *dlse;
+  const float* lse;     // the forward's lse (natural log): read only by the key-side kernel
+                        // (backward.cu) until it forms its weights from `stats`
+  const float2* stats;  // backward: the forward's (m2, log2_l) per query row (softmax_weight_exp2)
+  const float* o32;     // backward: the forward's output before rounding (the delta kernel)
   void *out, *dq, *dk, *dv, *dadd_k, *dadd_v;
   float *out_lse, *delta, *drpb;
+  float2* out_stats;  // forward: (m2, log2_l) per query row, or null (no gradient wanted)
+  float* out_o32;     // forward: o = acc / l in float32, or null (no gradient wanted)
   float* dq_acc;  // float32 dq workspace of the single-walk backward (shape of dq), or null
 };
+
+// ---- softmax statistics ------------------------------------------------------------------------
+// The forward's online softmax runs on base-2 logits x = (scale * q.k + rpb) * log2(e). Per query
+// row it ends with m2, the largest x (the running max), and l = sum_j exp2(x_j - m2); o = acc / l
+// and lse = (m2 + log2 l) ln 2. A forward whose result feeds a gradient also writes
+// stats = (m2, log2_l = log2 l) and o unrounded (o32); a row without keys (none in NA) gets
+// (0, -inf). The backward forms each weight from them as
+//   P = exp2(fma(s, scale_log2, -m2) [+ rpb * log2(e)] - log2_l)
+// (softmax_weight_exp2), not exp(logits - lse): m2 + log2_l rounded to float32 is off by an ulp of
+// the logit (2^-10 at 2^13), and so is s * scale_log2 rounded on its own; the fma rounds only
+// the difference from the row's max, which is small for every weight that matters.
+__device__ __forceinline__ float softmax_weight_exp2(float s, float scale_log2, float2 st,
+                                                     float bias2 = 0.f) {
+  return (fmaf(s, scale_log2, -st.x) + bias2) - st.y;
+}
 
 // ---- tile geometry -------------------------------------------------------------------------------
 // A tile slot (row-major over the axes' units = dilation groups x tiles per group) -> per axis its
@@ -696,8 +721,9 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Stores a [16 x DT] C-fragment accumulator (times `mul`) to the warp's rows; row_ptr(which) gives
-// the global row of the thread's first (0) or second (1) row, or nullptr.
+// Stores a [16 x DT] C-fragment accumulator (times `mul`) to the warp's rows, as T (float: the
+// forward's o32); row_ptr(which) gives the global row of the thread's first (0) or second (1) row,
+// or nullptr.
 template <typename T, int DT, typename RowPtr>
 __device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float mul0, float mul1,
                                            RowPtr&& row_ptr, int cols) {
@@ -710,17 +736,22 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DT / 8][4], float 
     for (int half = 0; half < 2; ++half) {
       if (rows[half] == nullptr) continue;
       const float m = half ? mul1 : mul0;
-      const unsigned u = pack2<T>(acc[nb][2 * half] * m, acc[nb][2 * half + 1] * m);
-      *reinterpret_cast<unsigned*>(rows[half] + c) = u;
+      if constexpr (std::is_same_v<T, float>) {
+        *reinterpret_cast<float2*>(rows[half] + c) =
+            make_float2(acc[nb][2 * half] * m, acc[nb][2 * half + 1] * m);
+      } else {
+        const unsigned u = pack2<T>(acc[nb][2 * half] * m, acc[nb][2 * half + 1] * m);
+        *reinterpret_cast<unsigned*>(rows[half] + c) = u;
+      }
     }
   }
 }
 
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
-// q (64 mt rows), 2 x (k, v), windows; wgmma tiles have no row padding.
+// q (64 mt rows), 2 x (k, v), windows, the rows' own-key logits; wgmma tiles have no row padding.
 constexpr int fwd_smem(int dt, int elem, int mt, bool wg) {
-  return (mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 6 * 4;
+  return (mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 7 * 4;
 }
 // q, do (64 mt rows each), 2 x (k, v), windows.
 constexpr int dq_smem(int dt, int elem, int mt, bool wg) {

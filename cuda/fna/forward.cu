@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   T* Ks = Qs + kQRows * kLd;      // [2][kRows][kLd]
   T* Vs = Ks + 2 * kRows * kLd;   // [2][kRows][kLd]
   int* Win = reinterpret_cast<int*>(Vs + 2 * kRows * kLd);  // [kQRows][3 axes][start, length]
+  float* SelfLogit = reinterpret_cast<float*>(Win + kQRows * 6);  // [kQRows], with rpb
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
@@ -46,6 +47,38 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   fill_windows(a, qb, kQRows, Win);
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
+  if (rpb != nullptr) {
+    // The masked tiles with a bias form logits relative to the running max m (below), so m
+    // starts finite: at each row's logit of its own token's key, which is in its window (rpb
+    // implies non-causal, stride-1 windows), so at most the row's largest logit. (Any start
+    // does while l = 0; this one keeps x - m small.) Computed here, one row a thread, into
+    // shared memory (in registers next to the walk's it costs spills); read at the first step.
+    const int zero[3] = {0, 0, 0};
+    const float bias_self = __ldg(rpb + rpb_index(a, zero, zero)) * kLog2e;
+    const T* k = static_cast<const T*>(p.k);
+    for (int r = threadIdx.x; r < kQRows; r += kThreads) {
+      int qc[3];
+      int64_t row;
+      float dot = 0.f;
+      if (query_row_at(a, qb, r, row0, h, qc, row)) {
+        const int64_t tok = row0 + token_of(a, qb.grp, qc);
+        const T* qr = q + (tok * a.heads + h) * a.dim;
+        const T* kr = k + (tok * a.kv_heads + kvh) * a.dim;
+        for (int c = 0; c < a.dim; c += 8) {
+          const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qr + c));
+          const uint4 kv = __ldg(reinterpret_cast<const uint4*>(kr + c));
+          const T* qe = reinterpret_cast<const T*>(&qv);
+          const T* ke = reinterpret_cast<const T*>(&kv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            dot = fmaf(static_cast<float>(qe[e]), static_cast<float>(ke[e]), dot);
+        }
+        SelfLogit[r] = fmaf(dot, a.scale_log2, bias_self);
+      } else {
+        SelfLogit[r] = 0.f;
+      }
+    }
+  }
 
   float acc[MT][DT / 8][4];
   float m[MT][2], l[MT][2];
@@ -72,6 +105,12 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     }
     if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
     __syncthreads();
+    if (j == 0 && rpb != nullptr) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) m[mt][i] = SelfLogit[frag_row(mt, i)];
+    }
     if constexpr (kQInRegs) {
       if (j == 0) {
 #pragma unroll
@@ -95,22 +134,27 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
       tile_scores<T, DT, MT, kWg>(s, Qs, ks);
     }
 
-    // Logits in base 2 (times 1 / mul), masked.
-    float mul = 1.f;
+    // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
+    // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
+    // only the difference from the row's max is rounded, never the logit itself (an ulp of a
+    // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
+    // the largest s has the largest logit.
+    float mul = a.scale_log2_abs;
+    bool biased = false;  // s holds x - m (m: the running max), mul = 1
     if (j < walk.spatial) {
       int o[3];
       bool full;
       key_tile(a, walk, current, o, full);
       current.next(walk.n);
-      if (full && rpb == nullptr && a.scale_log2 > 0.f) {
-        mul = a.scale_log2;  // raw q.k: the softmax scales them in its exp2 FMA
-      } else if (full && rpb == nullptr) {
+      if (full && rpb == nullptr) {
+        if (a.scale_sign < 0.f) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+          for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb)
+            for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][nb][e] *= a.scale_log2;
+              for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
+        }
       } else {
         int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
 #pragma unroll
@@ -119,14 +163,19 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
           for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int e = 0; e < 6; ++e) wr[mt][i][e] = Win[frag_row(mt, i) * 6 + e];
+        // With a bias, s * mul + bias rounded to float32 would lose the bias and the logits'
+        // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
+        // instead (m: the running max, finite from the start, see above), whose roundings are
+        // ulps of x - m, and mul becomes 1.
+        biased = rpb != nullptr;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            int off[3], kl[3];
-            tile_offsets(frag_col(nb, c), a.kvlog, off);
+            int koff[3], kl[3];
+            tile_offsets(frag_col(nb, c), a.kvlog, koff);
 #pragma unroll
-            for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
+            for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + koff[ax];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -137,19 +186,20 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
                 for (int ax = 0; ax < 3; ++ax)
                   in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
                                  static_cast<unsigned>(w[2 * ax + 1]);
-                float x = s[mt][nb][2 * i + c] * a.scale_log2;
+                float x = s[mt][nb][2 * i + c] * a.scale_sign;
                 if (in && rpb != nullptr) {
                   int qo[3], qc[3];
                   tile_offsets(frag_row(mt, i), a.qlog, qo);
 #pragma unroll
                   for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
-                  x += __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
+                  x = fmaf(x, mul, -m[mt][i]) + __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
                 }
                 s[mt][nb][2 * i + c] = in ? x : -INFINITY;
               }
             }
           }
         }
+        if (biased) mul = 1.f;
       }
     } else {
       const int s0 = (j - walk.spatial) * kRows;
@@ -159,10 +209,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_log2 : -INFINITY;
+            s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
     }
 
-    // Online softmax.
+    // Online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)).
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -171,16 +221,18 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
           mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-        mx = quad_max(mx) * mul;  // mul > 0
+        const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
+        mx = fmaf(quad_max(mx), mul, off);  // mul > 0
         const float m_new = fmaxf(m[mt][i], mx);
         const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
         const float alpha = fast_exp2(m[mt][i] - base);
+        const float rel = off - base;  // exact where it matters (off near base)
         m[mt][i] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
-          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, -base));
-          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, -base));
+          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
+          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
           sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
         }
         l[mt][i] = l[mt][i] * alpha + sum;
@@ -195,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
-  // Epilogue: o = acc / l, lse = (m + log2 l) ln 2.
+  // Epilogue: o = acc / l, lse = (m + log2 l) ln 2; for a gradient also the statistics and o
+  // unrounded (fna.cuh, "softmax statistics").
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -214,10 +267,22 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     store_rows<T, DT>(acc[mt], inv[0], inv[1],
                       [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },
                       a.dim_v);
+    if (p.out_o32 != nullptr)
+      store_rows<float, DT>(acc[mt], inv[0], inv[1],
+                            [&](int i) -> float* {
+                              return rows[i] < 0 ? nullptr : p.out_o32 + rows[i] * a.dim_v;
+                            },
+                            a.dim_v);
     if ((lane & 3) == 0) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        if (rows[i] >= 0) p.out_lse[rows[i]] = (m[mt][i] + log2f(l[mt][i])) * kLn2;
+      for (int i = 0; i < 2; ++i) {
+        if (rows[i] < 0) continue;
+        const float log2_l = log2f(l[mt][i]);
+        p.out_lse[rows[i]] = (m[mt][i] + log2_l) * kLn2;
+        if (p.out_stats != nullptr)
+          p.out_stats[rows[i]] = m[mt][i] == -INFINITY ? make_float2(0.f, -INFINITY)
+                                                       : make_float2(m[mt][i], log2_l);
+      }
     }
   }
 }

@@ -1,8 +1,14 @@
 // The FFI handlers of backend="fused": natten_fused_fna_{fwd,bwd} (contract: cuda/README.md).
-//   fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse
-//   fna_bwd: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb, dadd_k, dadd_v,
-//            delta (workspace: f32, shape of lse), dq_acc (workspace: f32, shape of dq; the
-//            caller discards both)
+//   fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse, stats, o32
+//            stats [B, X, Y, Z, H, 2] f32: per query row (m2, log2_l), the softmax's base-2 max
+//            logit and log2 of its sum relative to it (fna.cuh, "softmax statistics"); o32
+//            [B, X, Y, Z, H, Dv] f32: o before rounding. Residuals for the backward: a call
+//            that wants no gradient passes both with 0 elements and they are not written.
+//   fna_bwd: q, k, v, rpb, add_k, add_v, stats, o32, lse, do, dlse -> dq, dk, dv, drpb, dadd_k,
+//            dadd_v, delta (workspace: f32, shape of lse), dq_acc (workspace: f32, shape of dq,
+//            or 0 elements where the schedule does not add into it; the caller discards both).
+//            The weights come from stats, delta = rowsum(do * o32) - dlse; lse (natural log) is
+//            read only by the key-side kernel (backward.cu) until it takes stats too.
 // Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
 // tiling.h), `mma` (int64: 0 auto, 1 mma.sync, 2 wgmma; float32 runs neither) and for the
 // backward `deterministic` (int64 0/1).
@@ -99,6 +105,8 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
   a.R = p.has_rpb ? static_cast<int>(p.rpb_per_head()) : 0;
   a.scale = scale;
   a.scale_log2 = scale * kLog2e;
+  a.scale_sign = a.scale_log2 < 0.f ? -1.f : 1.f;
+  a.scale_log2_abs = a.scale_log2 < 0.f ? -a.scale_log2 : a.scale_log2;
   a.q_tiles = a.kv_tiles = 1;
   for (int ax = 0; ax < kMaxRank; ++ax) {
     const AxisParams& x = p.axis[ax];
@@ -140,11 +148,14 @@ FnaPtrs input_ptrs(const Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuff
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
                     ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                    ffi::Result<ffi::AnyBuffer> stats, ffi::Result<ffi::AnyBuffer> o32,
                     I64Span kernel_size, I64Span stride, I64Span dilation, I64Span is_causal,
                     float scale, I64Span q_tile, I64Span kv_tile, int64_t mma) {
   Problem p;
   NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, *o, *lse, kernel_size, stride, dilation,
                            is_causal));
+  bool residuals = false;
+  NATTEN_TRY(check_fna_residuals(p, *stats, *o32, residuals));
   const int64_t B = p.batch;
   const ffi::DataType t = q.element_type();
   NATTEN_TRY(check_dtype(t));
@@ -166,11 +177,15 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt, wgmma), tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
-  NATTEN_TRY(poison_outputs(stream, *o, *lse));
+  NATTEN_TRY(poison_outputs(stream, *o, *lse, *stats, *o32));
   if (B == 0 || p.tokens() == 0) return ok();
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
   ptr.out = o->untyped_data();
   ptr.out_lse = static_cast<float*>(lse->untyped_data());
+  if (residuals) {
+    ptr.out_stats = static_cast<float2*>(stats->untyped_data());
+    ptr.out_o32 = static_cast<float*>(o32->untyped_data());
+  }
   for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY) {  // grid.z holds <= 65535 elements
     const int64_t n = std::min<int64_t>(kMaxGridY, B - a.batch0);
     NATTEN_TRY(f32 ? launch_forward_f32(stream, dt, a, ptr, n)
@@ -181,7 +196,8 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 
 ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
-                    ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer d_o, ffi::AnyBuffer dlse,
+                    ffi::AnyBuffer stats, ffi::AnyBuffer o32, ffi::AnyBuffer lse,
+                    ffi::AnyBuffer d_o, ffi::AnyBuffer dlse,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> drpb,
                     ffi::Result<ffi::AnyBuffer> dadd_k, ffi::Result<ffi::AnyBuffer> dadd_v,
@@ -190,14 +206,23 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     float scale, I64Span q_tile, I64Span kv_tile, int64_t mma,
                     int64_t deterministic) {
   Problem p;
-  NATTEN_TRY(check_fna_bwd(p, q, k, v, rpb, add_k, add_v, o, lse, d_o, dlse, *dq, *dk, *dv, *drpb,
-                           *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
+  NATTEN_TRY(check_fna_grads(p, q, k, v, rpb, add_k, add_v, d_o, dlse, *dq, *dk, *dv, *drpb,
+                             *dadd_k, *dadd_v, kernel_size, stride, dilation, is_causal));
   const int64_t B = p.batch;
   const ffi::DataType t = q.element_type();
+  bool residuals = false;
+  NATTEN_TRY(check_fna_residuals(p, stats, o32, residuals));
+  if (!residuals && B * p.tokens() * p.heads > 0)
+    return invalid("the fused backward needs the forward's residuals (stats, o32)");
+  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32,
+                        {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
   NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32,
                         {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
-  NATTEN_TRY(check_like("dq workspace", *dq_acc, ffi::DataType::F32,
-                        {B, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
+  // dq_acc: 0 elements where the Python side knows the schedule does not use it (fna.py).
+  const bool have_dq_acc = dq_acc->element_count() != 0;
+  if (have_dq_acc)
+    NATTEN_TRY(check_like("dq workspace", *dq_acc, ffi::DataType::F32,
+                          {B, p.extent[0], p.extent[1], p.extent[2], p.heads, p.dim}));
   NATTEN_TRY(check_dtype(t));
   const bool f32 = t == ffi::DataType::F32;
   int dt = 0;
@@ -208,7 +233,9 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   // any order); deterministic mode, mma.sync and float32 run a dq kernel and a dk/dv kernel. So
   // does the 128 head-dim tile: there the single walk's shared memory (140 KB) leaves one CTA
   // per SM and it measured slower (H200, 3d-video fwd+bwd: 62.9 vs 55.0 ms; BENCHMARKS.md).
-  const bool single_walk = wgmma && deterministic == 0 && dt <= 64;
+  // Without a dq workspace (the caller's choice where it cannot be used; B * N * H = 0 too)
+  // the two-kernel schedule runs.
+  const bool single_walk = wgmma && deterministic == 0 && dt <= 64 && have_dq_acc;
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
   // (float32: both 2^f32_tile_log(dt)).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
@@ -234,9 +261,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     if (e != cudaSuccess) return launch_error("zeroing the rpb gradient", e);
   }
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
-  ptr.o = o.untyped_data();
   ptr.d_o = d_o.untyped_data();
   ptr.lse = static_cast<const float*>(lse.untyped_data());
+  ptr.stats = static_cast<const float2*>(stats.untyped_data());
+  ptr.o32 = static_cast<const float*>(o32.untyped_data());
   ptr.dlse = static_cast<const float*>(dlse.untyped_data());
   ptr.dq = dq->untyped_data();
   ptr.dk = dk->untyped_data();
@@ -245,7 +273,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   ptr.dadd_v = dadd_v->untyped_data();
   ptr.drpb = p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr;
   ptr.delta = static_cast<float*>(delta->untyped_data());
-  ptr.dq_acc = static_cast<float*>(dq_acc->untyped_data());
+  ptr.dq_acc = have_dq_acc ? static_cast<float*>(dq_acc->untyped_data()) : nullptr;
   if (single_walk) {
     const cudaError_t e = cudaMemsetAsync(ptr.dq_acc, 0, dq_acc->size_bytes(), stream);
     if (e != cudaSuccess) return launch_error("zeroing the dq workspace", e);
@@ -277,9 +305,9 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
        .Attr<natten::I64Span>("kv_tile"))
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd,
-                              NATTEN_FUSED_BIND(6, 2).Attr<int64_t>("mma"),
+                              NATTEN_FUSED_BIND(6, 4).Attr<int64_t>("mma"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaBwd, natten::gpu::fna::FusedBwd,
-                              NATTEN_FUSED_BIND(10, 8).Attr<int64_t>("mma")
+                              NATTEN_FUSED_BIND(11, 8).Attr<int64_t>("mma")
                                   .Attr<int64_t>("deterministic"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

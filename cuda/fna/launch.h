@@ -81,12 +81,13 @@ ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
   }
 }
 
-// o, lse from q, k, v (+ rpb, additional kv) of batch elements [a.batch0, a.batch0 + batch).
+// o, lse (and where p.out_stats / p.out_o32 are set, the softmax statistics and o in float32)
+// from q, k, v (+ rpb, additional kv) of batch elements [a.batch0, a.batch0 + batch).
 // Grid: (a.q_tiles, heads, batch). wgmma: the Hopper kernels (sm_90 devices only; the same flag
 // in the backward launches).
 ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                           const FnaArgs& a, const FnaPtrs& p, int64_t batch);
-// delta = rowsum(do * o) - dlse for all `batch` elements (one grid-stride launch).
+// delta = rowsum(do * o32) - dlse for all `batch` elements (one grid-stride launch).
 ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                  const FnaPtrs& p, int64_t batch);
 // dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).

@@ -1,6 +1,8 @@
 // FNA in float32 at full precision (fna.cuh's walks, CUDA-core FMAs instead of tensor cores):
 // forward, dq and dk / dv kernels for backend="fused" with float32 inputs. No product is rounded
-// below float32 (no TF32), and the softmax uses exp2f, not the approximate ex2.
+// below float32 (no TF32), and the softmax uses exp2f, not the approximate ex2. Scores stay raw
+// (s = q.k): the scale enters the exponent's fma, so only differences from the row's max are
+// rounded (fna.cuh, "softmax statistics").
 //
 // A CTA owns a tile of kRowsF32(DT) query rows (forward, dq) or key rows (dk / dv); kLanes(DT)
 // consecutive threads share a row, each holding kCols = DT / kLanes of its columns in registers
@@ -146,9 +148,9 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
   const int r = threadIdx.x / S::kLanes, c0 = (threadIdx.x % S::kLanes) * C;
   const QueryRow qr = query_row(a, qb, r, row0, h);
-  float q[C];  // scaled to base-2 logits
+  float q[C];
   load_cols(q, qr.grow < 0 ? nullptr : static_cast<const float*>(p.q) + qr.grow * a.dim, c0,
-            a.dim, a.scale_log2);
+            a.dim);
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
 
   const KeyWalk walk = key_walk(a, qb);
@@ -180,21 +182,22 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
       current.next(walk.n);
     }
     const int s0 = (j - walk.spatial) * S::kRowsTile;
-    // Online softmax over chunks of 8 keys (one rescale per chunk).
+    // Online softmax over chunks of 8 keys (one rescale per chunk). Key u's base-2 logit is
+    // s[u] * scale_log2 + bias[u] (bias -inf outside the neighborhood); its rounded value only
+    // picks the max, the weight is exp2(fma(s, scale_log2, -base) + bias).
     for (int k0 = 0; k0 < S::kRowsTile; k0 += 8) {
-      float sc[8];
+      float sc[8], bias[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         const int jj = k0 + u;
-        float x = row_sum<S::kLanes>(dot_cols<C>(q, ks + jj * S::kLd));
+        sc[u] = row_sum<S::kLanes>(dot_cols<C>(q, ks + jj * S::kLd));
         int ri;
         const bool in = key_in(a, qr, spatial, o, full, s0, jj, ri);
-        if (ri >= 0) x += __ldg(rpb + ri) * kLog2e;
-        sc[u] = in ? x : -INFINITY;
+        bias[u] = !in ? -INFINITY : ri >= 0 ? __ldg(rpb + ri) * kLog2e : 0.f;
       }
-      float mx = sc[0];
+      float mx = -INFINITY;
 #pragma unroll
-      for (int u = 1; u < 8; ++u) mx = fmaxf(mx, sc[u]);
+      for (int u = 0; u < 8; ++u) mx = fmaxf(mx, fmaf(sc[u], a.scale_log2, bias[u]));
       const float m_new = fmaxf(m, mx);
       const float base = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2f(m - base);
@@ -204,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
       for (int c = 0; c < C; ++c) acc[c] *= alpha;
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        const float pu = exp2f(sc[u] - base);
+        const float pu = exp2f(fmaf(sc[u], a.scale_log2, -base) + bias[u]);
         l += pu;
         axpy_cols<C>(acc, pu, vs + (k0 + u) * S::kLd);
       }
@@ -214,7 +217,14 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
   if (qr.grow < 0) return;
   store_cols<C>(static_cast<float*>(p.out) + qr.grow * a.dim_v, acc, c0, a.dim_v,
                 l > 0.f ? 1.f / l : 0.f);
-  if (c0 == 0) p.out_lse[qr.grow] = (m + log2f(l)) * kLn2;
+  if (p.out_o32 != nullptr)
+    store_cols<C>(p.out_o32 + qr.grow * a.dim_v, acc, c0, a.dim_v, l > 0.f ? 1.f / l : 0.f);
+  if (c0 == 0) {
+    p.out_lse[qr.grow] = (m + log2f(l)) * kLn2;
+    if (p.out_stats != nullptr)
+      p.out_stats[qr.grow] = m == -INFINITY ? make_float2(0.f, -INFINITY)
+                                            : make_float2(m, log2f(l));
+  }
 }
 
 template <int DT>
@@ -234,10 +244,9 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
   const QueryRow qr = query_row(a, qb, r, row0, h);
   const bool ok = qr.grow >= 0;
   float q[C], d_o[C], dq[C];
-  load_cols(q, ok ? static_cast<const float*>(p.q) + qr.grow * a.dim : nullptr, c0, a.dim,
-            a.scale_log2);
+  load_cols(q, ok ? static_cast<const float*>(p.q) + qr.grow * a.dim : nullptr, c0, a.dim);
   load_cols(d_o, ok ? static_cast<const float*>(p.d_o) + qr.grow * a.dim_v : nullptr, c0, a.dim_v);
-  const float lse2 = ok ? p.lse[qr.grow] * kLog2e : 0.f;
+  const float2 stats = ok ? p.stats[qr.grow] : make_float2(0.f, 0.f);
   const float delta = ok ? p.delta[qr.grow] : 0.f;
 #pragma unroll
   for (int c = 0; c < C; ++c) dq[c] = 0.f;
@@ -276,12 +285,13 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
     }
     const int s0 = (j - walk.spatial) * S::kRowsTile;
     for (int jj = 0; jj < S::kRowsTile; ++jj) {
-      float x = row_sum<S::kLanes>(dot_cols<C>(q, ks + jj * S::kLd));
+      const float x = row_sum<S::kLanes>(dot_cols<C>(q, ks + jj * S::kLd));
       const float dp = row_sum<S::kLanes>(dot_cols<C>(d_o, vs + jj * S::kLd));
       int ri;
       const bool in = key_in(a, qr, spatial, o, full, s0, jj, ri);
-      if (ri >= 0) x += __ldg(rpb + ri) * kLog2e;
-      const float ds = in ? exp2f(x - lse2) * (dp - delta) : 0.f;
+      const float bias2 = ri >= 0 ? __ldg(rpb + ri) * kLog2e : 0.f;
+      const float ds =
+          in ? exp2f(softmax_weight_exp2(x, a.scale_log2, stats, bias2)) * (dp - delta) : 0.f;
       axpy_cols<C>(dq, ds, ks + jj * S::kLd);
       if (want_drpb && ri >= 0 && c0 == 0) atomicAdd(drpb + ri, ds);
     }
@@ -302,8 +312,8 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
   extern __shared__ __align__(16) unsigned char smem[];
   float* Qs = reinterpret_cast<float*>(smem);  // [2][rows][DT + 8]
   float* Os = Qs + 2 * S::kTile;               // do
-  float* Ls = Os + 2 * S::kTile;               // lse (base 2), [2][rows]
-  float* Ds = Ls + 2 * S::kRowsTile;           // delta, [2][rows]
+  float2* Ls = reinterpret_cast<float2*>(Os + 2 * S::kTile);  // softmax statistics, [2][rows]
+  float* Ds = reinterpret_cast<float*>(Ls + 2 * S::kRowsTile);  // delta, [2][rows]
 
   const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
@@ -330,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
   const float* kbase = static_cast<const float*>(spatial ? p.k : p.add_k);
   const float* vbase = static_cast<const float*>(spatial ? p.v : p.add_v);
   float k[C], v[C], dk[C], dv[C];
-  load_cols(k, krow < 0 ? nullptr : kbase + krow * a.dim, c0, a.dim, a.scale_log2);
+  load_cols(k, krow < 0 ? nullptr : kbase + krow * a.dim, c0, a.dim);
   load_cols(v, krow < 0 ? nullptr : vbase + krow * a.dim_v, c0, a.dim_v);
 #pragma unroll
   for (int c = 0; c < C; ++c) dk[c] = dv[c] = 0.f;
@@ -356,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax) l[ax] = t.box.lo[ax] + off[ax];
       const int64_t i = in ? (row0 + token_of(a, t.box.grp, l)) * a.heads + t.h : 0;
-      cp_async4(Ls + buf * S::kRowsTile + n, p.lse + i, in);
+      cp_async8(Ls + buf * S::kRowsTile + n, p.stats + i, in);
       cp_async4(Ds + buf * S::kRowsTile + n, p.delta + i, in);
     }
     cp_async_commit();
@@ -374,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
     const int buf = static_cast<int>(it & 1);
     const float* qs = Qs + buf * S::kTile + c0;
     const float* os = Os + buf * S::kTile + c0;
-    const float* ls = Ls + buf * S::kRowsTile;
+    const float2* ls = Ls + buf * S::kRowsTile;
     const float* ds = Ds + buf * S::kRowsTile;
     const QueryTile t = walk.tile(a, current);
     current.next(walk, a);
@@ -390,10 +400,10 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
         if (spatial && !t.full)
           in = in && static_cast<unsigned>(qc[ax] - qf[ax]) < static_cast<unsigned>(qn[ax]);
       }
-      float x = row_sum<S::kLanes>(dot_cols<C>(k, qs + n * S::kLd));
+      const float x = row_sum<S::kLanes>(dot_cols<C>(k, qs + n * S::kLd));
       const float dp = row_sum<S::kLanes>(dot_cols<C>(v, os + n * S::kLd));
-      if (rpb != nullptr && in) x += __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
-      const float pr = in ? exp2f(x - ls[n] * kLog2e) : 0.f;
+      const float bias2 = rpb != nullptr && in ? __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e : 0.f;
+      const float pr = in ? exp2f(softmax_weight_exp2(x, a.scale_log2, ls[n], bias2)) : 0.f;
       axpy_cols<C>(dv, pr, os + n * S::kLd);
       axpy_cols<C>(dk, pr * (dp - ds[n]), qs + n * S::kLd);
     }
@@ -407,8 +417,8 @@ __global__ void __launch_bounds__(kThreads) fna_dkdv_f32_kernel(const FnaArgs a,
 }
 
 template <int DT>
-constexpr int f32_smem(bool dkdv) {  // two double-buffered tiles (+ lse / delta rows)
-  return 4 * F32Shape<DT>::kTile * 4 + (dkdv ? 4 * F32Shape<DT>::kRowsTile * 4 : 0);
+constexpr int f32_smem(bool dkdv) {  // two double-buffered tiles (+ statistics / delta rows)
+  return 4 * F32Shape<DT>::kTile * 4 + (dkdv ? 6 * F32Shape<DT>::kRowsTile * 4 : 0);
 }
 
 // Raises the kernel's dynamic shared-memory limit to `limit` once per process, then launches.

@@ -2,8 +2,9 @@
 them (contract: `cuda/README.md`).
 
 Each op (`FNA_FWD`, `FNA_BWD`, `QK_FWD`, `QK_BWD`, `AV_FWD`, `AV_BWD`) is described once, by an
-`FfiOp`: its target name per backend, its operands and its results (and per backend the workspace
-results the handlers write into instead of allocating). From that description come the result
+`FfiOp`: its target name per backend, its operands and its results (and per backend: operands of
+its own, residual results saved for the backward, and the workspace results the handlers write
+into instead of allocating). From that description come the result
 shapes and dtypes of every call, which operands and results carry the batch dim (vmap folding),
 and the dim labels the sharding rules are written in (`sharding.py`). The functions of the same
 names (`fna_fwd`, ..., `av_bwd`) call the op on the kernel layout.
@@ -64,9 +65,11 @@ class Buffer:
 
     `dims`: one label per dim. b: batch, x / y / z: spatial (padded to 3), H: query heads, kv: kv
     heads, d: head dim of q and k, e: head dim of v, w: entries of a weights row (window + S),
-    s: additional tokens, r0 / r1 / r2: rpb extents (2k - 1). A buffer whose first label is `b`
-    is batched. `dtype`: "f32", or the name of the operand whose dtype a result has.
-    `optional`: absent buffers are passed / returned with shape (0,) (rpb and its gradient).
+    s: additional tokens, r0 / r1 / r2: rpb extents (2k - 1), st: the 2 softmax statistics of a
+    row (FIXED_SIZES). A buffer whose first label is `b` is batched. `dtype`: "f32", or the name
+    of the operand whose dtype a result has. `optional`: absent buffers are passed / returned
+    with shape (0,) (rpb and its gradient, residuals a call does not want, an unused
+    workspace).
     """
     name: str
     dims: tuple
@@ -81,16 +84,24 @@ class Buffer:
 @dataclasses.dataclass(frozen=True, eq=False)
 class FfiOp:
     """An FFI op: `targets` maps each backend that serves it to its target name (the names
-    cuda/module.cc registers); `workspaces` maps a backend to results its handler writes scratch
-    into (float32, sized here, discarded by the caller)."""
+    cuda/module.cc registers). Per backend: `backend_operands`, its own operand list where it
+    differs from `operands`; `residuals`, results after `results` that only a forward whose
+    result feeds a gradient asks for (optional: absent otherwise, and then not written);
+    `workspaces`, results its handler writes scratch into (float32, sized here, discarded by the
+    caller)."""
     name: str
     targets: dict
     operands: tuple
     results: tuple
+    backend_operands: dict = dataclasses.field(default_factory=dict)
+    residuals: dict = dataclasses.field(default_factory=dict)
     workspaces: dict = dataclasses.field(default_factory=dict)
 
+    def operands_of(self, backend: str) -> tuple:
+        return self.backend_operands.get(backend, self.operands)
+
     def results_of(self, backend: str) -> tuple:
-        return self.results + self.workspaces.get(backend, ())
+        return self.results + self.residuals.get(backend, ()) + self.workspaces.get(backend, ())
 
 
 _SPACE = ("b", "x", "y", "z")
@@ -104,6 +115,12 @@ _O = Buffer("o", _SPACE + ("H", "e"), "q")
 _LSE = Buffer("lse", _SPACE + ("H",), "f32")
 _W = Buffer("w", _SPACE + ("H", "w"))
 _DRPB = Buffer("drpb", ("b", "H", "r0", "r1", "r2"), "f32", optional=True)  # per batch element
+# The fused forward's residuals: per query row (m2, log2_l), its largest base-2 logit and log2 of
+# the softmax's sum relative to it (cuda/fna/fna.cuh, "softmax statistics"), and o unrounded.
+_STATS = Buffer("stats", _SPACE + ("H", "st"), "f32", optional=True)
+_O32 = Buffer("o32", _O.dims, "f32", optional=True)
+# Sizes of the labels that are no dim of any operand and never vary.
+FIXED_SIZES = {"st": 2}
 
 
 def _grad(of: Buffer) -> Buffer:
@@ -115,16 +132,26 @@ FNA_FWD = FfiOp(
     "fna_fwd",
     targets={"cpu": "natten_cpu_fna_fwd", "fused": "natten_fused_fna_fwd"},
     operands=(_Q, _K, _V, _RPB, _ADD_K, _ADD_V),
-    results=(_O, _LSE))
+    results=(_O, _LSE),
+    # The host backward recomputes everything from o and lse; the fused one forms its weights
+    # from the statistics and delta from o32 (a gradient's forward only: fna_fwd(saved=True)).
+    residuals={"fused": (_STATS, _O32)})
+_PRIMALS = (_Q, _K, _V, _RPB, _ADD_K, _ADD_V)
+_COTANGENTS = (Buffer("do", _O.dims), Buffer("dlse", _LSE.dims))
 FNA_BWD = FfiOp(
     "fna_bwd",
     targets={"cpu": "natten_cpu_fna_bwd", "fused": "natten_fused_fna_bwd"},
-    operands=(_Q, _K, _V, _RPB, _ADD_K, _ADD_V, Buffer("o", _O.dims), Buffer("lse", _LSE.dims),
-              Buffer("do", _O.dims), Buffer("dlse", _LSE.dims)),
+    # Between the primal inputs and the cotangents, what the backend's forward saved (fna_fwd):
+    # o and lse, or the fused residuals and lse (read only by the fused key-side kernel, until
+    # it takes the statistics too).
+    operands=_PRIMALS + (Buffer("o", _O.dims), Buffer("lse", _LSE.dims)) + _COTANGENTS,
+    backend_operands={"fused": _PRIMALS + (Buffer("stats", _STATS.dims), Buffer("o32", _O.dims),
+                                           Buffer("lse", _LSE.dims)) + _COTANGENTS},
     results=(_grad(_Q), _grad(_K), _grad(_V), _DRPB, _grad(_ADD_K), _grad(_ADD_V)),
-    # delta = rowsum(do * o) - dlse, per query row; dq_acc: dq in float32, summed in any order
-    # (the Hopper schedule).
-    workspaces={"fused": (Buffer("delta", _LSE.dims, "f32"), Buffer("dq_acc", _Q.dims, "f32"))})
+    # delta = rowsum(do * o32) - dlse, per query row; dq_acc: dq in float32, summed in any order
+    # (the Hopper schedule; absent where fna.py knows the schedule does not use it).
+    workspaces={"fused": (Buffer("delta", _LSE.dims, "f32"),
+                          Buffer("dq_acc", _Q.dims, "f32", optional=True))})
 QK_FWD = FfiOp(
     "qk_fwd",
     targets={"cpu": "natten_cpu_qk_fwd", "naive": "natten_naive_qk_fwd",
@@ -197,15 +224,18 @@ def _present(buf: Buffer, x) -> bool:
     return not buf.optional or x.ndim == len(buf.dims)
 
 
-def call(op: FfiOp, backend: str, args, attrs: dict, sizes: dict | None = None):
-    """`op` on `backend`'s target with operands `args` (in the order of `op.operands`; an absent
-    optional operand has shape (0,)). Result shapes come from the labels of `op.results_of`:
-    sizes read off the operands, plus `sizes` for labels no operand has (w; r0..r2 of a gradient
-    whose bias is no operand). An optional result is absent (shape (0,)) when a size it needs is
-    unknown. Returns every result, workspaces included."""
-    known = dict(sizes or {})
+def call(op: FfiOp, backend: str, args, attrs: dict, sizes: dict | None = None,
+         absent: tuple = ()):
+    """`op` on `backend`'s target with operands `args` (in the order of `op.operands_of`; an
+    absent optional operand has shape (0,)). Result shapes come from the labels of
+    `op.results_of`: sizes read off the operands, plus FIXED_SIZES, plus `sizes` for labels no
+    operand has (w; r0..r2 of a gradient whose bias is no operand). An optional result is absent
+    (shape (0,)) when it is named in `absent` or a size it needs is unknown. Returns every
+    result, residuals and workspaces included."""
+    known = {**FIXED_SIZES, **(sizes or {})}
     dtypes = {}
-    for buf, x in zip(op.operands, args, strict=True):
+    operands = op.operands_of(backend)
+    for buf, x in zip(operands, args, strict=True):
         dtypes[buf.name] = x.dtype
         if _present(buf, x):
             for label, n in zip(buf.dims, x.shape, strict=True):
@@ -214,12 +244,12 @@ def call(op: FfiOp, backend: str, args, attrs: dict, sizes: dict | None = None):
     outs = []
     for buf in results:
         dtype = jnp.float32 if buf.dtype == "f32" else dtypes[buf.dtype]
-        if buf.optional and not all(label in known for label in buf.dims):
+        if buf.optional and (buf.name in absent or not all(label in known for label in buf.dims)):
             outs.append(((0,), dtype, False))
         else:
             outs.append((tuple(known[label] for label in buf.dims), dtype, buf.batched))
-    layouts = (tuple(b.dims for b in op.operands), tuple(b.dims for b in results))
-    batched = tuple(b.batched for b in op.operands)
+    layouts = (tuple(b.dims for b in operands), tuple(b.dims for b in results))
+    batched = tuple(b.batched for b in operands)
     return _call(op.targets[backend], outs, tuple(args), batched, attrs, layouts)
 
 
@@ -293,24 +323,36 @@ def _sum_drpb(drpb, has_rpb: bool):
     return drpb.sum(0) if has_rpb else None
 
 
-def fna_fwd(backend, q, k, v, rpb, add_k, add_v, attrs: dict):
-    """-> o, lse. `attrs`: the window attributes, scale, and the backend's own."""
+def fna_fwd(backend, q, k, v, rpb, add_k, add_v, attrs: dict, saved: bool = False):
+    """-> o, lse; with `saved` (a forward whose result feeds a gradient) -> o, lse, saved: the
+    tuple `fna_bwd` takes from the forward (FNA_BWD's operands between the primal inputs and the
+    cotangents: o, lse on "cpu"; stats, o32, lse on "fused"). Without it the fused kernels write
+    no residuals. `attrs`: the window attributes, scale, and the backend's own."""
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k = _zero_tokens(k) if add_k is None else add_k
     add_v = _zero_tokens(v) if add_v is None else add_v
-    o, lse = call(FNA_FWD, backend, (q, k, v, rpb, add_k, add_v), attrs)
-    return o, lse
+    residuals = FNA_FWD.residuals.get(backend, ())
+    o, lse, *res = call(FNA_FWD, backend, (q, k, v, rpb, add_k, add_v), attrs,
+                        absent=() if saved else tuple(b.name for b in residuals))
+    if not saved:
+        return o, lse
+    outputs = dict(o=o, lse=lse, **{b.name: r for b, r in zip(residuals, res)})
+    names = [b.name for b in FNA_BWD.operands_of(backend)[len(_PRIMALS):-len(_COTANGENTS)]]
+    return o, lse, tuple(outputs[n] for n in names)
 
 
-def fna_bwd(backend, q, k, v, rpb, add_k, add_v, o, lse, do, dlse, attrs: dict):
-    """-> dq, dk, dv, drpb (summed over the batch; None without rpb), dadd_k, dadd_v."""
+def fna_bwd(backend, q, k, v, rpb, add_k, add_v, saved, do, dlse, attrs: dict,
+            absent: tuple = ()):
+    """-> dq, dk, dv, drpb (summed over the batch; None without rpb), dadd_k, dadd_v. `saved`:
+    what `fna_fwd(..., saved=True)` returned for it; `absent`: optional workspaces the backend's
+    schedule does not use (fna.py)."""
     has_rpb = rpb is not None
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k = _zero_tokens(k) if add_k is None else add_k
     add_v = _zero_tokens(v) if add_v is None else add_v
     dq, dk, dv, drpb, dak, dav, *_workspaces = call(
-        FNA_BWD, backend, (q, k, v, rpb, add_k, add_v, o, lse, do.astype(o.dtype),
-                           dlse.astype(jnp.float32)), attrs)
+        FNA_BWD, backend, (q, k, v, rpb, add_k, add_v, *saved, do.astype(q.dtype),
+                           dlse.astype(jnp.float32)), attrs, absent=absent)
     return dq, dk, dv, _sum_drpb(drpb, has_rpb), dak, dav
 
 

@@ -2,9 +2,14 @@
 each way: "cpu" (host kernels, cuda/cpu/) and "fused" (FNA CUDA kernels, cuda/fna/).
 
     attention (custom_vjp)
-      forward:  _attention_fwd -> ffi.fna_fwd -> natten_{cpu,fused}_fna_fwd   -> o, lse
+      primal:   attention      -> ffi.fna_fwd -> natten_{cpu,fused}_fna_fwd   -> o, lse
+      forward:  _attention_fwd -> ffi.fna_fwd -> natten_{cpu,fused}_fna_fwd   -> o, lse, saved
       backward: _attention_bwd -> ffi.fna_bwd -> natten_{cpu,fused}_fna_bwd   -> dq, dk, dv, ...
                 (+ fixed_order_drpb under fused_config(deterministic=True))
+
+`saved` is what the backend's backward takes from its forward: o and lse ("cpu"), or the fused
+forward's residuals (its softmax statistics and o in float32, plus lse), which the fused kernels
+write only in the custom_vjp's forward rule: a call without a gradient writes none of them.
 
 Here too is what only the "fused" backend has: its limits, and `FusedSettings`, the frozen form of
 `jax_natten.fused_config` that travels as a static argument from the public op to the custom
@@ -79,7 +84,17 @@ def check_heads(backend: str, heads: int):
                          f"got {heads}")
 
 
-def fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale):
+def uses_dq_workspace(settings: FusedSettings, dtype, head_dims: tuple) -> bool:
+    """Whether the fused backward's schedule may add dq into its float32 workspace (dq_acc):
+    only the Hopper single-walk schedule does, which runs for float16 / bfloat16, not in
+    deterministic mode, not on mma.sync, at head dims up to 64 (cuda/fna/handlers.cu, FusedBwd,
+    `single_walk`). Elsewhere the workspace is passed with 0 elements (the handler then runs the
+    two-kernel schedule whatever the device)."""
+    return (jnp.dtype(dtype) != jnp.float32 and not settings.deterministic
+            and settings.mma != "mma_sync" and max(head_dims) <= 64)
+
+
+def fixed_order_drpb(q, k, v, rpb, do, dlse, params, scale):
     """d-rpb of the fused op, bit-reproducible (fused_config(deterministic=True)): the fused
     kernels sum it with atomics, so here it comes from the GEMM-based kernels instead, whose
     reductions run in a fixed order. dS = P (do.v - delta) per window entry, P the row's softmax,
@@ -114,20 +129,24 @@ def attention(q, k, v, rpb, add_k, add_v, params, scale, backend, settings):
 
 
 def _attention_fwd(q, k, v, rpb, add_k, add_v, params, scale, backend, settings):
-    o, lse = ffi.fna_fwd(backend, q, k, v, rpb, add_k, add_v, _attrs(params, scale, settings))
-    return (o, lse), (q, k, v, rpb, add_k, add_v, o, lse)
+    o, lse, saved = ffi.fna_fwd(backend, q, k, v, rpb, add_k, add_v,
+                                _attrs(params, scale, settings), saved=True)
+    return (o, lse), (q, k, v, rpb, add_k, add_v, saved)
 
 
 def _attention_bwd(params, scale, backend, settings, res, cotangents):
-    q, k, v, rpb, add_k, add_v, o, lse = res
+    q, k, v, rpb, add_k, add_v, saved = res
     do, dlse = cotangents
     attrs = _attrs(params, scale, settings)
+    absent = ()
     if settings is not None:
         attrs["deterministic"] = np.int64(settings.deterministic)
-    dq, dk, dv, drpb, dak, dav = ffi.fna_bwd(backend, q, k, v, rpb, add_k, add_v, o, lse, do,
-                                             dlse, attrs)
+        if not uses_dq_workspace(settings, q.dtype, (q.shape[-1], v.shape[-1])):
+            absent = ("dq_acc",)
+    dq, dk, dv, drpb, dak, dav = ffi.fna_bwd(backend, q, k, v, rpb, add_k, add_v, saved, do,
+                                             dlse, attrs, absent=absent)
     if settings is not None and settings.deterministic and rpb is not None:
-        drpb = fixed_order_drpb(q, k, v, rpb, o, lse, do, dlse, params, scale)
+        drpb = fixed_order_drpb(q, k, v, rpb, do, dlse, params, scale)
     return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
                                   None if add_k is None else dak, None if add_v is None else dav),
                                  (q, k, v, rpb, add_k, add_v))

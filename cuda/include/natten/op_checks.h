@@ -80,20 +80,35 @@ inline ffi::Error check_fna_fwd(Problem& p, const ffi::AnyBuffer& q, const ffi::
   return check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H});
 }
 
-// Fused op backward: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk, dv, drpb (per batch,
-// 0 elements exactly when rpb has none), dadd_k, dadd_v.
-inline ffi::Error check_fna_bwd(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                                const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb,
-                                const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
-                                const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
-                                const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
-                                const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
-                                const ffi::AnyBuffer& dv, const ffi::AnyBuffer& drpb,
-                                const ffi::AnyBuffer& dadd_k, const ffi::AnyBuffer& dadd_v,
-                                I64Span kernel_size, I64Span stride, I64Span dilation,
-                                I64Span is_causal) {
-  NATTEN_TRY(check_fna_fwd(p, q, k, v, rpb, add_k, add_v, o, lse, kernel_size, stride, dilation,
-                           is_causal));
+// The fused CUDA forward's residuals, written for a gradient: stats [B, X, Y, Z, H, 2] (per query
+// row m2, the largest base-2 logit, and log2_l, the log2 of the softmax's sum relative to it) and
+// o32 [B, X, Y, Z, H, Dv] (the output before rounding), both float32; both 0 elements (absent)
+// for a call that wants no gradient. `present`: whether they are there.
+inline ffi::Error check_fna_residuals(const Problem& p, const ffi::AnyBuffer& stats,
+                                      const ffi::AnyBuffer& o32, bool& present) {
+  present = stats.element_count() != 0 || o32.element_count() != 0;
+  if (!present) return ok();
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  NATTEN_TRY(check_like("softmax statistics (stats)", stats, ffi::DataType::F32,
+                        {B, X, Y, Z, H, 2}));
+  return check_like("float32 output (o32)", o32, ffi::DataType::F32, {B, X, Y, Z, H, p.dim_v});
+}
+
+// Fused op backward, what every backend takes: the primal inputs q, k, v, rpb, add_k, add_v, the
+// cotangents do, dlse, and the gradients dq, dk, dv, drpb (per batch, 0 elements exactly when rpb
+// has none), dadd_k, dadd_v. What the forward saved for it is the backend's own (check_fna_bwd:
+// o and lse; the fused CUDA backward: the residuals, check_fna_residuals).
+inline ffi::Error check_fna_grads(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                  const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb,
+                                  const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
+                                  const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
+                                  const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
+                                  const ffi::AnyBuffer& dv, const ffi::AnyBuffer& drpb,
+                                  const ffi::AnyBuffer& dadd_k, const ffi::AnyBuffer& dadd_v,
+                                  I64Span kernel_size, I64Span stride, I64Span dilation,
+                                  I64Span is_causal) {
+  NATTEN_TRY(decode_attention(p, q, k, &v, add_k, &add_v, rpb, /*rpb_is_grad=*/false, kernel_size,
+                              stride, dilation, is_causal));
   const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
   const ffi::DataType dtype = q.element_type();
   NATTEN_TRY(check_like("output gradient", dout, dtype, {B, X, Y, Z, H, p.dim_v}));
@@ -110,6 +125,25 @@ inline ffi::Error check_fna_bwd(Problem& p, const ffi::AnyBuffer& q, const ffi::
   if (with_drpb.has_rpb != p.has_rpb && B > 0)
     return invalid("rpb gradient must have elements exactly when rpb does");
   return ok();
+}
+
+// Fused op backward of the host kernels: q, k, v, rpb, add_k, add_v, o, lse, do, dlse -> dq, dk,
+// dv, drpb, dadd_k, dadd_v (check_fna_grads), o and lse as the forward wrote them.
+inline ffi::Error check_fna_bwd(Problem& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                const ffi::AnyBuffer& v, const ffi::AnyBuffer& rpb,
+                                const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
+                                const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
+                                const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
+                                const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
+                                const ffi::AnyBuffer& dv, const ffi::AnyBuffer& drpb,
+                                const ffi::AnyBuffer& dadd_k, const ffi::AnyBuffer& dadd_v,
+                                I64Span kernel_size, I64Span stride, I64Span dilation,
+                                I64Span is_causal) {
+  NATTEN_TRY(check_fna_grads(p, q, k, v, rpb, add_k, add_v, dout, dlse, dq, dk, dv, drpb, dadd_k,
+                             dadd_v, kernel_size, stride, dilation, is_causal));
+  const int64_t B = p.batch, X = p.extent[0], Y = p.extent[1], Z = p.extent[2], H = p.heads;
+  NATTEN_TRY(check_like("output", o, q.element_type(), {B, X, Y, Z, H, p.dim_v}));
+  return check_like("lse", lse, ffi::DataType::F32, {B, X, Y, Z, H});
 }
 
 }  // namespace natten
