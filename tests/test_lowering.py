@@ -131,10 +131,9 @@ def test_fused_inference_writes_no_residuals(fused_targets, dtype):
     assert outs[1:] == [f"tensor<{rows}xf32>", f"tensor<{rows}x2xf32>",
                         f"tensor<{rows}x8xf32>"], outs
     [(ins, outs)] = _call_types(hlo, "natten_fused_fna_bwd")
-    assert len(ins) == 11 and len(outs) == 8, (ins, outs)
-    # q, k, v, rpb, add_k, add_v, stats, o32, lse, do, dlse
-    assert ins[6:9] == [f"tensor<{rows}x2xf32>", f"tensor<{rows}x8xf32>",
-                        f"tensor<{rows}xf32>"], ins
+    assert len(ins) == 10 and len(outs) == 8, (ins, outs)
+    # q, k, v, rpb, add_k, add_v, stats, o32, do, dlse
+    assert ins[6:8] == [f"tensor<{rows}x2xf32>", f"tensor<{rows}x8xf32>"], ins
 
 
 @pytest.mark.parametrize("dtype, settings, used", [

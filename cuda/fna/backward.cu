@@ -9,7 +9,7 @@
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
 // afterwards. The adds land in any order, so kDq is the non-deterministic mode. kDq is also
 // warp-specialized (pipeline.cuh): a producer warpgroup stages the key tile, then each query
-// tile's q, do, lse and delta into a ring of three stages, while the computing warpgroup (warps
+// tile's q, do, softmax statistics and delta into a ring of three stages, while the computing warpgroup (warps
 // 0-3, the one that issues the MMAs) walks them; setmaxnreg gives it 216 registers per thread
 // and the producer 40.
 #include <type_traits>
@@ -35,8 +35,9 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
   T* Vs = Ks + kRows * kLd;
   T* Qs = Vs + kRows * kLd;              // [kStages][kRows][kLd]
   T* Os = Qs + kStages * kRows * kLd;    // do, [kStages][kRows][kLd]
-  float* Ls = reinterpret_cast<float*>(Os + kStages * kRows * kLd);  // lse, [kStages][kRows]
-  float* Ds = Ls + kStages * kRows;                                   // delta, [kStages][kRows]
+  // The forward's softmax statistics (m2, log2_l) and delta per query row, [kStages][kRows].
+  float2* Sts = reinterpret_cast<float2*>(Os + kStages * kRows * kLd);
+  float* Ds = reinterpret_cast<float*>(Sts + kStages * kRows);
   // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
   // (core-matrix tile, keys x queries), the step's dq rows (float32, padded rows: conflict-free
   // fragment stores, 16-byte aligned for the bulk copies), then d-rpb.
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax) l[ax] = t.box.lo[ax] + off[ax];
       const int64_t i = ok ? (row0 + token_of(a, t.box.grp, l)) * a.heads + t.h : 0;
-      cp_async4(Ls + buf * kRows + r, p.lse + i, ok);
+      cp_async8(Sts + buf * kRows + r, p.stats + i, ok);
       cp_async4(Ds + buf * kRows + r, p.delta + i, ok);
     }
     cp_async_commit();
@@ -199,11 +200,19 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
   // to be read out of shared memory). Else: wait for the staged rows, then (past the barrier, so
   // every thread is done with the step before, which read the other buffer) stage the next
   // tile's rows into the other buffer while this one computes.
+  // kDq: the key tile's k and v as the A fragments of S^T = k q^T and dP^T = v do^T.
+  unsigned kf[kDq ? DT / 16 : 1][4], vf[kDq ? DT / 16 : 1][4];
   if (walk.total > 0) {
-    if constexpr (kDq)
+    if constexpr (kDq) {
       mbar_wait(keys_full, 0);
-    else
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk) {
+        core_a_frag<T, DT>(kf[kk], Ks, warp * 16, kk);
+        core_a_frag<T, DT>(vf[kk], Vs, warp * 16, kk);
+      }
+    } else {
       stage_queries(walk, 0, staged, qrows);
+    }
   }
   for (int64_t it = 0; it < walk.total; ++it) {
     if constexpr (kDq) {
@@ -219,7 +228,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
     const int buf = kDq ? ring.stage(it) : static_cast<int>(it & 1);
     const T* qs = Qs + buf * kRows * kLd;
     const T* os = Os + buf * kRows * kLd;
-    const float* ls = Ls + buf * kRows;
+    const float2* sts = Sts + buf * kRows;
     const float* ds = Ds + buf * kRows;
     const QueryTile t = walk.tile(a, current);
     current.next(walk, a);
@@ -251,7 +260,15 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
         tile_scores<T, DT, 1, false>(dp1, Vs, os);
       }
     };
-    if constexpr (kWg) {
+    if constexpr (kDq) {  // k and v as register A operands (loaded once): half the smem reads
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk)
+        wgmma_rs<T, 64, 0>(&s[0][0], kf[kk], smem_desc(qs + kk * 128, 128, DT * 16), kk);
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk)
+        wgmma_rs<T, 64, 0>(&dp[0][0], vf[kk], smem_desc(os + kk * 128, 128, DT * 16), kk);
+    } else if constexpr (kWg) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
@@ -263,6 +280,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
           wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
                         smem_desc(os + kk * 128, 128, DT * 16), kk);
       }
+    }
+    if constexpr (kWg) {
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(s1);
@@ -282,8 +301,9 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
           dp[nb][2 + e] = s[nb][2 + e] * (dp[nb][2 + e] - delta);
         }
     };
-    // P^T = exp(logits - lse of the query), 0 outside the neighborhood, into s; dS^T =
-    // P^T (dP^T - delta) into dp. Per column (query) of the thread: its lse and delta (and for
+    // P^T (the query's softmax weights, from its statistics: softmax_weight_exp2), 0 outside the
+    // neighborhood, into s; dS^T = P^T (dP^T - delta) into dp. Per column (query) of the
+    // thread: its statistics and delta (and for
     // masked tiles its coordinates) once, then the thread's two key rows. Compiled three ways,
     // picked per tile: kMask = false for spatial tiles inside every key's inverse window (no
     // per-element test: the common case of large windows), kBias for rpb / d-rpb.
@@ -306,7 +326,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
               if (!spatial) q_in = q_in && qc[ax] < t.box.hi[ax];
             }
           }
-          const float lse2 = ls[c] * kLog2e;
+          const float2 st = sts[c];
           [[maybe_unused]] const float delta = ds[c];  // kLateDp: used by late_ds
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
@@ -321,13 +341,17 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
                                  static_cast<unsigned>(qn[i][ax]);
               }
             }
-            float x = s[nb][2 * i + e] * a.scale_log2 - lse2;
+            float x;
             int ri = 0;
             if constexpr (kBias) {
+              float bias2 = 0.f;
               if (rpb != nullptr && in) {
                 ri = rpb_index(a, qc, kl[i]);
-                x += __ldg(rpb + ri) * kLog2e;
+                bias2 = __ldg(rpb + ri) * kLog2e;
               }
+              x = softmax_weight_exp2(s[nb][2 * i + e], a.scale_log2, st, bias2);
+            } else {
+              x = softmax_weight_exp2(s[nb][2 * i + e], a.scale_log2, st);
             }
             const float pr = in ? fast_exp2(x) : 0.f;
             s[nb][2 * i + e] = pr;

@@ -103,8 +103,6 @@ struct FnaArgs {
 struct FnaPtrs {
   const void *q, *k, *v, *add_k, *add_v, *d_o;
   const float *rpb, *dlse;
-  const float* lse;     // the forward's lse (natural log): read only by the key-side kernel
-                        // (backward.cu) until it forms its weights from `stats`
   const float2* stats;  // backward: the forward's (m2, log2_l) per query row (softmax_weight_exp2)
   const float* o32;     // backward: the forward's output before rounding (the delta kernel)
   void *out, *dq, *dk, *dv, *dadd_k, *dadd_v;
@@ -125,8 +123,11 @@ struct FnaPtrs {
 // the logit (2^-10 at 2^13), and so is s * scale_log2 rounded on its own; the fma rounds only
 // the difference from the row's max, which is small for every weight that matters.
 __device__ __forceinline__ float softmax_weight_exp2(float s, float scale_log2, float2 st,
-                                                     float bias2 = 0.f) {
+                                                     float bias2) {
   return (fmaf(s, scale_log2, -st.x) + bias2) - st.y;
+}
+__device__ __forceinline__ float softmax_weight_exp2(float s, float scale_log2, float2 st) {
+  return fmaf(s, scale_log2, -st.x) - st.y;
 }
 
 // ---- tile geometry -------------------------------------------------------------------------------
@@ -513,6 +514,15 @@ __device__ __forceinline__ void a_frag(unsigned (&f)[4], const T* s, int row0, i
   ldsm_x4(f, s + (row0 + (lane & 15)) * (DT + 8) + kk * 16 + (lane >> 4) * 8);
 }
 
+// The same A fragment from a core-matrix tile with DT columns (natten/wgmma.cuh): lane l reads
+// row l % 8 of core matrix l / 8 (rows +8 for odd matrices, columns +8 for the upper two), in the
+// order of the fragment's registers.
+template <typename T, int DT>
+__device__ __forceinline__ void core_a_frag(unsigned (&f)[4], const T* s, int row0, int kk) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  ldsm_x4(f, s + core_offset(row0 + (lane & 7) + 8 * (m & 1), kk * 16 + 8 * (m >> 1), DT));
+}
+
 // B fragments of two n8 blocks (columns n0..n0+15) at k16 step kk, from a [n][k] tile (rows are
 // the columns of the product: keys for q.k, queries for k.q).
 template <typename T, int DT>
@@ -767,13 +777,13 @@ constexpr int kDqLd = DT + 8;
 // launch, moved from the producer's address arithmetic to the computing warpgroup's accumulators.
 constexpr int bwd_stages(bool dq) { return dq ? 3 : 2; }
 constexpr int bwd_threads(bool dq) { return dq ? 2 * kThreads : kThreads; }
-constexpr int kBwdProducerRegs = 40;
-constexpr int kBwdConsumerRegs = 216;
-// k, v, stages x (q, do, lse, delta); with dq: + the stage barriers (64 bytes), dS^T (64 x 64)
+constexpr int kBwdProducerRegs = 24;
+constexpr int kBwdConsumerRegs = 232;
+// k, v, stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes), dS^T (64 x 64)
 // and the float32 dq rows.
 constexpr int bwd_smem(int dt, int elem, bool wg, bool dq) {
   return (2 + 2 * bwd_stages(dq)) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
-         2 * bwd_stages(dq) * kRows * 4 +
+         3 * bwd_stages(dq) * kRows * 4 +
          (dq ? 64 + kRows * kRows * elem + kRows * (dt + 8) * 4 : 0);
 }
 

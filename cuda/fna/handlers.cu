@@ -4,11 +4,10 @@
 //            logit and log2 of its sum relative to it (fna.cuh, "softmax statistics"); o32
 //            [B, X, Y, Z, H, Dv] f32: o before rounding. Residuals for the backward: a call
 //            that wants no gradient passes both with 0 elements and they are not written.
-//   fna_bwd: q, k, v, rpb, add_k, add_v, stats, o32, lse, do, dlse -> dq, dk, dv, drpb, dadd_k,
+//   fna_bwd: q, k, v, rpb, add_k, add_v, stats, o32, do, dlse -> dq, dk, dv, drpb, dadd_k,
 //            dadd_v, delta (workspace: f32, shape of lse), dq_acc (workspace: f32, shape of dq,
 //            or 0 elements where the schedule does not add into it; the caller discards both).
-//            The weights come from stats, delta = rowsum(do * o32) - dlse; lse (natural log) is
-//            read only by the key-side kernel (backward.cu) until it takes stats too.
+//            The weights come from stats, delta = rowsum(do * o32) - dlse.
 // Attributes: the window's four, scale (f32), q_tile and kv_tile (3 extents each, all 0 = choose:
 // tiling.h), `mma` (int64: 0 auto, 1 mma.sync, 2 wgmma; float32 runs neither) and for the
 // backward `deterministic` (int64 0/1).
@@ -196,8 +195,8 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 
 ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer rpb, ffi::AnyBuffer add_k, ffi::AnyBuffer add_v,
-                    ffi::AnyBuffer stats, ffi::AnyBuffer o32, ffi::AnyBuffer lse,
-                    ffi::AnyBuffer d_o, ffi::AnyBuffer dlse,
+                    ffi::AnyBuffer stats, ffi::AnyBuffer o32, ffi::AnyBuffer d_o,
+                    ffi::AnyBuffer dlse,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> drpb,
                     ffi::Result<ffi::AnyBuffer> dadd_k, ffi::Result<ffi::AnyBuffer> dadd_v,
@@ -214,8 +213,6 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(check_fna_residuals(p, stats, o32, residuals));
   if (!residuals && B * p.tokens() * p.heads > 0)
     return invalid("the fused backward needs the forward's residuals (stats, o32)");
-  NATTEN_TRY(check_like("lse", lse, ffi::DataType::F32,
-                        {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
   NATTEN_TRY(check_like("delta workspace", *delta, ffi::DataType::F32,
                         {B, p.extent[0], p.extent[1], p.extent[2], p.heads}));
   // dq_acc: 0 elements where the Python side knows the schedule does not use it (fna.py).
@@ -262,7 +259,6 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   }
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
   ptr.d_o = d_o.untyped_data();
-  ptr.lse = static_cast<const float*>(lse.untyped_data());
   ptr.stats = static_cast<const float2*>(stats.untyped_data());
   ptr.o32 = static_cast<const float*>(o32.untyped_data());
   ptr.dlse = static_cast<const float*>(dlse.untyped_data());
@@ -308,6 +304,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaFwd, natten::gpu::fna::FusedFwd,
                               NATTEN_FUSED_BIND(6, 4).Attr<int64_t>("mma"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenFusedFnaBwd, natten::gpu::fna::FusedBwd,
-                              NATTEN_FUSED_BIND(11, 8).Attr<int64_t>("mma")
+                              NATTEN_FUSED_BIND(10, 8).Attr<int64_t>("mma")
                                   .Attr<int64_t>("deterministic"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -142,11 +142,10 @@ FNA_BWD = FfiOp(
     "fna_bwd",
     targets={"cpu": "natten_cpu_fna_bwd", "fused": "natten_fused_fna_bwd"},
     # Between the primal inputs and the cotangents, what the backend's forward saved (fna_fwd):
-    # o and lse, or the fused residuals and lse (read only by the fused key-side kernel, until
-    # it takes the statistics too).
+    # o and lse, or the fused residuals.
     operands=_PRIMALS + (Buffer("o", _O.dims), Buffer("lse", _LSE.dims)) + _COTANGENTS,
-    backend_operands={"fused": _PRIMALS + (Buffer("stats", _STATS.dims), Buffer("o32", _O.dims),
-                                           Buffer("lse", _LSE.dims)) + _COTANGENTS},
+    backend_operands={"fused": _PRIMALS + (Buffer("stats", _STATS.dims), Buffer("o32", _O.dims))
+                      + _COTANGENTS},
     results=(_grad(_Q), _grad(_K), _grad(_V), _DRPB, _grad(_ADD_K), _grad(_ADD_V)),
     # delta = rowsum(do * o32) - dlse, per query row; dq_acc: dq in float32, summed in any order
     # (the Hopper schedule; absent where fna.py knows the schedule does not use it).
@@ -326,7 +325,7 @@ def _sum_drpb(drpb, has_rpb: bool):
 def fna_fwd(backend, q, k, v, rpb, add_k, add_v, attrs: dict, saved: bool = False):
     """-> o, lse; with `saved` (a forward whose result feeds a gradient) -> o, lse, saved: the
     tuple `fna_bwd` takes from the forward (FNA_BWD's operands between the primal inputs and the
-    cotangents: o, lse on "cpu"; stats, o32, lse on "fused"). Without it the fused kernels write
+    cotangents: o, lse on "cpu"; stats, o32 on "fused"). Without it the fused kernels write
     no residuals. `attrs`: the window attributes, scale, and the backend's own."""
     rpb = _absent_rpb() if rpb is None else rpb.astype(jnp.float32)
     add_k = _zero_tokens(k) if add_k is None else add_k
