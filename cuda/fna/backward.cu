@@ -200,19 +200,11 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
   // to be read out of shared memory). Else: wait for the staged rows, then (past the barrier, so
   // every thread is done with the step before, which read the other buffer) stage the next
   // tile's rows into the other buffer while this one computes.
-  // kDq: the key tile's k and v as the A fragments of S^T = k q^T and dP^T = v do^T.
-  unsigned kf[kDq ? DT / 16 : 1][4], vf[kDq ? DT / 16 : 1][4];
   if (walk.total > 0) {
-    if constexpr (kDq) {
+    if constexpr (kDq)
       mbar_wait(keys_full, 0);
-#pragma unroll
-      for (int kk = 0; kk < DT / 16; ++kk) {
-        core_a_frag<T, DT>(kf[kk], Ks, warp * 16, kk);
-        core_a_frag<T, DT>(vf[kk], Vs, warp * 16, kk);
-      }
-    } else {
+    else
       stage_queries(walk, 0, staged, qrows);
-    }
   }
   for (int64_t it = 0; it < walk.total; ++it) {
     if constexpr (kDq) {
@@ -260,15 +252,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
         tile_scores<T, DT, 1, false>(dp1, Vs, os);
       }
     };
-    if constexpr (kDq) {  // k and v as register A operands (loaded once): half the smem reads
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_rs<T, 64, 0>(&s[0][0], kf[kk], smem_desc(qs + kk * 128, 128, DT * 16), kk);
-#pragma unroll
-      for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_rs<T, 64, 0>(&dp[0][0], vf[kk], smem_desc(os + kk * 128, 128, DT * 16), kk);
-    } else if constexpr (kWg) {
+    if constexpr (kWg) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)

@@ -514,15 +514,6 @@ __device__ __forceinline__ void a_frag(unsigned (&f)[4], const T* s, int row0, i
   ldsm_x4(f, s + (row0 + (lane & 15)) * (DT + 8) + kk * 16 + (lane >> 4) * 8);
 }
 
-// The same A fragment from a core-matrix tile with DT columns (natten/wgmma.cuh): lane l reads
-// row l % 8 of core matrix l / 8 (rows +8 for odd matrices, columns +8 for the upper two), in the
-// order of the fragment's registers.
-template <typename T, int DT>
-__device__ __forceinline__ void core_a_frag(unsigned (&f)[4], const T* s, int row0, int kk) {
-  const int lane = threadIdx.x & 31, m = lane >> 3;
-  ldsm_x4(f, s + core_offset(row0 + (lane & 7) + 8 * (m & 1), kk * 16 + 8 * (m >> 1), DT));
-}
-
 // B fragments of two n8 blocks (columns n0..n0+15) at k16 step kk, from a [n][k] tile (rows are
 // the columns of the product: keys for q.k, queries for k.q).
 template <typename T, int DT>
@@ -777,8 +768,8 @@ constexpr int kDqLd = DT + 8;
 // launch, moved from the producer's address arithmetic to the computing warpgroup's accumulators.
 constexpr int bwd_stages(bool dq) { return dq ? 3 : 2; }
 constexpr int bwd_threads(bool dq) { return dq ? 2 * kThreads : kThreads; }
-constexpr int kBwdProducerRegs = 24;
-constexpr int kBwdConsumerRegs = 232;
+constexpr int kBwdProducerRegs = 40;
+constexpr int kBwdConsumerRegs = 216;
 // k, v, stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes), dS^T (64 x 64)
 // and the float32 dq rows.
 constexpr int bwd_smem(int dt, int elem, bool wg, bool dq) {

@@ -94,7 +94,7 @@ def uses_dq_workspace(settings: FusedSettings, dtype, head_dims: tuple) -> bool:
             and settings.mma != "mma_sync" and max(head_dims) <= 64)
 
 
-def fixed_order_drpb(q, k, v, rpb, do, dlse, params, scale):
+def fixed_order_drpb(q, k, v, rpb, add_k, add_v, do, dlse, params, scale):
     """d-rpb of the fused op, bit-reproducible (fused_config(deterministic=True)): the fused
     kernels sum it with atomics, so here it comes from the GEMM-based kernels instead, whose
     reductions run in a fixed order. dS = P (do.v - delta) per window entry, P the row's softmax,
@@ -102,11 +102,13 @@ def fixed_order_drpb(q, k, v, rpb, do, dlse, params, scale):
     temporaries: deterministic mode trades memory for reproducibility. dS comes from the
     backward of _softmax.softmax_lse (normalized P, no rowsum(do * o) from the rounded o)."""
     f32 = jnp.float32
-    logits = unfused.f32_logits(q, k, rpb, None, params, scale, "gemm")
-    dp = unfused.qk(do.astype(v.dtype), v, None, None, params, "gemm", f32)  # do . v
+    # The additional keys share each row's softmax: their logits and do . v entries are part of
+    # P and delta, though rpb does not reach them.
+    logits = unfused.f32_logits(q, k, rpb, add_k, params, scale, "gemm")
+    dp = unfused.qk(do.astype(v.dtype), v, None, add_v, params, "gemm", f32)  # do . v
     _, softmax_pull = jax.vjp(softmax_lse, logits)
     (ds,) = softmax_pull((dp, dlse.astype(f32)))
-    _, pull = jax.vjp(lambda r: unfused.qk(q, k, r, None, params, "gemm"), rpb)
+    _, pull = jax.vjp(lambda r: unfused.qk(q, k, r, add_k, params, "gemm"), rpb)
     return pull(ds.astype(q.dtype))[0]
 
 
@@ -146,7 +148,7 @@ def _attention_bwd(params, scale, backend, settings, res, cotangents):
     dq, dk, dv, drpb, dak, dav = ffi.fna_bwd(backend, q, k, v, rpb, add_k, add_v, saved, do,
                                              dlse, attrs, absent=absent)
     if settings is not None and settings.deterministic and rpb is not None:
-        drpb = fixed_order_drpb(q, k, v, rpb, do, dlse, params, scale)
+        drpb = fixed_order_drpb(q, k, v, rpb, add_k, add_v, do, dlse, params, scale)
     return sharding.like_primals((dq, dk, dv, None if rpb is None else drpb.astype(rpb.dtype),
                                   None if add_k is None else dak, None if add_v is None else dav),
                                  (q, k, v, rpb, add_k, add_v))
