@@ -50,6 +50,14 @@ def nnx_params(model):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """float32 products at full precision on every platform: on GPUs JAX's default lets XLA use
+    TF32 (~1e-3), which the 1e-5 comparisons with the hand computation would read as errors."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
