@@ -9,9 +9,9 @@
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
 // afterwards. The adds land in any order, so kDq is the non-deterministic mode. kDq is also
 // warp-specialized (pipeline.cuh): a producer warpgroup stages the key tile, then each query
-// tile's q, do, softmax statistics and delta into a ring of three stages, while the computing warpgroup (warps
-// 0-3, the one that issues the MMAs) walks them; setmaxnreg gives it 216 registers per thread
-// and the producer 40.
+// tile's q, do, softmax statistics and delta into a ring of bwd_stages stages, while the
+// computing warpgroup (warps 0-3, the one that issues the MMAs) walks them; setmaxnreg splits
+// the registers between them (kBwdProducerRegs, kBwdConsumerRegs).
 #include <type_traits>
 
 #include "fna.cuh"
@@ -26,7 +26,8 @@ namespace {
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys either way. kDq: also dq and d-rpb (see above; wgmma only).
 template <typename T, int DT, bool kWg, bool kDq>
-__global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(bwd_threads(kDq), 2)
+    fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kStages = bwd_stages(kDq);
@@ -97,6 +98,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
     const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
     qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
     qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
+    // (The producer's threads are kThreads..; without kDq the plain index keeps the one-warpgroup
+    // kernels' register allocation as it was: the modulo alone moved spills in the DT = 128 one.)
     for (int r = kDq ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
       int off[3];
       tile_offsets(r, a.qlog, off);
@@ -264,8 +267,6 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
           wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
                         smem_desc(os + kk * 128, 128, DT * 16), kk);
       }
-    }
-    if constexpr (kWg) {
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(s1);
@@ -287,8 +288,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2) fna_bwd_kernel(const FnaA
     };
     // P^T (the query's softmax weights, from its statistics: softmax_weight_exp2), 0 outside the
     // neighborhood, into s; dS^T = P^T (dP^T - delta) into dp. Per column (query) of the
-    // thread: its statistics and delta (and for
-    // masked tiles its coordinates) once, then the thread's two key rows. Compiled three ways,
+    // thread: its statistics and delta (and for masked tiles its coordinates) once, then the
+    // thread's two key rows. Compiled three ways,
     // picked per tile: kMask = false for spatial tiles inside every key's inverse window (no
     // per-element test: the common case of large windows), kBias for rpb / d-rpb.
     auto weights = [&](auto mask_tag, auto bias_tag) {

@@ -762,7 +762,7 @@ constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
 // spreads a warp's fragment stores over the banks).
 template <int DT>
 constexpr int kDqLd = DT + 8;
-// The key-side backward: stages of its query-side tiles (q, do, lse, delta), threads per CTA
+// The key-side backward: stages of its query-side tiles (q, do, stats, delta), threads per CTA
 // and, for its warp-specialized variant (dq in the walk: a producer and a computing warpgroup,
 // pipeline.cuh), each role's registers: 2 CTAs per SM share 64K registers, 128 per thread at
 // launch, moved from the producer's address arithmetic to the computing warpgroup's accumulators.

@@ -16,8 +16,9 @@
 // one pending arrival.
 //
 // setmaxnreg moves registers between the roles: the producer's address arithmetic needs few, the
-// consumer's accumulators many. The kernel is compiled with a per-thread cap (launch bounds) and
-// the two roles are the two branches of one if/else, as the instruction requires.
+// consumer's accumulators many. The kernel is compiled with a per-thread cap (launch bounds); the
+// producer's branch returns before the consumer's code, which runs after its own setmaxnreg (the
+// consumer's values are built after the split: whatever lives across it must fit the cap).
 #pragma once
 
 #include <cstdint>

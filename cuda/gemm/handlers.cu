@@ -1,7 +1,7 @@
 // The FFI handlers of backend="gemm": natten_gemm_{qk,av}_{fwd,bwd} (contract: cuda/README.md).
-// Decoding (natten/ffi_helpers.h) and validation (natten/op_checks.h) are the naive handlers'; the products run on the
-// tiled kernels of gemm.cuh (launch.h), the additional-token and rpb gradients on the naive
-// deterministic reductions (naive/kernels.cuh).
+// Decoding (natten/ffi_helpers.h) and validation (natten/op_checks.h) are the naive handlers';
+// the products run on the tiled kernels of gemm.cuh (launch.h), the additional-token and rpb
+// gradients on the naive deterministic reductions (naive/kernels.cuh).
 //   qk_fwd: q, k, rpb, add_k -> w             PN(q, k), w of q's dtype or float32
 //   qk_bwd: q, k, add_k, dw -> dq, dk, drpb, dadd_k
 //           dq = NN(dw, k), dk = IN(dw, q), drpb / dadd_k: naive reductions
