@@ -5,8 +5,9 @@ and the attention op on "naive" / "gemm", composed of them.
                       _qk_bwd -> ffi.qk_bwd -> natten_{cpu,naive,gemm}_qk_bwd    -> dq, dk, ...
     av (custom_vjp):  _av_fwd -> ffi.av_fwd -> natten_{cpu,naive,gemm}_av_fwd    -> o
                       _av_bwd -> ffi.av_bwd -> natten_{cpu,naive,gemm}_av_bwd    -> dw, dv, ...
-    attention:        qk (float32 logits) -> softmax (_softmax.softmax_lse) -> av
-                      (JAX differentiates the composition)
+    attention:        qk (float32 logits) -> softmax (_softmax.softmax_lse) -> av_f32_weights
+                      (JAX differentiates the composition; av_f32_weights' weight gradient
+                      comes from the qk kernels, in float32)
 """
 from __future__ import annotations
 
@@ -91,9 +92,34 @@ def f32_logits(q, k, rpb, add_k, params, scale, backend):
     return qk((q.astype(f32) * scale).astype(q.dtype), k, rpb, add_k, params, backend, f32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def av_f32_weights(w, v, add_v, params, backend):
+    """av of float32 weights, rounded to v's dtype for the product, whose weight gradient
+    dP[i, t] = do_i . v[key t] stays float32: av's own would come back in the weights' rounded
+    dtype, and the softmax's gradient P (dP - sum(P dP)) cancels where dP is nearly constant
+    over a row, leaving the rounding of dP (eps(bfloat16) |dP|) as its error. dP is what the qk
+    kernels compute with do as the queries and v as the keys, in float32."""
+    return av(w.astype(v.dtype), v, add_v, params, backend)
+
+
+def _av_f32_weights_fwd(w, v, add_v, params, backend):
+    return av_f32_weights(w, v, add_v, params, backend), (w, v, add_v)
+
+
+def _av_f32_weights_bwd(params, backend, res, do):
+    w, v, add_v = res
+    _, dv, dav = ffi.av_bwd(backend, w.astype(v.dtype), v, add_v, do, params)
+    dw = qk(do.astype(v.dtype), v, None, add_v, params, backend, jnp.float32)
+    dw = jnp.where(jnp.isneginf(dw), 0.0, dw)  # entries past a causal query
+    return sharding.like_primals((dw, dv, None if add_v is None else dav), (w, v, add_v))
+
+
+av_f32_weights.defvjp(_av_f32_weights_fwd, _av_f32_weights_bwd)
+
+
 def attention(q, k, v, rpb, add_k, add_v, params, scale, backend):
     """-> (o, lse) as qk (float32 logits) -> softmax -> av. The weights are normalized by their
     own sum and their gradient stays accurate near one-hot rows (_softmax.py); av takes them in
-    q's dtype."""
+    v's dtype, and their gradient comes back in float32 (av_f32_weights)."""
     weights, lse = softmax_lse(f32_logits(q, k, rpb, add_k, params, scale, backend))
-    return av(weights.astype(q.dtype), v, add_v, params, backend), lse
+    return av_f32_weights(weights, v, add_v, params, backend), lse
