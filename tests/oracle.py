@@ -110,8 +110,9 @@ def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=N
     P = softmax(logits), dP_t = dout . v_t, dS = P (dP - sum(P dP) + dlse), then dS and P * dout
     scattered back to q, k, v, rpb and the additional tokens. -> dict named like the op's args.
     `stored`: None, or a function applied to P and dS before they are scattered (a model of
-    kernels that keep them in a narrower dtype). `delta_error`: None, or a function of (P, dP)
-    whose value is added to each row's sum(P dP) (a model of kernels that round it)."""
+    kernels that keep them in a narrower dtype). `delta_error`: None, or a function of (P,
+    |dP|terms: sum over d of |do_d| |v_d| per entry) whose value is added to each row's sum(P dP)
+    (a model of kernels that round it, and dP, in float32)."""
     rank = len(kernel)
     spatial = q.shape[1:1 + rank]
     keys, rel = windows(tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation),
@@ -137,7 +138,13 @@ def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=N
     dl = np.asarray(dlse, np.float64).reshape(B, N, H)
     delta = (p * dp).sum(-1, keepdims=True)
     if delta_error is not None:
-        delta = delta + delta_error(p, dp)
+        # What bounds a float32 dot product's rounding: the sum of its terms' magnitudes.
+        dp_abs = np.einsum("bnhd,bnkhd->bnhk", np.abs(do), np.abs(heads_v[:, safe]))
+        if add_v is not None:
+            dp_abs = np.concatenate(
+                [dp_abs, np.einsum("bnhd,bshd->bnhs", np.abs(do), np.abs(ak_v))], axis=-1)
+        dp_abs = np.where(np.isfinite(logits), dp_abs, 0.0)
+        delta = delta + delta_error(p, dp_abs)
     ds = p * (dp - delta + dl[..., None])
     if stored is not None:
         p, ds = stored(p), stored(ds)

@@ -244,12 +244,15 @@ def underflow(ref, model, dtype):
     return rel_err(model, ref)
 
 
-# Float32 roundings a delta formed from o carries (the sums over D_v and over the window).
+# Float32 roundings a delta formed from o carries (the sums over D_v and over the window), and
+# the dP it is subtracted from (a float32 dot product of its own): each is bounded by ulps of
+# the sum of its terms' magnitudes, sum_j P_j sum_d |do_d| |v_jd|, not of the sum's value, which
+# cancels (e.g. a causal first query: P = 1 on one key, so dS = dP - delta is rounding alone).
 DELTA_ULPS = 8
 
 
-def _delta_rounding(p, dp):
-    return DELTA_ULPS * np.finfo(np.float32).eps * np.abs(p * dp).sum(-1, keepdims=True)
+def _delta_rounding(p, dp_abs):
+    return DELTA_ULPS * np.finfo(np.float32).eps * (p * dp_abs).sum(-1, keepdims=True)
 
 
 def errors(variant, cfg, x, scale, cot):
