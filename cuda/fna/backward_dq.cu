@@ -82,14 +82,7 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
   current.reset();
   stage_keys(0, 0);
   for (int j = 0; j < walk.total; ++j) {
-    if (j + 1 < walk.total) {
-      stage_keys(j + 1, (j + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
-    __syncthreads();
+    key_step_ready<kWg>(j, walk.total, stage_keys);
     const T* ks = Ks + (j & 1) * kRows * kLd;
     const T* vs = Vs + (j & 1) * kRows * kLd;
 

@@ -97,14 +97,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   current.reset();
   stage_keys(0, 0);
   for (int j = 0; j < walk.total; ++j) {
-    if (j + 1 < walk.total) {
-      stage_keys(j + 1, (j + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
-    __syncthreads();
+    key_step_ready<kWg>(j, walk.total, stage_keys);
     if (j == 0 && rpb != nullptr) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)

@@ -165,13 +165,7 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
   for (int c = 0; c < C; ++c) acc[c] = 0.f;
   stage(0, 0);
   for (int j = 0; j < walk.total; ++j) {
-    if (j + 1 < walk.total) {
-      stage(j + 1, (j + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    key_step_ready<false>(j, walk.total, stage);
     const float* ks = Ks + (j & 1) * S::kTile + c0;
     const float* vs = Vs + (j & 1) * S::kTile + c0;
     const bool spatial = j < walk.spatial;
@@ -267,13 +261,7 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
   current.reset();
   stage(0, 0);
   for (int j = 0; j < walk.total; ++j) {
-    if (j + 1 < walk.total) {
-      stage(j + 1, (j + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    key_step_ready<false>(j, walk.total, stage);
     const float* ks = Ks + (j & 1) * S::kTile + c0;
     const float* vs = Vs + (j & 1) * S::kTile + c0;
     const bool spatial = j < walk.spatial;

@@ -1,0 +1,267 @@
+// Tile geometry and the walks of the FNA kernels: which query / key tiles a CTA owns, the key tiles
+// a query tile visits (KeyWalk) and the query tiles a key tile visits (QueryWalk), with the window
+// math of natten/window.h in local (dilation group) coordinates.
+#pragma once
+
+#include <cstdint>
+
+#include "args.cuh"
+#include "natten/window.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+
+// ---- tile geometry -------------------------------------------------------------------------------
+// A tile slot (row-major over the axes' units = dilation groups x tiles per group) -> per axis its
+// dilation group, group length and local range [lo, hi). False when the tile is empty.
+struct Box {
+  int grp[kMaxRank], lg[kMaxRank], lo[kMaxRank], hi[kMaxRank];
+};
+
+__device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMaxRank],
+                                         const int (&tpg)[kMaxRank], const int (&units)[kMaxRank],
+                                         int64_t slot, Box& t) {
+  bool nonempty = true;
+#pragma unroll
+  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
+    const int u = static_cast<int>(slot % units[ax]);
+    slot /= units[ax];
+    t.grp[ax] = u / tpg[ax];
+    t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
+    t.lo[ax] = (u % tpg[ax]) << logs[ax];
+    t.hi[ax] = imin(t.lo[ax] + (1 << logs[ax]), t.lg[ax]);
+    nonempty = nonempty && t.lo[ax] < t.lg[ax];
+  }
+  return nonempty;
+}
+
+// Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
+__device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank], int (&o)[3]) {
+  o[2] = r & ((1 << logs[2]) - 1);
+  o[1] = (r >> logs[2]) & ((1 << logs[1]) - 1);
+  o[0] = r >> (logs[1] + logs[2]);
+}
+
+// Token index of local coordinates l in dilation groups grp.
+__device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3], const int (&l)[3]) {
+  const int x = grp[0] + l[0] * a.ax[0].dilation;
+  const int y = grp[1] + l[1] * a.ax[1].dilation;
+  const int z = grp[2] + l[2] * a.ax[2].dilation;
+  return (static_cast<int64_t>(x) * a.Y + y) * a.Z + z;
+}
+
+// Row r of query tile qb: its local coordinates qc and its global row (token * heads + h, tokens
+// counted from batch row row0; -1 outside the problem). Returns whether it is inside.
+__device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb, int r, int64_t row0,
+                                             int h, int (&qc)[3], int64_t& row) {
+  int off[3];
+  tile_offsets(r, a.qlog, off);
+  bool ok = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    qc[ax] = qb.lo[ax] + off[ax];
+    ok = ok && qc[ax] < qb.hi[ax];
+  }
+  row = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
+  return ok;
+}
+
+__device__ __forceinline__ int win_start(const AxisParams& p, int lg, int i) {
+  return window_start(i, lg, p.kernel, p.stride, p.causal);
+}
+__device__ __forceinline__ int win_end(const AxisParams& p, int lg, int i) {
+  return window_end(i, lg, p.kernel, p.stride, p.causal);
+}
+
+// rpb entry of (query i, key j) in local coordinates: rpb[h, j - i + k - 1 per axis].
+__device__ __forceinline__ int rpb_index(const FnaArgs& a, const int (&q)[3], const int (&k)[3]) {
+  const int ix = k[0] - q[0] + a.ax[0].kernel - 1;
+  const int iy = k[1] - q[1] + a.ax[1].kernel - 1;
+  const int iz = k[2] - q[2] + a.ax[2].kernel - 1;
+  return (ix * a.ry + iy) * a.rz + iz;
+}
+
+// Row-major counter over the key tiles of a walk (replaces divisions in the loop).
+struct TileCounter {
+  int j[3];
+  __device__ __forceinline__ void reset() { j[0] = j[1] = j[2] = 0; }
+  __device__ __forceinline__ void next(const int (&n)[3]) {
+    if (++j[2] == n[2]) {
+      j[2] = 0;
+      if (++j[1] == n[1]) {
+        j[1] = 0;
+        ++j[0];
+      }
+    }
+  }
+};
+
+// The key tiles a query tile walks: spatial tiles over its key box, then tiles of additional keys.
+struct KeyWalk {
+  int box_lo[3];   // local origin of the key box
+  int n[3];        // key tiles per axis
+  int full_lo[3], full_hi[3];  // intersection of the query tile's windows
+  int spatial;     // n[0] * n[1] * n[2]
+  int total;       // spatial + additional tiles
+};
+
+__device__ __forceinline__ KeyWalk key_walk(const FnaArgs& a, const Box& qb) {
+  KeyWalk w;
+  w.spatial = 1;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const int lo = win_start(a.ax[ax], qb.lg[ax], qb.lo[ax]);
+    const int hi = win_end(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
+    const int t = 1 << a.kvlog[ax];
+    w.box_lo[ax] = lo;
+    w.n[ax] = (hi - lo + t - 1) / t;
+    w.full_lo[ax] = win_start(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
+    w.full_hi[ax] = win_end(a.ax[ax], qb.lg[ax], qb.lo[ax]);
+    w.spatial *= w.n[ax];
+  }
+  w.total = w.spatial + a.add_tiles;
+  return w;
+}
+
+// Local origin of the spatial key tile at counter c; `full`: every key of it is in every query's
+// window.
+__device__ __forceinline__ void key_tile(const FnaArgs& a, const KeyWalk& w, const TileCounter& c,
+                                         int (&o)[3], bool& full) {
+  full = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    o[ax] = w.box_lo[ax] + (c.j[ax] << a.kvlog[ax]);
+    full = full && o[ax] >= w.full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= w.full_hi[ax];
+  }
+}
+
+// The query tiles a key tile's CTA walks (dk / dv kernels), for every query head of its kv head:
+// spatial key tiles cover the inverse box of the tile ([first(lo), last(hi - 1)] per axis, in
+// query tiles; "full" tiles lie inside every key's inverse window), tiles of additional keys
+// visit every query tile slot. A Cursor advances through (head, tile) without divisions.
+struct QueryTile {
+  int h;
+  Box box;
+  bool nonempty, full;
+};
+struct QueryWalk {
+  bool spatial;
+  int kvh;
+  Box kb;  // the key tile (spatial walks)
+  int q_lo[3], n[3], full_lo[3], full_hi[3];
+  int64_t total;  // (query tile, head) pairs
+
+  struct Cursor {
+    int g;  // query head of the kv head
+    TileCounter c;  // spatial walks: the tile in the inverse box
+    int64_t slot;   // additional-key walks: the tile slot
+    __device__ __forceinline__ void next(const QueryWalk& w, const FnaArgs& a) {
+      if (w.spatial) {
+        c.next(w.n);
+        if (c.j[0] == w.n[0]) {
+          c.reset();
+          ++g;
+        }
+      } else if (++slot == a.q_tiles) {
+        slot = 0;
+        ++g;
+      }
+    }
+  };
+  __device__ __forceinline__ Cursor start() const { return Cursor{0, {{0, 0, 0}}, 0}; }
+
+  __device__ __forceinline__ QueryWalk(const FnaArgs& a, const Box& key_box, bool spatial_tile,
+                                       int kv_head)
+      : spatial(spatial_tile), kvh(kv_head), kb(key_box) {
+    int64_t per_head = a.q_tiles;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) q_lo[ax] = full_lo[ax] = full_hi[ax] = 0, n[ax] = 1;
+    if (spatial) {
+      per_head = 1;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        const AxisParams& ap = a.ax[ax];
+        const QueryRange first = inverse_window(kb.lo[ax], kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+        const QueryRange last =
+            inverse_window(kb.hi[ax] - 1, kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+        const int t = 1 << a.qlog[ax];
+        q_lo[ax] = first.first;
+        n[ax] = imax(0, (last.last + 1 - first.first + t - 1) / t);
+        full_lo[ax] = last.first;
+        full_hi[ax] = first.last + 1;
+        per_head *= n[ax];
+      }
+    }
+    total = per_head * a.group;
+  }
+
+  __device__ __forceinline__ QueryTile tile(const FnaArgs& a, const Cursor& cur) const {
+    QueryTile t;
+    t.h = kvh * a.group + cur.g;
+    if (spatial) {
+      t.nonempty = true;
+      t.full = true;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        t.box.grp[ax] = kb.grp[ax];
+        t.box.lg[ax] = kb.lg[ax];
+        t.box.lo[ax] = q_lo[ax] + (cur.c.j[ax] << a.qlog[ax]);
+        t.box.hi[ax] = imin(t.box.lo[ax] + (1 << a.qlog[ax]), kb.lg[ax]);
+        t.full = t.full && t.box.lo[ax] >= full_lo[ax] &&
+                 t.box.lo[ax] + (1 << a.qlog[ax]) <= full_hi[ax];
+      }
+    } else {
+      t.nonempty = tile_box(a, a.qlog, a.q_tpg, a.q_units, cur.slot, t.box);
+      t.full = false;
+    }
+    return t;
+  }
+};
+
+// Key row r of a spatial key tile kb: local coordinates kl, and per axis the queries whose
+// windows hold it (first qf, count qn; qn = 0 for rows outside the problem). False outside.
+__device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int r, int (&kl)[3],
+                                            int (&qf)[3], int (&qn)[3]) {
+  int off[3];
+  tile_offsets(r, a.kvlog, off);
+  bool ok = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    kl[ax] = kb.lo[ax] + off[ax];
+    ok = ok && kl[ax] < kb.hi[ax];
+  }
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const AxisParams& ap = a.ax[ax];
+    const QueryRange qr =
+        inverse_window(imin(kl[ax], kb.lg[ax] - 1), kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+    qf[ax] = qr.first;
+    qn[ax] = ok ? imax(0, qr.last + 1 - qr.first) : 0;
+  }
+  return ok;
+}
+
+// Per row r < rows of query tile qb, its window per axis into win[r * 6 ..]: (start, length)
+// pairs, length 0 for rows outside the problem. Kept in shared memory by the kernels that test
+// many scores per row: registers are the scarce resource there.
+__device__ __forceinline__ void fill_windows(const FnaArgs& a, const Box& qb, int rows, int* win) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    int off[3];
+    tile_offsets(r, a.qlog, off);
+    bool ok = true;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) ok = ok && qb.lo[ax] + off[ax] < qb.hi[ax];
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      const int l = imin(qb.lo[ax] + off[ax], qb.lg[ax] - 1);
+      const int st = win_start(a.ax[ax], qb.lg[ax], l);
+      win[r * 6 + 2 * ax] = st;
+      win[r * 6 + 2 * ax + 1] = ok ? win_end(a.ax[ax], qb.lg[ax], l) - st : 0;
+    }
+  }
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten
