@@ -1,5 +1,5 @@
 // FNA backward, query side (fna.cuh; deterministic mode and mma.sync): per query tile the
-// forward's walk over key tiles recomputing P from the forward's softmax statistics (fna.cuh,
+// forward's walk over key tiles recomputing P from the forward's softmax statistics (softmax.cuh,
 // softmax_weight_exp2), dS = P (do.v - delta), dq = scale * dS k, and d-rpb = sum of dS per
 // relative offset.
 #include <type_traits>

@@ -14,7 +14,7 @@
 // appears in token addresses (global = g + local * d).
 //   forward   fna_fwd_kernel: one CTA per (query tile, head, batch); online softmax over the key
 //             tiles, then over tiles of additional keys; writes o and lse, and for a gradient
-//             the softmax statistics and o in float32 ("softmax statistics" below).
+//             the softmax statistics and o in float32 ("softmax statistics", softmax.cuh).
 //   backward  fna_delta_kernel: delta = rowsum(do * o32) - dlse, one f32 per query row.
 //             fna_dq_kernel: the forward's walk again; recomputes P from the statistics, then
 //             dS = P (do.v - delta), dq = scale * dS k, and accumulates d-rpb.

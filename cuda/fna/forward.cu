@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   }
 
   // Epilogue: o = acc / l, lse = (m + log2 l) ln 2; for a gradient also the statistics and o
-  // unrounded (fna.cuh, "softmax statistics").
+  // unrounded (softmax.cuh, "softmax statistics").
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {

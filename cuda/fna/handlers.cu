@@ -1,7 +1,7 @@
 // The FFI handlers of backend="fused": natten_fused_fna_{fwd,bwd} (contract: cuda/README.md).
 //   fna_fwd: q, k, v, rpb, add_k, add_v -> o, lse, stats, o32
 //            stats [B, X, Y, Z, H, 2] f32: per query row (m2, log2_l), the softmax's base-2 max
-//            logit and log2 of its sum relative to it (fna.cuh, "softmax statistics"); o32
+//            logit and log2 of its sum relative to it (softmax.cuh, "softmax statistics"); o32
 //            [B, X, Y, Z, H, Dv] f32: o before rounding. Residuals for the backward: a call
 //            that wants no gradient passes both with 0 elements and they are not written.
 //   fna_bwd: q, k, v, rpb, add_k, add_v, stats, o32, do, dlse -> dq, dk, dv, drpb, dadd_k,

@@ -1,8 +1,8 @@
-// FNA in float32 at full precision (fna.cuh's walks, CUDA-core FMAs instead of tensor cores):
+// FNA in float32 at full precision (walk.cuh's walks, CUDA-core FMAs instead of tensor cores):
 // forward, dq and dk / dv kernels for backend="fused" with float32 inputs. No product is rounded
 // below float32 (no TF32), and the softmax uses exp2f, not the approximate ex2. Scores stay raw
 // (s = q.k): the scale enters the exponent's fma, so only differences from the row's max are
-// rounded (fna.cuh, "softmax statistics").
+// rounded (softmax.cuh, "softmax statistics").
 //
 // A CTA owns a tile of kRowsF32(DT) query rows (forward, dq) or key rows (dk / dv); kLanes(DT)
 // consecutive threads share a row, each holding kCols = DT / kLanes of its columns in registers

@@ -116,7 +116,7 @@ _LSE = Buffer("lse", _SPACE + ("H",), "f32")
 _W = Buffer("w", _SPACE + ("H", "w"))
 _DRPB = Buffer("drpb", ("b", "H", "r0", "r1", "r2"), "f32", optional=True)  # per batch element
 # The fused forward's residuals: per query row (m2, log2_l), its largest base-2 logit and log2 of
-# the softmax's sum relative to it (cuda/fna/fna.cuh, "softmax statistics"), and o unrounded.
+# the softmax's sum relative to it (cuda/fna/softmax.cuh, "softmax statistics"), and o unrounded.
 _STATS = Buffer("stats", _SPACE + ("H", "st"), "f32", optional=True)
 _O32 = Buffer("o32", _O.dims, "f32", optional=True)
 # Sizes of the labels that are no dim of any operand and never vary.
