@@ -131,6 +131,39 @@ NB_MODULE(_natten_ext, m) {
       "(query tile, key tile) log2 extents per axis that fna::choose_tiling picks for a padded "
       "3-D problem and the user's tiles (all 0: choose), given the kernel's log2 tile sizes.");
 
+  // The forward's tile plan (fna/tiling.h), as the handler makes it: which MMA family runs and
+  // the tiles it walks, for jax_natten.fused_tiles and the benchmark's report.
+  m.def(
+      "fna_forward_plan",
+      [](std::vector<int> extent, std::vector<int> kernel, std::vector<int> stride,
+         std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
+         std::vector<int64_t> kv_tile, int dt, bool f32, int64_t mma, bool hopper) {
+        namespace fna = natten::gpu::fna;
+        natten::Problem p;
+        for (const auto* v : {&extent, &kernel, &stride, &dilation})
+          if (v->size() != natten::kMaxRank) throw nb::value_error("give 3 entries per axis list");
+        if (causal.size() != natten::kMaxRank) throw nb::value_error("give 3 causal flags");
+        for (int a = 0; a < natten::kMaxRank; ++a) {
+          check_axis(extent[a], kernel[a], stride[a], dilation[a]);
+          p.extent[a] = extent[a];
+          p.axis[a] = natten::AxisParams{extent[a], kernel[a], stride[a], dilation[a], causal[a]};
+        }
+        // (The handler's pick_wgmma, without a device: `hopper` says whether wgmma can run.)
+        bool wgmma = !f32 && (mma == 2 || (mma == 0 && hopper));
+        if (!f32 && mma == 0 && !fna::auto_forward_on_wgmma(p)) wgmma = false;
+        fna::Tiling t;
+        const natten::ffi::Error e =
+            fna::forward_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
+                                natten::I64Span(kv_tile.data(), kv_tile.size()), dt, f32, wgmma, t);
+        if (e.failure()) throw nb::value_error(e.message().c_str());
+        return std::make_tuple(f32 ? "simt" : wgmma ? "wgmma" : "mma_sync",
+                               std::make_tuple(t.qlog[0], t.qlog[1], t.qlog[2]),
+                               std::make_tuple(t.kvlog[0], t.kvlog[1], t.kvlog[2]));
+      },
+      "(family, query tile log2 extents, key tile log2 extents) of the fused forward for a padded "
+      "3-D problem, head-dim tile dt, float32 or not, the `mma` setting and whether the device is "
+      "a Hopper GPU (with the sm_90a image).");
+
   m.def(
       "limits",
       [] {

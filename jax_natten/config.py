@@ -86,3 +86,77 @@ def fused_config(*, q_tile=None, kv_tile=None, deterministic=False, mma="auto"):
 
 def current() -> FusedConfig:
     return _CURRENT.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTiles:
+    """What the fused forward runs on a problem (`fused_tiles`).
+
+    `mma`: "wgmma", "mma_sync" or "simt" (float32, CUDA cores); `q_tile` / `kv_tile`: the tile
+    extents per spatial axis, in each dilation group's local coordinates; `computed_over_useful`:
+    the scores the kernels compute (every query tile times every key tile of its walk, whole
+    tiles, with the additional keys' tiles) over the useful ones (each query's window and
+    additional keys), i.e. the forward's tensor work over the useful FLOPs."""
+    mma: str
+    q_tile: tuple
+    kv_tile: tuple
+    computed_over_useful: float
+
+
+def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog):
+    """(sum over this axis's query tiles of the key tiles each walks, number of query tiles),
+    over every dilation group: a tile's walk spans [start(first query), end(last query))."""
+    from . import _window
+    tq, tk = 1 << qlog, 1 << kvlog
+    pairs = tiles = 0
+    for g in range(dilation):
+        lg = int(_window.group_length(length, dilation, g))
+        lo = list(range(0, lg, tq))
+        hi = [min(x + tq, lg) - 1 for x in lo]
+        start = _window.window_start(lo, lg, kernel, stride, causal)
+        end = _window.window_end(hi, lg, kernel, stride, causal)
+        pairs += int(sum(-(-(int(e) - int(s)) // tk) for s, e in zip(start, end)))
+        tiles += len(lo)
+    return pairs, tiles
+
+
+def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, head_dim=32,
+                value_dim=None, dtype="bfloat16", additional_keys=0, device=None) -> FusedTiles:
+    """The MMA family and tiles the fused forward picks for a problem under the current
+    `fused_config` (the same host code as the kernels' handler: cuda/fna/tiling.h), and its
+    computed-over-useful ratio. `device` (default: JAX's first): a Hopper GPU runs wgmma where
+    `mma` allows; any other device is planned for as a non-Hopper GPU."""
+    import jax
+    import jax.numpy as jnp
+    from .backends import ffi
+
+    if ffi._ext is None:
+        raise RuntimeError(f"fused_tiles: {ffi._missing_extension()}")
+    rank = len(tuple(spatial))
+    per_axis = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank  # noqa: E731
+    kernel, stride_, dilation_, causal = (per_axis(v) for v in (kernel_size, stride, dilation,
+                                                                 is_causal))
+    pad = lambda v, fill: [fill] * (3 - rank) + [int(x) for x in v]  # noqa: E731
+    cfg = current()
+    tile = lambda t: [0, 0, 0] if t is None else pad(t, 1)  # noqa: E731
+    dims = max(head_dim, value_dim or head_dim)
+    dt = max(32, 1 << (int(dims) - 1).bit_length())  # the head-dim tile: 32, 64 or 128
+    dev = device or jax.devices()[0]
+    hopper = getattr(dev, "compute_capability", "").startswith("9.")
+    f32 = jnp.dtype(dtype) == jnp.float32
+    mma, qlog, kvlog = ffi._ext.fna_forward_plan(
+        pad(spatial, 1), pad(kernel, 1), pad(stride_, 1), pad(dilation_, 1),
+        [False] * (3 - rank) + [bool(c) for c in causal], tile(cfg.q_tile), tile(cfg.kv_tile), dt,
+        bool(f32), ffi.LIMITS["mma_codes"][cfg.mma], hopper)
+    axes = list(zip(pad(spatial, 1), pad(kernel, 1), pad(stride_, 1), pad(dilation_, 1),
+                    [False] * (3 - rank) + [bool(c) for c in causal], qlog, kvlog))
+    pairs, tiles = 1, 1
+    for axis in axes:
+        p, t = _axis_pairs(*axis)
+        pairs, tiles = pairs * p, tiles * t
+    key_tile = 1 << sum(kvlog)
+    add_tiles = -(-int(additional_keys) // key_tile)
+    computed = (1 << sum(qlog)) * key_tile * (pairs + add_tiles * tiles)
+    useful = math.prod(int(s) for s in spatial) * (math.prod(kernel) + int(additional_keys))
+    extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
+    return FusedTiles(mma, extents(qlog), extents(kvlog), computed / useful)

@@ -1,10 +1,15 @@
 """The fused kernels' tile choice (cuda/fna/tiling.h, through the extension) on the host: user tiles
-checked, shrunk and filled as documented, and the automatic choice equal to a Python reading of the
-same cost (the (query tile, key tile) pairs a forward walk visits)."""
+checked, shrunk and filled as documented, the automatic choice equal to a Python reading of the
+same cost (the (query tile, key tile) pairs a forward walk visits), and the forward's plan as
+jax_natten.fused_tiles reports it (family, tiles, computed-over-useful scores, counted tile by
+tile here)."""
 import itertools
+import math
+import types
 
 import pytest
 
+import jax_natten
 from jax_natten import _window
 from jax_natten.backends import ffi
 
@@ -109,3 +114,90 @@ def test_bad_user_tiles_are_refused(kw, message):
 def test_tile_limits_are_the_python_ones():
     assert 1 << FWD_Q == ffi.LIMITS["fused_max_q_tile_tokens"]
     assert 1 << KV == ffi.LIMITS["fused_max_kv_tile_tokens"]
+
+
+# ----------------------------------------------------------------------------- the forward's plan
+
+HOPPER = types.SimpleNamespace(compute_capability="9.0")  # a device as fused_tiles reads it
+AMPERE = types.SimpleNamespace(compute_capability="8.0")
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=str)
+def test_forward_plan_is_the_kernels_tile_sizes(problem):
+    """fused_tiles (the handler's host code) walks the tile sizes each forward kernel computes:
+    wgmma 64-token query tiles, mma.sync 128, float32 64 (32 at head-dim tile 128); key tiles 64
+    (float32: as its query tiles)."""
+    spatial, kernel, stride, dilation, causal = problem
+    r = len(spatial)
+    kw = dict(stride=stride, dilation=dilation, is_causal=causal)
+    for device, dtype, dim, family, q_log, kv_log in [
+            (HOPPER, "bfloat16", 64, "wgmma" if sum(s > 1 for s in spatial) > 1 else "mma_sync",
+             None, KV),
+            (AMPERE, "float16", 128, "mma_sync", FWD_Q, KV),
+            (HOPPER, "float32", 64, "simt", KV, KV), (HOPPER, "float32", 128, "simt", 5, 5)]:
+        if q_log is None:
+            q_log = KV if family == "wgmma" else FWD_Q
+        plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
+                                      **kw)
+        q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,
+                      kv_max_log=kv_log)
+        assert plan.mma == family
+        assert plan.q_tile == tuple(1 << x for x in q[3 - r:])
+        assert plan.kv_tile == tuple(1 << x for x in k[3 - r:])
+
+
+def test_forward_plan_follows_fused_config():
+    assert jax_natten.fused_tiles((4096,), 65, device=HOPPER).mma == "mma_sync"  # auto, 1-D
+    with jax_natten.fused_config(mma="wgmma"):
+        assert jax_natten.fused_tiles((4096,), 65, device=HOPPER).mma == "wgmma"
+    with jax_natten.fused_config(mma="mma_sync"):
+        assert jax_natten.fused_tiles((64, 64), 7, device=HOPPER).mma == "mma_sync"
+    with jax_natten.fused_config(q_tile=(4, 16), kv_tile=(8, 8)):
+        plan = jax_natten.fused_tiles((64, 64), 7, device=AMPERE)
+    assert (plan.q_tile, plan.kv_tile) == ((4, 16), (8, 8))
+
+
+def _computed_scores(spatial, kernel, stride, dilation, causal, q_tile, kv_tile, additional):
+    """Scores the forward computes, tile by tile: every query tile (of every combination of
+    dilation groups) times the key tiles covering its windows' box, plus the additional keys'
+    tiles, whole tiles each."""
+    per_axis = []
+    for L, k, s, d, c, tq in zip(spatial, kernel, stride, dilation, causal, q_tile):
+        tiles = []
+        for g in range(d):
+            lg = int(_window.group_length(L, d, g))
+            for lo in range(0, lg, tq):
+                hi = min(lo + tq, lg) - 1
+                tiles.append((int(_window.window_start(lo, lg, k, s, c)),
+                              int(_window.window_end(hi, lg, k, s, c))))
+        per_axis.append(tiles)
+    q_size, kv_size = math.prod(q_tile), math.prod(kv_tile)
+    add_tiles = -(-additional // kv_size)
+    total = 0
+    for combo in itertools.product(*per_axis):
+        key_tiles = math.prod(-(-(e - s) // tk) for (s, e), tk in zip(combo, kv_tile))
+        total += q_size * kv_size * (key_tiles + add_tiles)
+    return total
+
+
+@pytest.mark.parametrize("problem", PROBLEMS[2:], ids=str)
+@pytest.mark.parametrize("additional", [0, 70])
+def test_computed_over_useful_counts_every_tile(problem, additional):
+    spatial, kernel, stride, dilation, causal = problem
+    r = len(spatial)
+    per = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * r  # noqa: E731
+    plan = jax_natten.fused_tiles(spatial, kernel, stride=stride, dilation=dilation,
+                                  is_causal=causal, additional_keys=additional, device=AMPERE)
+    computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation), per(causal),
+                                plan.q_tile, plan.kv_tile, additional)
+    useful = math.prod(spatial) * (math.prod(per(kernel)) + additional)
+    assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
+    assert plan.computed_over_useful >= 1.0
+
+
+def test_computed_over_useful_by_hand():
+    # L = 300, k = 65, 128-token query tiles over 64-token key tiles: windows' spans 160, 192, 76
+    # keys -> 3 + 3 + 2 key tiles; 8 * 128 * 64 scores for 300 * 65 useful ones.
+    plan = jax_natten.fused_tiles((300,), 65, device=AMPERE)
+    assert (plan.mma, plan.q_tile, plan.kv_tile) == ("mma_sync", (128,), (64,))
+    assert plan.computed_over_useful == pytest.approx(8 * 128 * 64 / (300 * 65))

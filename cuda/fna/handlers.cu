@@ -163,17 +163,9 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(head_dim_tile(p, dt));
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
-  // Auto on a 1-D problem: the mma.sync forward (128-token query tiles) measured faster on the
-  // H200 than the wgmma one (64-token tiles: twice the key-tile loads; 1-D tiles are mostly
-  // unmasked, so the wgmma kernel's extra occupancy buys little): BENCHMARKS.md, 1d-long.
-  int long_axes = 0;
-  for (int ax = 0; ax < kMaxRank; ++ax) long_axes += p.extent[ax] > 1;
-  if (mma == 0 && long_axes <= 1) wgmma = false;
+  if (mma == 0 && !auto_forward_on_wgmma(p)) wgmma = false;
   Tiling tiling;
-  if (f32)
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, f32_tile_log(dt), tiling, f32_tile_log(dt)));
-  else
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + fwd_m_tiles_log(dt, wgmma), tiling));
+  NATTEN_TRY(forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, tiling));
   FnaArgs a;
   NATTEN_TRY(make_args(p, tiling, scale, a));
   NATTEN_TRY(poison_outputs(stream, *o, *lse, *stats, *o32));

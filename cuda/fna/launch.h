@@ -13,6 +13,7 @@
 #include "fna.cuh"
 #include "natten/cuda_common.h"
 #include "natten/ffi_helpers.h"
+#include "tiling.h"
 
 namespace natten {
 namespace gpu {
@@ -32,6 +33,11 @@ constexpr int kMaxBwdSmem = 200 * 1024;
 // registers: 4 CTAs per SM instead of 2 at D <= 64, more warps to hide latency with.
 constexpr int fwd_m_tiles_log(int dt, bool wg) { return wg ? 0 : (dt <= 128 ? 1 : 0); }
 constexpr int fwd_m_tiles(int dt, bool wg) { return 1 << fwd_m_tiles_log(dt, wg); }
+static_assert(kTileLog + fwd_m_tiles_log(32, false) == fwd_q_tile_log(32, false, false) &&
+                  kTileLog + fwd_m_tiles_log(128, false) == fwd_q_tile_log(128, false, false) &&
+                  kTileLog + fwd_m_tiles_log(32, true) == fwd_q_tile_log(32, false, true) &&
+                  kTileLog + fwd_m_tiles_log(128, true) == fwd_q_tile_log(128, false, true),
+              "the forward kernels' query tiles are the ones tiling.h plans for");
 // The same for the dq kernel, which holds two more score tiles (dP, dS) per m16 tile.
 constexpr int dq_m_tiles_log(int dt, bool wg) { return wg ? 0 : (dt <= 64 ? 1 : 0); }
 constexpr int dq_m_tiles(int dt, bool wg) { return 1 << dq_m_tiles_log(dt, wg); }
@@ -102,9 +108,8 @@ ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool
 ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                       const FnaPtrs& p, int64_t batch);
 
-// float32 (simt_f32.cu): query and key tiles of 2^f32_tile_log(dt) tokens; the dq kernel's shared
-// memory before its d-rpb table.
-int f32_tile_log(int dt);
+// float32 (simt_f32.cu): query and key tiles of 2^f32_tile_log(dt) tokens (tiling.h); the dq
+// kernel's shared memory before its d-rpb table.
 int f32_dq_smem(int dt);
 ffi::Error launch_forward_f32(cudaStream_t stream, int dt, const FnaArgs& a, const FnaPtrs& p,
                               int64_t batch);

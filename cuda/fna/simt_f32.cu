@@ -431,12 +431,10 @@ int f32_shape_value(int dt, F&& f) {
 
 }  // namespace
 
-int f32_tile_log(int dt) {
-  const int rows = f32_shape_value(dt, [](auto d) { return F32Shape<decltype(d)::value>::kRowsTile; });
-  int log = 0;
-  while ((1 << log) < rows) ++log;
-  return log;
-}
+static_assert((1 << f32_tile_log(32)) == F32Shape<32>::kRowsTile &&
+                  (1 << f32_tile_log(64)) == F32Shape<64>::kRowsTile &&
+                  (1 << f32_tile_log(128)) == F32Shape<128>::kRowsTile,
+              "tiling.h plans the float32 kernels' tiles");
 int f32_dq_smem(int dt) {
   return f32_shape_value(dt, [](auto d) { return f32_smem<decltype(d)::value>(false); });
 }

@@ -135,6 +135,34 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
   return ok();
 }
 
+// ---- the forward's tiles ------------------------------------------------------------------------
+// log2 tokens of the float32 kernels' tiles (simt_f32.cu: 128 threads, a row per 2 threads, per 4
+// at head-dim tile 128), and of the forward's query tiles: 64 on wgmma (one m64 block per
+// warpgroup), 128 on mma.sync (two m16 tiles per warp). launch.h and simt_f32.cu check that their
+// kernels agree.
+constexpr int f32_tile_log(int dt) { return dt <= 64 ? 6 : 5; }
+constexpr int fwd_q_tile_log(int dt, bool f32, bool wgmma) {
+  return f32 ? f32_tile_log(dt) : kTileLog + (wgmma ? 0 : 1);
+}
+
+// Whether the automatic choice (`mma` 0) runs the forward on wgmma where it could: on every
+// problem but 1-D ones (at most one axis longer than 1), whose mma.sync forward (128-token query
+// tiles) measured faster on the H200 than the wgmma one (64-token tiles: twice the key-tile
+// loads; 1-D tiles are mostly unmasked, so the wgmma kernel's extra occupancy buys little):
+// BENCHMARKS.md, 1d-long.
+inline bool auto_forward_on_wgmma(const Problem& p) {
+  int long_axes = 0;
+  for (int ax = 0; ax < kMaxRank; ++ax) long_axes += p.extent[ax] > 1;
+  return long_axes > 1;
+}
+
+// The forward's tiles for problem p: the user's (checked) or the cheapest walk's.
+inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
+                                 bool f32, bool wgmma, Tiling& t) {
+  return choose_tiling(p, q_tile, kv_tile, fwd_q_tile_log(dt, f32, wgmma), t,
+                       f32 ? f32_tile_log(dt) : kTileLog);
+}
+
 }  // namespace fna
 }  // namespace gpu
 }  // namespace natten

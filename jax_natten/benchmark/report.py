@@ -44,6 +44,14 @@ def _mib(r: dict, field: str) -> str:
     return "-" if not m else f"{m[field] / 2**20:.1f}"
 
 
+def _fmt_tiles(t) -> str:
+    """The fused forward's plan: family, query / key tile extents, computed-over-useful scores."""
+    if not t:
+        return "-"
+    ext = lambda e: "x".join(map(str, e))  # noqa: E731
+    return f"{t['mma']} {ext(t['q_tile'])}/{ext(t['kv_tile'])} {t['computed_over_useful']:.2f}x"
+
+
 def table(records: list, *, memory: bool = False, title: str = "") -> str:
     """An aligned plain-text table, one row per cell, notes as numbered footnotes."""
     baseline = next((r.get("baseline") for r in records if r.get("baseline")), None)
@@ -54,6 +62,9 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
         cols.append(f"vs {baseline}")
     if memory:
         cols += ["temp MiB", "args MiB", "out MiB"]
+    tiles = any(r.get("fused_tiles") for r in records)
+    if tiles:
+        cols.append("fwd tiles q/kv")
     cols.append("note")
     notes: list = []
     rows = []
@@ -72,9 +83,11 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
             row.append("-" if r.get("speedup") is None else f"{r['speedup']:.2f}x")
         if memory:
             row += [_mib(r, "temp_bytes"), _mib(r, "argument_bytes"), _mib(r, "output_bytes")]
+        if tiles:
+            row.append(_fmt_tiles(r.get("fused_tiles")))
         row.append(note)
         rows.append(row)
-    left = {"problem", "op", "pass", "backend", "dtype", "note"}
+    left = {"problem", "op", "pass", "backend", "dtype", "fwd tiles q/kv", "note"}
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
 
     def line(cells):

@@ -221,6 +221,19 @@ class InputCache:
         self.key, self.sets = None, {}
 
 
+def _fused_tiles(problem: Problem, dtype, variant: str, dev) -> Optional[dict]:
+    """The fused forward's MMA family, tiles and computed-over-useful scores on this problem
+    (config.fused_tiles under the variant's settings), or None where they cannot be planned."""
+    try:
+        with config.fused_config(**FUSED_VARIANTS.get(variant, {})):
+            plan = config.fused_tiles(problem.spatial, problem.kernel, stride=problem.stride,
+                                      dilation=problem.dilation, is_causal=problem.causal,
+                                      head_dim=problem.head_dim, dtype=dtype, device=dev)
+    except (RuntimeError, ValueError):
+        return None
+    return dataclasses.asdict(plan)
+
+
 def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: str,
              opts: Options, cache: InputCache, env: Optional[dict] = None) -> dict:
     flops = problem.useful_flops(op) * (FWDBWD_FACTOR[op] if pass_ == "fwdbwd" else 1.0)
@@ -299,6 +312,8 @@ def run_cell(problem: Problem, dtype_name: str, op: str, pass_: str, backend: st
         rec.update(status="oom" if _is_oom(e) else "error", note=_short(e))
         return rec
 
+    if backend == "fused" and op == "attention":
+        rec["fused_tiles"] = _fused_tiles(problem, dtype, variant, dev)
     rec.update(status="estimate" if t.estimate else "ok", note=t.note, ms=t.ms,
                tflops=flops / (t.ms * 1e-3) / 1e12, wall_ms=t.wall_ms, min_ms=t.min_ms,
                spread=None if math.isnan(t.spread) else t.spread, samples=t.samples,
