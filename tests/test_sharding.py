@@ -198,4 +198,8 @@ def test_flax_module_under_sharded_jit(api):
     want = step(params, x)
     got = step(params, xs)
     assert "all-gather" not in jax.jit(step).lower(params, xs).compile().as_text()
-    md.assert_close(got, want, seed, 2e-5)
+    md.assert_close(got[1], want[1], seed, 2e-5)
+    # The loss sums 8960 terms of both signs, per shard then across: its rounding is bounded
+    # relative to the sum of their magnitudes, not to the (cancelling) sum itself.
+    magnitude = float(jnp.sum(jnp.abs(jnp.sin(apply(params, x)))))
+    assert abs(float(got[0]) - float(want[0])) < 2e-5 * magnitude, (got[0], want[0], seed)
