@@ -58,6 +58,28 @@ void check_axis(int length, int kernel, int stride, int dilation) {
     throw nb::value_error("need 1 <= stride <= kernel and kernel * dilation <= length");
 }
 
+// A padded 3-D problem from per-axis lists (the tiling functions' arguments), checked.
+natten::Problem padded_problem(const std::vector<int>& extent, const std::vector<int>& kernel,
+                               const std::vector<int>& stride, const std::vector<int>& dilation,
+                               const std::vector<bool>& causal) {
+  for (const auto* v : {&extent, &kernel, &stride, &dilation})
+    if (v->size() != natten::kMaxRank) throw nb::value_error("give 3 entries per axis list");
+  if (causal.size() != natten::kMaxRank) throw nb::value_error("give 3 causal flags");
+  natten::Problem p;
+  for (int a = 0; a < natten::kMaxRank; ++a) {
+    check_axis(extent[a], kernel[a], stride[a], dilation[a]);
+    p.extent[a] = extent[a];
+    p.axis[a] = natten::AxisParams{extent[a], kernel[a], stride[a], dilation[a], causal[a]};
+  }
+  return p;
+}
+
+// (query tile, key tile) log2 extents of a tiling, as Python tuples.
+auto tile_logs(const natten::gpu::fna::Tiling& t) {
+  return std::make_pair(std::make_tuple(t.qlog[0], t.qlog[1], t.qlog[2]),
+                        std::make_tuple(t.kvlog[0], t.kvlog[1], t.kvlog[2]));
+}
+
 }  // namespace
 
 NB_MODULE(_natten_ext, m) {
@@ -109,24 +131,14 @@ NB_MODULE(_natten_ext, m) {
          std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
          std::vector<int64_t> kv_tile, int q_max_log, int kv_max_log) {
         namespace fna = natten::gpu::fna;
-        const size_t rank = natten::kMaxRank;
-        for (const auto* v : {&extent, &kernel, &stride, &dilation})
-          if (v->size() != rank) throw nb::value_error("give 3 entries per axis list");
-        if (causal.size() != rank) throw nb::value_error("give 3 causal flags");
-        natten::Problem p;
-        for (int a = 0; a < natten::kMaxRank; ++a) {
-          check_axis(extent[a], kernel[a], stride[a], dilation[a]);
-          p.extent[a] = extent[a];
-          p.axis[a] = natten::AxisParams{extent[a], kernel[a], stride[a], dilation[a], causal[a]};
-        }
+        const natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
         fna::Tiling t;
         const natten::ffi::Error e =
             fna::choose_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
                                natten::I64Span(kv_tile.data(), kv_tile.size()), q_max_log, t,
                                kv_max_log);
         if (e.failure()) throw nb::value_error(e.message().c_str());
-        return std::make_pair(std::make_tuple(t.qlog[0], t.qlog[1], t.qlog[2]),
-                              std::make_tuple(t.kvlog[0], t.kvlog[1], t.kvlog[2]));
+        return tile_logs(t);
       },
       "(query tile, key tile) log2 extents per axis that fna::choose_tiling picks for a padded "
       "3-D problem and the user's tiles (all 0: choose), given the kernel's log2 tile sizes.");
@@ -139,15 +151,7 @@ NB_MODULE(_natten_ext, m) {
          std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
          std::vector<int64_t> kv_tile, int dt, bool f32, int64_t mma, bool hopper) {
         namespace fna = natten::gpu::fna;
-        natten::Problem p;
-        for (const auto* v : {&extent, &kernel, &stride, &dilation})
-          if (v->size() != natten::kMaxRank) throw nb::value_error("give 3 entries per axis list");
-        if (causal.size() != natten::kMaxRank) throw nb::value_error("give 3 causal flags");
-        for (int a = 0; a < natten::kMaxRank; ++a) {
-          check_axis(extent[a], kernel[a], stride[a], dilation[a]);
-          p.extent[a] = extent[a];
-          p.axis[a] = natten::AxisParams{extent[a], kernel[a], stride[a], dilation[a], causal[a]};
-        }
+        const natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
         // (The handler's pick_wgmma, without a device: `hopper` says whether wgmma can run.)
         bool wgmma = !f32 && (mma == 2 || (mma == 0 && hopper));
         if (!f32 && mma == 0 && !fna::auto_forward_on_wgmma(p)) wgmma = false;
@@ -156,9 +160,8 @@ NB_MODULE(_natten_ext, m) {
             fna::forward_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
                                 natten::I64Span(kv_tile.data(), kv_tile.size()), dt, f32, wgmma, t);
         if (e.failure()) throw nb::value_error(e.message().c_str());
-        return std::make_tuple(f32 ? "simt" : wgmma ? "wgmma" : "mma_sync",
-                               std::make_tuple(t.qlog[0], t.qlog[1], t.qlog[2]),
-                               std::make_tuple(t.kvlog[0], t.kvlog[1], t.kvlog[2]));
+        const auto [qlog, kvlog] = tile_logs(t);
+        return std::make_tuple(f32 ? "simt" : wgmma ? "wgmma" : "mma_sync", qlog, kvlog);
       },
       "(family, query tile log2 extents, key tile log2 extents) of the fused forward for a padded "
       "3-D problem, head-dim tile dt, float32 or not, the `mma` setting and whether the device is "

@@ -128,35 +128,33 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     `mma` allows; any other device is planned for as a non-Hopper GPU."""
     import jax
     import jax.numpy as jnp
-    from .backends import ffi
+    from .backends import ffi, fna
 
     if ffi._ext is None:
         raise RuntimeError(f"fused_tiles: {ffi._missing_extension()}")
     rank = len(tuple(spatial))
     per_axis = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank  # noqa: E731
-    kernel, stride_, dilation_, causal = (per_axis(v) for v in (kernel_size, stride, dilation,
-                                                                 is_causal))
-    pad = lambda v, fill: [fill] * (3 - rank) + [int(x) for x in v]  # noqa: E731
-    cfg = current()
-    tile = lambda t: [0, 0, 0] if t is None else pad(t, 1)  # noqa: E731
+    pad = lambda v, fill: [fill] * (3 - rank) + list(v)  # noqa: E731
+    # The problem padded to 3 axes, as the ops pass it: (length, kernel, stride, dilation, causal).
+    ints = lambda v: pad([int(x) for x in per_axis(v)], 1)  # noqa: E731
+    axes = (ints(tuple(spatial)), ints(kernel_size), ints(stride), ints(dilation),
+            pad([bool(x) for x in per_axis(is_causal)], False))
+    settings = fna.FusedSettings.of(current(), rank)  # the tiles and family the op would pass
     dims = max(head_dim, value_dim or head_dim)
     dt = max(32, 1 << (int(dims) - 1).bit_length())  # the head-dim tile: 32, 64 or 128
     dev = device or jax.devices()[0]
     hopper = getattr(dev, "compute_capability", "").startswith("9.")
     f32 = jnp.dtype(dtype) == jnp.float32
     mma, qlog, kvlog = ffi._ext.fna_forward_plan(
-        pad(spatial, 1), pad(kernel, 1), pad(stride_, 1), pad(dilation_, 1),
-        [False] * (3 - rank) + [bool(c) for c in causal], tile(cfg.q_tile), tile(cfg.kv_tile), dt,
-        bool(f32), ffi.LIMITS["mma_codes"][cfg.mma], hopper)
-    axes = list(zip(pad(spatial, 1), pad(kernel, 1), pad(stride_, 1), pad(dilation_, 1),
-                    [False] * (3 - rank) + [bool(c) for c in causal], qlog, kvlog))
+        *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
+        ffi.LIMITS["mma_codes"][settings.mma], hopper)
     pairs, tiles = 1, 1
-    for axis in axes:
+    for axis in zip(*axes, qlog, kvlog):
         p, t = _axis_pairs(*axis)
         pairs, tiles = pairs * p, tiles * t
     key_tile = 1 << sum(kvlog)
     add_tiles = -(-int(additional_keys) // key_tile)
     computed = (1 << sum(qlog)) * key_tile * (pairs + add_tiles * tiles)
-    useful = math.prod(int(s) for s in spatial) * (math.prod(kernel) + int(additional_keys))
+    useful = math.prod(axes[0]) * (math.prod(axes[1]) + int(additional_keys))
     extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
     return FusedTiles(mma, extents(qlog), extents(kvlog), computed / useful)

@@ -130,21 +130,21 @@ def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=N
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     do = _flat(dout)
-    dp = np.einsum("bnhd,bnkhd->bnhk", do, heads_v[:, safe])
-    if add_v is not None:
-        ak_v = _per_head(np.asarray(add_v, np.float64), H)
-        dp = np.concatenate([dp, np.einsum("bnhd,bshd->bnhs", do, ak_v)], axis=-1)
-    dp = np.where(np.isfinite(logits), dp, 0.0)
+    ak_v = None if add_v is None else _per_head(np.asarray(add_v, np.float64), H)
+
+    def window_dots(f):
+        """sum_d f(do_d) f(v_td) per window entry t, then per additional value; 0 outside."""
+        d = np.einsum("bnhd,bnkhd->bnhk", f(do), f(heads_v[:, safe]))
+        if ak_v is not None:
+            d = np.concatenate([d, np.einsum("bnhd,bshd->bnhs", f(do), f(ak_v))], axis=-1)
+        return np.where(np.isfinite(logits), d, 0.0)
+
+    dp = window_dots(lambda a: a)
     dl = np.asarray(dlse, np.float64).reshape(B, N, H)
     delta = (p * dp).sum(-1, keepdims=True)
     if delta_error is not None:
         # What bounds a float32 dot product's rounding: the sum of its terms' magnitudes.
-        dp_abs = np.einsum("bnhd,bnkhd->bnhk", np.abs(do), np.abs(heads_v[:, safe]))
-        if add_v is not None:
-            dp_abs = np.concatenate(
-                [dp_abs, np.einsum("bnhd,bshd->bnhs", np.abs(do), np.abs(ak_v))], axis=-1)
-        dp_abs = np.where(np.isfinite(logits), dp_abs, 0.0)
-        delta = delta + delta_error(p, dp_abs)
+        delta = delta + delta_error(p, window_dots(np.abs))
     ds = p * (dp - delta + dl[..., None])
     if stored is not None:
         p, ds = stored(p), stored(ds)
