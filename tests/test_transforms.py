@@ -216,4 +216,9 @@ def test_traced_scale_in_spatial_parallelism(backend):
         ref = lambda s: jax_natten.na1d(q, q, q, 3, scale=s, backend="reference")
         assert rel_err(jax.jit(f)(s), ref(s)) < 1e-5, f"seed {seed}"
         g, want = (jax.grad(lambda s: jnp.sum(jnp.sin(h(s))))(s) for h in (f, ref))
-    assert abs(float(g) - float(want)) <= 1e-4 * abs(float(want)), f"seed {seed}"
+        # d/ds sum(sin(out)) = sum(cos(out) * dout/ds) is a sum of terms of both signs that can
+        # cancel (seed 3806774883: 0.0176 from terms of magnitude ~1), so the float32 rounding of
+        # the two paths is compared to the sum of the terms' magnitudes, not to the cancelled sum.
+        # (jacrev: the ops are custom_vjp, so forward mode is refused.)
+        magnitude = float(jnp.sum(jnp.abs(jnp.cos(ref(s)) * jax.jacrev(ref)(s))))
+    assert abs(float(g) - float(want)) <= 2e-5 * magnitude, f"seed {seed}"
