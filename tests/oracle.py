@@ -107,7 +107,8 @@ def attention(q, k, v, kernel, stride, dilation, causal, scale=None, rpb=None, a
 def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=None, rpb=None,
                   add_k=None, add_v=None, stored=None, delta_error=None):
     """Gradients of sum(out * dout) + sum(lse * dlse) in float64, by the textbook backward:
-    P = softmax(logits), dP_t = dout . v_t, dS = P (dP - sum(P dP) + dlse), then dS and P * dout
+    P = softmax(logits), dP_t = dout . v_t, dS = P (dP - sum(P dP) + dlse) (formed relative to the
+    row's largest weight: no cancellation), then dS and P * dout
     scattered back to q, k, v, rpb and the additional tokens. -> dict named like the op's args.
     `stored`: None, or a function applied to P and dS before they are scattered (a model of
     kernels that keep them in a narrower dtype). `delta_error`: None, or a function of (P,
@@ -141,11 +142,16 @@ def attention_vjp(q, k, v, kernel, stride, dilation, causal, dout, dlse, scale=N
 
     dp = window_dots(lambda a: a)
     dl = np.asarray(dlse, np.float64).reshape(B, N, H)
-    delta = (p * dp).sum(-1, keepdims=True)
+    # dP - sum(P dP) relative to the row's largest weight m: (dP - dP_m) - sum(P (dP - dP_m)),
+    # the same number (the weights sum to 1) without the cancellation that costs even float64
+    # the answer near one-hot rows: with P_m = 1 - 1e-25, dS_m = -sum_{j != m} dS_j ~ 1e-25
+    # while dP_m - sum(P dP) rounds to 0 or an ulp of dP (1e-16).
+    dp_m = np.take_along_axis(dp, p.argmax(-1)[..., None], -1)
+    delta = (p * (dp - dp_m)).sum(-1, keepdims=True)
     if delta_error is not None:
         # What bounds a float32 dot product's rounding: the sum of its terms' magnitudes.
         delta = delta + delta_error(p, window_dots(np.abs))
-    ds = p * (dp - delta + dl[..., None])
+    ds = p * ((dp - dp_m) - delta + dl[..., None])
     if stored is not None:
         p, ds = stored(p), stored(ds)
     dsw, pw = np.where(valid, ds[..., :K], 0.0), np.where(valid, p[..., :K], 0.0)
