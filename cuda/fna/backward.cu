@@ -8,10 +8,13 @@
 // dq = dS k [64 queries x DT], and the copy engine adds it to a float32 workspace
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
 // afterwards. The adds land in any order, so kDq is the non-deterministic mode. kDq is also
-// warp-specialized (pipeline.cuh): a producer warpgroup stages the key tile, then each query
-// tile's q, do, softmax statistics and delta into a ring of bwd_stages stages, while the
-// computing warpgroup (warps 0-3, the one that issues the MMAs) walks them; setmaxnreg splits
-// the registers between them (kBwdProducerRegs, kBwdConsumerRegs).
+// warp-specialized (pipeline.cuh): a producer warpgroup (warps 8-11) stages the key tile, then
+// each query tile's q, do, softmax statistics and delta into a ring of bwd_stages stages, while
+// two computing warpgroups (warps 0-3 and 4-7) walk them, each owning 64 of the tile's 128 keys
+// (its S^T, dP^T, dk, dv); setmaxnreg splits the registers between the roles
+// (kBwdProducerRegs, kBwdConsumerRegs). The two share every staged query tile and every dq row:
+// dq = dS k sums over all 128 keys, each warpgroup forming and adding half of its columns, so
+// per key the staging and the workspace adds cost half of what a 64-key tile's would.
 #include <type_traits>
 
 #include "fna.cuh"
@@ -26,25 +29,28 @@ namespace {
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys either way. kDq: also dq and d-rpb (see above; wgmma only).
 template <typename T, int DT, bool kWg, bool kDq>
-__global__ void __launch_bounds__(bwd_threads(kDq), 2)
+__global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
     fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kStages = bwd_stages(kDq);
+  constexpr int kKeys = bwd_key_rows(kDq);             // key rows: 64 per computing warpgroup
+  constexpr int kCompute = bwd_compute_threads(kDq);   // the computing warpgroups' threads
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = Ks + kRows * kLd;
-  T* Qs = Vs + kRows * kLd;              // [kStages][kRows][kLd]
+  T* Ks = reinterpret_cast<T*>(smem);   // [kKeys][kLd]
+  T* Vs = Ks + kKeys * kLd;
+  T* Qs = Vs + kKeys * kLd;              // [kStages][kRows][kLd]
   T* Os = Qs + kStages * kRows * kLd;    // do, [kStages][kRows][kLd]
   // The forward's softmax statistics (m2, log2_l) and delta per query row, [kStages][kRows].
   float2* Sts = reinterpret_cast<float2*>(Os + kStages * kRows * kLd);
   float* Ds = reinterpret_cast<float*>(Sts + kStages * kRows);
   // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
-  // (core-matrix tile, keys x queries), the step's dq rows (float32, padded rows: conflict-free
-  // fragment stores, 16-byte aligned for the bulk copies), then d-rpb.
+  // (core-matrix tiles, keys x queries, two buffers: step i writes buffer i % 2), the step's dq
+  // rows (float32, padded rows: conflict-free fragment stores, 16-byte aligned for the bulk
+  // copies; warpgroup g writes and adds columns [g DT / 2, (g + 1) DT / 2)), then d-rpb.
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
   T* Ss = reinterpret_cast<T*>(bars + 8);
-  float* Qacc = reinterpret_cast<float*>(Ss + kRows * kRows);
+  float* Qacc = reinterpret_cast<float*>(Ss + 2 * kKeys * kRows);
   float* drpb_s = Qacc + kRows * kDqLd<DT>;
   static_assert(2 * kStages + 1 <= 8, "barriers fit their 64 bytes");
 
@@ -57,7 +63,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
   if (spatial) {
     if (!tile_box(a, a.kvlog, a.kv_tpg, a.kv_units, blockIdx.x, kb)) return;  // whole CTA
   } else {
-    s0 = static_cast<int>(blockIdx.x - a.kv_tiles) * kRows;
+    s0 = static_cast<int>(blockIdx.x - a.kv_tiles) * kKeys;
   }
 
   // Key rows of the tile -> global rows of k / v (or of the additional kv).
@@ -80,8 +86,10 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
   const T* add_k = static_cast<const T*>(p.add_k);
   const T* add_v = static_cast<const T*>(p.add_v);
   auto stage_keys = [&]() {
-    stage_rows<T, DT, kWg>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim, k);
-    stage_rows<T, DT, kWg>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); }, a.dim_v, v);
+    stage_rows<T, DT, kWg, kKeys>(Ks, [&](int r) { return key_row(r, k, add_k, a.dim); }, a.dim,
+                                  k);
+    stage_rows<T, DT, kWg, kKeys>(Vs, [&](int r) { return key_row(r, v, add_v, a.dim_v); },
+                                  a.dim_v, v);
     cp_async_commit();
   };
 
@@ -114,8 +122,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
     cp_async_commit();
   };
 
-  // Feeding the walk. kDq (Hopper): warpgroup 1 is the producer (pipeline.cuh) that stages the
-  // key tile, then each query tile into a ring of kStages stages; warpgroup 0 computes. Else the
+  // Feeding the walk. kDq (Hopper): warpgroup 2 is the producer (pipeline.cuh) that stages the
+  // key tile, then each query tile into a ring of kStages stages; warpgroups 0 and 1 compute. Else the
   // CTA's one warpgroup stages the next query tile itself while it computes on the current one.
   // Each role builds its own walk (QueryWalk) after the split: values live across it would be
   // held in the launch's 128 registers per thread.
@@ -123,11 +131,11 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
   uint64_t* const keys_full = bars + 2 * kStages;
   if constexpr (kDq) {
     if (threadIdx.x == 0) {
-      ring.init(kThreads, kThreads);
+      ring.init(kThreads, kCompute);
       mbar_init(keys_full, kThreads);
     }
     __syncthreads();
-    if (threadIdx.x >= kThreads) {  // the producer
+    if (threadIdx.x >= kCompute) {  // the producer
       regs_shrink<kBwdProducerRegs>();
       const QueryWalk walk(a, kb, spatial, kvh);
       QueryWalk::Cursor staged = walk.start();
@@ -148,17 +156,22 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
     stage_keys();
   }
 
-  // The computing warpgroup: the walk and the gradients.
+  // The computing warpgroups: the walk and the gradients. Warpgroup wg owns key rows
+  // 64 wg .. 64 wg + 63 (thread tid of it, rows of warp w: 16 w .. 16 w + 15).
   const QueryWalk walk(a, kb, spatial, kvh);
   QueryWalk::Cursor staged = walk.start(), current = walk.start();
   [[maybe_unused]] const TileRows<DT, kRows, kWg> qrows(a, a.qlog);  // !kDq: this WG stages
-  // Barrier over the computing threads.
+  const int wg = warp >> 2, tid = threadIdx.x % kThreads;
+  const T* ks_wg = Ks + wg * kRows * kLd;  // the warpgroup's keys and values
+  const T* vs_wg = Vs + wg * kRows * kLd;
+  // Barriers over the computing threads, and over the thread's own warpgroup (kDq).
   auto sync_compute = [&]() {
     if constexpr (kDq)
-      role_sync(1, kThreads);
+      role_sync(1, kCompute);
     else
       __syncthreads();
   };
+  [[maybe_unused]] auto sync_wg = [&]() { role_sync(2 + wg, kThreads); };
 
   // The thread's two key rows: local coordinates and, per axis, the queries holding them.
   int kl[2][3], qf[2][3], qn[2][3];
@@ -182,14 +195,14 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
   auto drpb_flush = [&]() {
     sync_compute();
     float* g = p.drpb + (static_cast<int64_t>(b) * a.heads + drpb_h) * a.R;
-    for (int i = threadIdx.x; i < a.R; i += kThreads) {
+    for (int i = threadIdx.x; i < a.R; i += kCompute) {
       if (drpb_s[i] != 0.f) atomicAdd(g + i, drpb_s[i]);
       drpb_s[i] = 0.f;
     }
     sync_compute();
   };
   if (want_drpb && a.drpb_in_smem)
-    for (int i = threadIdx.x; i < a.R; i += kThreads) drpb_s[i] = 0.f;
+    for (int i = threadIdx.x; i < a.R; i += kCompute) drpb_s[i] = 0.f;
 
   float dk1[1][DT / 8][4], dv1[1][DT / 8][4];
   auto& dk = dk1[0];
@@ -199,8 +212,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  // One step per query tile. kDq: wait for the producer's stage (and for the last step's dq rows
-  // to be read out of shared memory). Else: wait for the staged rows, then (past the barrier, so
+  // One step per query tile. kDq: wait for the producer's stage. Else: wait for the staged rows,
+  // then (past the barrier, so
   // every thread is done with the step before, which read the other buffer) stage the next
   // tile's rows into the other buffer while this one computes.
   if (walk.total > 0) {
@@ -212,8 +225,6 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
   for (int64_t it = 0; it < walk.total; ++it) {
     if constexpr (kDq) {
       ring.wait(it);
-      if (threadIdx.x < kRows) bulk_wait_read();
-      sync_compute();
     } else {
       cp_async_wait<0>();
       if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
@@ -250,21 +261,21 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
     auto& dp = dp1[0];
     auto scores_dp = [&]() {
       if constexpr (kWg) {
-        wg_scores<T, DT, 1>(dp1, Vs, os);
+        wg_scores<T, DT, 1>(dp1, vs_wg, os);
       } else {
-        tile_scores<T, DT, 1, false>(dp1, Vs, os);
+        tile_scores<T, DT, 1, false>(dp1, vs_wg, os);
       }
     };
     if constexpr (kWg) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_ss64<T>(&s[0][0], smem_desc(Ks + kk * 128, 128, DT * 16),
+        wgmma_ss64<T>(&s[0][0], smem_desc(ks_wg + kk * 128, 128, DT * 16),
                       smem_desc(qs + kk * 128, 128, DT * 16), kk);
       if constexpr (!kLateDp) {
 #pragma unroll
         for (int kk = 0; kk < DT / 16; ++kk)
-          wgmma_ss64<T>(&dp[0][0], smem_desc(Vs + kk * 128, 128, DT * 16),
+          wgmma_ss64<T>(&dp[0][0], smem_desc(vs_wg + kk * 128, 128, DT * 16),
                         smem_desc(os + kk * 128, 128, DT * 16), kk);
       }
       wgmma_commit();
@@ -272,7 +283,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
       reg_fence(s1);
       if constexpr (!kLateDp) reg_fence(dp1);
     } else {
-      tile_scores<T, DT, 1, false>(s1, Ks, qs);
+      tile_scores<T, DT, 1, false>(s1, ks_wg, qs);
       if constexpr (!kLateDp) scores_dp();
     }
     // dS^T = P^T (dP^T - delta), in dp (kLateDp: once dP^T exists).
@@ -387,60 +398,65 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
         wgmma_rs<T, DT, 1>(&dk[0][0], da[kk], smem_desc(qs + kk * 16 * DT, DT * 16, 128), 1);
       wgmma_commit();
       if constexpr (kDq) {
-        // dS^T -> Ss (element (key r, query c) at core_offset(r, c, 64)): the packed registers
-        // hold rows r, r + 8 and column pairs 16 kk + 2 (lane % 4) (+ 8).
+        // dS^T -> this step's Ss buffer (element (key r, query c) at core_offset(r, c, 64)): the
+        // packed registers hold rows r, r + 8 and column pairs 16 kk + 2 (lane % 4) (+ 8). The
+        // buffer was last read by step it - 2's dq products, which both warpgroups completed
+        // before the barrier of step it - 1.
+        T* ss = Ss + (it & 1) * kKeys * kRows;
         const int r = warp * 16 + (lane >> 2), c = 2 * (lane & 3);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          *reinterpret_cast<unsigned*>(Ss + core_offset(r, 16 * kk + c, kRows)) = da[kk][0];
-          *reinterpret_cast<unsigned*>(Ss + core_offset(r + 8, 16 * kk + c, kRows)) = da[kk][1];
-          *reinterpret_cast<unsigned*>(Ss + core_offset(r, 16 * kk + 8 + c, kRows)) = da[kk][2];
-          *reinterpret_cast<unsigned*>(Ss + core_offset(r + 8, 16 * kk + 8 + c, kRows)) = da[kk][3];
+          *reinterpret_cast<unsigned*>(ss + core_offset(r, 16 * kk + c, kRows)) = da[kk][0];
+          *reinterpret_cast<unsigned*>(ss + core_offset(r + 8, 16 * kk + c, kRows)) = da[kk][1];
+          *reinterpret_cast<unsigned*>(ss + core_offset(r, 16 * kk + 8 + c, kRows)) = da[kk][2];
+          *reinterpret_cast<unsigned*>(ss + core_offset(r + 8, 16 * kk + 8 + c, kRows)) = da[kk][3];
         }
         fence_proxy_async();
-        sync_compute();
-        // dq[64 queries x DT] = dS k: A = dS^T read MN-major (queries contiguous; k16 step kk:
-        // key rows 16 kk..), B = the key tile read MN-major; N split in 64-column halves (the
-        // accumulator is then 32 registers at every DT).
-        constexpr int kN = DT < 64 ? DT : 64;
+        sync_compute();  // both warpgroups' dS^T rows are in
+        // Columns [wg kN, (wg + 1) kN) of dq[64 queries x DT] = dS k over all kKeys keys: A = dS^T
+        // read MN-major (queries contiguous; k16 step kk: key rows 16 kk..), B = the key tile
+        // read MN-major from column wg kN.
+        constexpr int kN = DT / 2;
+        float dq[kN / 8][4];
+        wgmma_fence();
 #pragma unroll
-        for (int half = 0; half < DT / kN; ++half) {
-          float dq[kN / 8][4];
-          wgmma_fence();  // orders the last half's fragment reads before these writes
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma_ss<T, kN, 1, 1>(&dq[0][0], smem_desc(Ss + kk * 16 * kRows, kRows * 16, 128),
-                                  smem_desc(Ks + kk * 16 * DT + half * kN * 8, DT * 16, 128), kk);
-          wgmma_commit();
-          wgmma_wait<0>();
-          reg_fence(dq);
-#pragma unroll
-          for (int nb = 0; nb < kN / 8; ++nb)
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-              *reinterpret_cast<float2*>(Qacc + (r + 8 * i) * kDqLd<DT> + half * kN +
-                                         frag_col(nb, 0)) =
-                  make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
-        }
-        ring.release(it);  // every MMA that read the stage (dv, dk) has completed
-      } else {
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+          wgmma_ss<T, kN, 1, 1>(&dq[0][0], smem_desc(ss + kk * 16 * kRows, kRows * 16, 128),
+                                smem_desc(Ks + kk * 16 * DT + wg * kN * 8, DT * 16, 128), kk);
+        wgmma_commit();
         wgmma_wait<0>();
-      }
-      reg_fence(dk1);
-      reg_fence(dv1);
-      if constexpr (kDq) {
-        // The step's dq rows -> the float32 workspace, one bulk add per query row in the problem.
+        reg_fence(dq);
+        reg_fence(dk1);
+        reg_fence(dv1);
+        ring.release(it);  // every MMA that read the stage (dv, dk) has completed
+        // The step's dq columns -> Qacc (once the last step's bulk adds have read it) -> the
+        // float32 workspace, one bulk add per query row in the problem.
+        if (tid < kRows) bulk_wait_read();
+        sync_wg();
+        const int qr = (warp & 3) * 16 + (lane >> 2);
+#pragma unroll
+        for (int nb = 0; nb < kN / 8; ++nb)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            *reinterpret_cast<float2*>(Qacc + (qr + 8 * i) * kDqLd<DT> + wg * kN +
+                                       frag_col(nb, 0)) =
+                make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
         fence_proxy_async();
-        sync_compute();
-        if (threadIdx.x < kRows && (spatial || t.nonempty)) {
+        sync_wg();
+        const int cols = imin(kN, a.dim - wg * kN);  // of the head dim, in this half
+        if (tid < kRows && cols > 0 && (spatial || t.nonempty)) {
           int qc[3];
           int64_t grow;
-          if (query_row_at(a, t.box, threadIdx.x, row0, t.h, qc, grow)) {
-            bulk_reduce_add_f32(p.dq_acc + grow * a.dim, Qacc + threadIdx.x * kDqLd<DT>,
-                                a.dim * 4);
+          if (query_row_at(a, t.box, tid, row0, t.h, qc, grow)) {
+            bulk_reduce_add_f32(p.dq_acc + grow * a.dim + wg * kN,
+                                Qacc + tid * kDqLd<DT> + wg * kN, cols * 4);
             bulk_commit();
           }
         }
+      } else {
+        wgmma_wait<0>();
+        reg_fence(dk1);
+        reg_fence(dv1);
       }
     } else {
       tile_apply<T, DT, 1, false>(dv1, s1, os);
@@ -452,7 +468,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), 2)
     }
   }
   if constexpr (kDq) {
-    if (threadIdx.x < kRows) bulk_wait_all();
+    if (tid < kRows) bulk_wait_all();
     if (want_drpb && a.drpb_in_smem && drpb_h >= 0) drpb_flush();
   }
 

@@ -226,18 +226,20 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   // the two-kernel schedule runs.
   const bool single_walk = wgmma && deterministic == 0 && dt <= 64 && have_dq_acc;
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
-  // (float32: both 2^f32_tile_log(dt)).
+  // and key tiles of bwd_key_rows (float32: both 2^f32_tile_log(dt)). A user's key tile (at most
+  // 64 tokens) is grown along the first axis to the single walk's 128 (fill_tile).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
-  const int kv_log = f32 ? f32_tile_log(dt) : kTileLog;
+  const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
+  const int kv_log = f32 ? f32_tile_log(dt) : log2_exact(bwd_key_rows(single_walk));
   Tiling dq_tiling, kv_tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kv_log, kv_tiling, kv_log));
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
   if (single_walk) {
     const int bytes = bwd_smem(dt, 2, true, true);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
   } else {
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, kv_log));
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, q_log));
     NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
     const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
     dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;

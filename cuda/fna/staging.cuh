@@ -17,11 +17,12 @@ namespace fna {
 // Copies ROWS rows of `cols` (<= DT) elements into a [ROWS][DT + 8] shared tile; row_ptr(r) gives
 // the global row or nullptr (the row is then zero-filled, as are the columns past `cols`).
 // kCore: the destination is a core-matrix tile (natten/wgmma.cuh) instead of a padded one.
-template <typename T, int DT, bool kCore = false, typename RowPtr>
+// One warpgroup's threads copy (a warp-specialized kernel's producer too).
+template <typename T, int DT, bool kCore = false, int ROWS = kRows, typename RowPtr>
 __device__ __forceinline__ void stage_rows(T* s, RowPtr&& row_ptr, int cols, const void* any) {
   constexpr int kVecs = DT / 8;  // 16-byte vectors per row
 #pragma unroll
-  for (int v = threadIdx.x % kThreads; v < kRows * kVecs; v += kThreads) {
+  for (int v = threadIdx.x % kThreads; v < ROWS * kVecs; v += kThreads) {
     const int r = v / kVecs, c = (v % kVecs) * 8;
     const T* src = row_ptr(r);
     const bool valid = src != nullptr && c < cols;

@@ -76,6 +76,8 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Accumulator operand lists ("+f" of d[0..N/2)) and their asm placeholders.
 #define NATTEN_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define NATTEN_F16(d, i) NATTEN_F4(d, i), NATTEN_F4(d, i + 4), NATTEN_F4(d, i + 8), NATTEN_F4(d, i + 12)
+#define NATTEN_F8(d, i) NATTEN_F4(d, i), NATTEN_F4(d, i + 4)
+#define NATTEN_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
 #define NATTEN_D16                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define NATTEN_D32                                                                            \
@@ -151,8 +153,17 @@ __device__ __forceinline__ void wgmma_ss(float* d, uint64_t a_desc, uint64_t b_d
                                          int accumulate) {
 #if NATTEN_HAS_WGMMA
   constexpr bool kHalf = std::is_same<T, __half>::value;
-  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N is 32, 64 or 128");
-  if constexpr (N == 32) {
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma_ss: N is 16, 32, 64 or 128");
+  if constexpr (N == 16) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA_SS("16", "f16", NATTEN_D8, "8", "9", "10", "11", "12")
+                   : NATTEN_F8(d, 0)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    else
+      asm volatile(NATTEN_WGMMA_SS("16", "bf16", NATTEN_D8, "8", "9", "10", "11", "12")
+                   : NATTEN_F8(d, 0)
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+  } else if constexpr (N == 32) {
     if constexpr (kHalf)
       asm volatile(NATTEN_WGMMA_SS("32", "f16", NATTEN_D16, "16", "17", "18", "19", "20")
                    : NATTEN_F16(d, 0)
