@@ -201,8 +201,10 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
     }
     sync_compute();
   };
-  if (want_drpb && a.drpb_in_smem)
+  if (want_drpb && a.drpb_in_smem) {
     for (int i = threadIdx.x; i < a.R; i += kCompute) drpb_s[i] = 0.f;
+    sync_compute();  // zeroed before any thread's first add
+  }
 
   float dk1[1][DT / 8][4], dv1[1][DT / 8][4];
   auto& dk = dk1[0];
