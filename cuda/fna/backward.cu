@@ -161,9 +161,9 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
   const QueryWalk walk(a, kb, spatial, kvh);
   QueryWalk::Cursor staged = walk.start(), current = walk.start();
   [[maybe_unused]] const TileRows<DT, kRows, kWg> qrows(a, a.qlog);  // !kDq: this WG stages
-  const int wg = warp >> 2, tid = threadIdx.x % kThreads;
-  const T* ks_wg = Ks + wg * kRows * kLd;  // the warpgroup's keys and values
-  const T* vs_wg = Vs + wg * kRows * kLd;
+  const int wg = kDq ? warp >> 2 : 0, tid = threadIdx.x % kThreads;
+  const T* ks_wg = kDq ? Ks + wg * kRows * kLd : Ks;  // the warpgroup's keys and values
+  const T* vs_wg = kDq ? Vs + wg * kRows * kLd : Vs;
   // Barriers over the computing threads, and over the thread's own warpgroup (kDq).
   auto sync_compute = [&]() {
     if constexpr (kDq)
