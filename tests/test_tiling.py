@@ -3,10 +3,12 @@ checked, shrunk and filled as documented, the automatic choice equal to a Python
 same cost (the (query tile, key tile) pairs a forward walk visits), and the forward's plan as
 jax_natten.fused_tiles reports it (family, tiles, computed-over-useful scores, counted tile by
 tile here)."""
+import functools
 import itertools
 import math
 import types
 
+import numpy as np
 import pytest
 
 import jax_natten
@@ -34,16 +36,24 @@ def tiling(spatial, kernel, stride=1, dilation=1, causal=False, q_tile=None, kv_
                           tile(kv_tile), q_max_log, kv_max_log)
 
 
+@functools.lru_cache(maxsize=None)
+def _spans(L, k, s, d, c, ql):
+    """Per query tile [lo, hi] of 2^ql tokens in every dilation group: end(hi) - start(lo)."""
+    out = []
+    for g in range(d):
+        lg = int(_window.group_length(L, d, g))
+        lo = np.arange(0, lg, 1 << ql)
+        hi = np.minimum(lo + (1 << ql), lg) - 1
+        out += list(_window.window_end(hi, lg, k, s, c) - _window.window_start(lo, lg, k, s, c))
+    return tuple(int(x) for x in out)
+
+
 def _walk_cost(axes, qlog, kvlog):
+    """(query tile, key tile) pairs of the forward walk, counted tile by tile in every dilation
+    group: a query tile [lo, hi] walks the key tiles over [start(lo), end(hi))."""
     cost = 1
-    for (L, k, s, d, c), ql, kl in zip(axes, qlog, kvlog):
-        lg = int(_window.group_length(L, d, 0))
-        tq, tk = 1 << ql, 1 << kl
-        nq = -(-lg // tq)
-        lo = min((nq // 2) * tq, lg - 1)
-        hi = min(lo + tq, lg)
-        span = int(_window.window_end(hi - 1, lg, k, s, c) - _window.window_start(lo, lg, k, s, c))
-        cost *= d * nq * -(-span // tk)
+    for axis, ql, kl in zip(axes, qlog, kvlog):
+        cost *= sum(-(-span // (1 << kl)) for span in _spans(*axis, ql))
     return cost
 
 

@@ -1,8 +1,11 @@
-// Tile shapes of the FNA kernels (host side): the user's, checked, or the cheapest by a count of
-// the (query tile, key tile) pairs a problem's forward walk visits.
+// Tile shapes of the FNA kernels (host side): the user's, checked, or the cheapest by an exact count
+// of the (query tile, key tile) pairs a problem's forward walk visits.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "natten/ffi_helpers.h"
@@ -22,22 +25,31 @@ struct Tiling {
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Pairs visited by the forward walk, estimated from a query tile in the middle of the largest
-// dilation group of every axis (all interior tiles of an axis walk the same number of key tiles).
-inline double walk_cost(const Problem& p, const int (&qlog)[kMaxRank], const int (&kvlog)[kMaxRank]) {
-  double cost = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const AxisParams& ax = p.axis[a];
-    const int lg = group_length(ax.length, ax.dilation, 0);
-    const int tq = 1 << qlog[a], tk = 1 << kvlog[a];
-    const int nq = ceil_div(lg, tq);
-    const int lo = imin((nq / 2) * tq, lg - 1), hi = imin(lo + tq, lg);
-    const int span = window_end(hi - 1, lg, ax.kernel, ax.stride, ax.causal) -
-                     window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
-    cost *= static_cast<double>(ax.dilation) * nq * ceil_div(span, tk);
+// (query tile, key tile) pairs the forward walk visits along one axis, counted exactly: over every
+// dilation group, the sum over its query tiles [lo, hi] of the key tiles spanning [start(lo),
+// end(hi)). The walk is a box, so a problem's pairs are the product of its axes' counts.
+// pairs[ql][kl] for query tiles of 2^ql and key tiles of 2^kl tokens, ql <= max_q, kl <= max_kv.
+struct AxisPairs {
+  int64_t pairs[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
+
+  AxisPairs(const AxisParams& ax, int max_q, int max_kv) {
+    // Dilation groups have one of two lengths: L / d + 1 (the first L % d groups) and L / d.
+    for (int longer = 0; longer <= 1; ++longer) {
+      const int groups = longer ? ax.length % ax.dilation : ax.dilation - ax.length % ax.dilation;
+      const int lg = ax.length / ax.dilation + longer;
+      if (groups == 0 || lg == 0) continue;
+      for (int ql = 0; ql <= max_q; ++ql) {
+        const int tq = 1 << ql;
+        for (int lo = 0; lo < lg; lo += tq) {
+          const int hi = imin(lo + tq, lg) - 1;
+          const int span = window_end(hi, lg, ax.kernel, ax.stride, ax.causal) -
+                           window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
+          for (int kl = 0; kl <= max_kv; ++kl) pairs[ql][kl] += int64_t{groups} * ceil_div(span, 1 << kl);
+        }
+      }
+    }
   }
-  return cost;
-}
+};
 
 // Every split of at most 2^max_log tokens over the axes that is no longer than an axis needs.
 template <typename F>
@@ -99,6 +111,54 @@ inline void fill_tile(int (&logs)[kMaxRank], int max_log) {
   logs[0] += max_log - (logs[0] + logs[1] + logs[2]);
 }
 
+// The automatic choices made so far, per problem and given tiles: the handlers run on every call,
+// and the exact count costs O(tokens) per axis (~0.5 ms on a 32K-token axis). Shared by the
+// threads that call handlers (one per GPU, say); dropped whole if it ever grows large.
+struct TilingCache {
+  using Key = std::array<int, 5 * kMaxRank + 2 * kMaxRank + 4>;
+  std::mutex mutex;
+  std::map<Key, Tiling> choices;
+
+  static TilingCache& get() {
+    static TilingCache cache;
+    return cache;
+  }
+  static Key key(const Problem& p, const Tiling& given, int q_max_log, int kv_max_log,
+                 bool q_given, bool kv_given) {
+    Key k{};
+    int i = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const AxisParams& ax = p.axis[a];
+      for (int v : {ax.length, ax.kernel, ax.stride, ax.dilation, static_cast<int>(ax.causal)})
+        k[i++] = v;
+      k[i++] = q_given ? given.qlog[a] : -1;
+      k[i++] = kv_given ? given.kvlog[a] : -1;
+    }
+    k[i++] = q_max_log;
+    k[i++] = kv_max_log;
+    return k;
+  }
+};
+inline bool cached_tiling(const Problem& p, Tiling& t, int q_max_log, int kv_max_log, bool q_given,
+                          bool kv_given) {
+  TilingCache& c = TilingCache::get();
+  const TilingCache::Key k = TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given);
+  std::lock_guard<std::mutex> lock(c.mutex);
+  const auto it = c.choices.find(k);
+  if (it == c.choices.end()) return false;
+  t = it->second;
+  return true;
+}
+inline void cache_tiling(const Problem& p, const Tiling& t, int q_max_log, int kv_max_log,
+                         bool q_given, bool kv_given) {
+  // (The key holds the given tiles, which the pick kept: t has them on the given sides.)
+  TilingCache& c = TilingCache::get();
+  const TilingCache::Key k = TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given);
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.choices.size() >= 4096) c.choices.clear();
+  c.choices.emplace(k, t);
+}
+
 // `q_max_log`: log2 of the query tile size of the kernel at hand (kMaxQTileLog for the forward,
 // kTileLog for the backward, which splits a larger user tile along its longest axis);
 // `kv_max_log`: log2 of the key tile size (kTileLog, or less for the float32 kernels).
@@ -109,7 +169,10 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
   NATTEN_TRY(user_shape("kv_tile", kv_tile, kTileLog, t.kvlog, kv_given));
   shrink_tile(t.qlog, q_given, q_max_log);
   shrink_tile(t.kvlog, kv_given, kv_max_log);
-  if (!(q_given && kv_given)) {
+  if (!(q_given && kv_given) && !cached_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given)) {
+    const AxisPairs axis_pairs[kMaxRank] = {AxisPairs(p.axis[0], q_max_log, kv_max_log),
+                                            AxisPairs(p.axis[1], q_max_log, kv_max_log),
+                                            AxisPairs(p.axis[2], q_max_log, kv_max_log)};
     double best = -1;
     Tiling pick = t;
     for_each_shape(p, q_max_log, [&](int qx, int qy, int qz) {
@@ -118,7 +181,10 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
       for_each_shape(p, kv_max_log, [&](int kx, int ky, int kz) {
         const int kl[3] = {kx, ky, kz};
         if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
-        const double c = walk_cost(p, ql, kl);
+        // The walk's pairs: every pair costs the same (the kernels compute whole tiles of their
+        // own row counts, whatever the shape's token count).
+        double c = 1;
+        for (int a = 0; a < kMaxRank; ++a) c *= static_cast<double>(axis_pairs[a].pairs[ql[a]][kl[a]]);
         // Ties: the later candidate has longer z runs (contiguous rows) and wins.
         if (best < 0 || c <= best) {
           best = c;
@@ -130,6 +196,7 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
       });
     });
     t = pick;
+    cache_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given);
   }
   fill_tile(t.kvlog, kv_max_log);
   return ok();
