@@ -5,7 +5,7 @@
 
 `q_tile` / `kv_tile`: the query tile and key tile of the FNA kernels, one power-of-two extent per
 spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at most 128 tokens
-(kernels with smaller tiles, the backward, wgmma and float32 ones, halve a larger tile along its
+(kernels with smaller tiles, the backward and float32 ones, halve a larger tile along its
 longest axis until it fits), key tiles at most 64 (a smaller key tile grows along its first axis
 to the kernel's full tile). `None` (the default) lets the kernels choose: they count the (query
 tile, key tile) pairs each candidate shape would visit on the problem at hand and take the fewest.

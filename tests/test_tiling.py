@@ -135,7 +135,7 @@ AMPERE = types.SimpleNamespace(compute_capability="8.0")
 @pytest.mark.parametrize("problem", PROBLEMS, ids=str)
 def test_forward_plan_is_the_kernels_tile_sizes(problem):
     """fused_tiles (the handler's host code) walks the tile sizes each forward kernel computes:
-    wgmma 64-token query tiles, mma.sync 128, float32 64 (32 at head-dim tile 128); key tiles 64
+    128-token query tiles on both MMA families, float32 64 (32 at head-dim tile 128); key tiles 64
     (float32: as its query tiles)."""
     spatial, kernel, stride, dilation, causal = problem
     r = len(spatial)
@@ -146,7 +146,7 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
             (AMPERE, "float16", 128, "mma_sync", FWD_Q, KV),
             (HOPPER, "float32", 64, "simt", KV, KV), (HOPPER, "float32", 128, "simt", 5, 5)]:
         if q_log is None:
-            q_log = KV if family == "wgmma" else FWD_Q
+            q_log = FWD_Q
         plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
                                       **kw)
         q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,

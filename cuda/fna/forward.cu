@@ -2,11 +2,218 @@
 // additional keys, lse = log(sum(exp(logits))). One CTA per (query tile, head, batch).
 #include "fna.cuh"
 #include "launch.h"
+#include "pipeline.cuh"
 
 namespace natten {
 namespace gpu {
 namespace fna {
 namespace {
+
+// One step of the walk after its products s = q k^T (raw, unscaled): masks the tile as its kind
+// needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
+// the weights exp2(x - m), m / l / acc are updated (acc rescaled). `current` counts the spatial
+// key tiles. Shared by the forward kernels (rows: tile_row<MT, kWg>).
+template <int DT, int MT, bool kWg>
+__device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
+                                             TileCounter& current, int j, const Box& qb,
+                                             const float* rpb, const int* Win,
+                                             float (&s)[MT][8][4], float (&m)[MT][2],
+                                             float (&l)[MT][2], float (&acc)[MT][DT / 8][4]) {
+  auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
+  // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
+  // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
+  // only the difference from the row's max is rounded, never the logit itself (an ulp of a
+  // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
+  // the largest s has the largest logit.
+  float mul = a.scale_log2_abs;
+  bool biased = false;  // s holds x - m (m: the running max), mul = 1
+  if (j < walk.spatial) {
+    int o[3];
+    bool full;
+    key_tile(a, walk, current, o, full);
+    current.next(walk.n);
+    if (full && rpb == nullptr) {
+      if (a.scale_sign < 0.f) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
+      }
+    } else {
+      int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int e = 0; e < 6; ++e) wr[mt][i][e] = Win[frag_row(mt, i) * 6 + e];
+      // With a bias, s * mul + bias rounded to float32 would lose the bias and the logits'
+      // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
+      // instead (m: the running max, finite from the start, see above), whose roundings are
+      // ulps of x - m, and mul becomes 1.
+      biased = rpb != nullptr;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          int koff[3], kl[3];
+          tile_offsets(frag_col(nb, c), a.kvlog, koff);
+#pragma unroll
+          for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + koff[ax];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int* w = wr[mt][i];
+              bool in = true;
+#pragma unroll
+              for (int ax = 0; ax < 3; ++ax)
+                in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
+                               static_cast<unsigned>(w[2 * ax + 1]);
+              float x = s[mt][nb][2 * i + c] * a.scale_sign;
+              if (in && rpb != nullptr) {
+                int qo[3], qc[3];
+                tile_offsets(frag_row(mt, i), a.qlog, qo);
+#pragma unroll
+                for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
+                x = fmaf(x, mul, -m[mt][i]) + __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
+              }
+              s[mt][nb][2 * i + c] = in ? x : -INFINITY;
+            }
+          }
+        }
+      }
+      if (biased) mul = 1.f;
+    }
+  } else {
+    const int s0 = (j - walk.spatial) * kRows;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
+  }
+
+  // Online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)).
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+        mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+      const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
+      mx = fmaf(quad_max(mx), mul, off);  // mul > 0
+      const float m_new = fmaxf(m[mt][i], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      const float alpha = fast_exp2(m[mt][i] - base);
+      const float rel = off - base;  // exact where it matters (off near base)
+      m[mt][i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
+        s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
+        sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
+      }
+      l[mt][i] = l[mt][i] * alpha + sum;
+#pragma unroll
+      for (int nb = 0; nb < DT / 8; ++nb) {
+        acc[mt][nb][2 * i] *= alpha;
+        acc[mt][nb][2 * i + 1] *= alpha;
+      }
+    }
+  }
+}
+
+// With rpb, the masked tiles form logits relative to the running max m, so m starts finite: at
+// each row's logit of its own token's key, which is in its window (rpb implies non-causal,
+// stride-1 windows), so at most the row's largest logit. (Any start does while l = 0; this one
+// keeps x - m small.) Rows first, first + step, .. < rows of the query tile, into shared memory
+// (in registers next to the walk's it costs spills); read at the walk's first step.
+template <typename T>
+__device__ __forceinline__ void self_logits(const FnaArgs& a, const FnaPtrs& p, const Box& qb,
+                                            int64_t row0, int h, int kvh, int rows, int first,
+                                            int step, float* SelfLogit) {
+  const float* rpb = p.rpb + static_cast<int64_t>(h) * a.R;
+  const T* q = static_cast<const T*>(p.q);
+  const int zero[3] = {0, 0, 0};
+  const float bias_self = __ldg(rpb + rpb_index(a, zero, zero)) * kLog2e;
+  const T* k = static_cast<const T*>(p.k);
+  for (int r = first; r < rows; r += step) {
+    int qc[3];
+    int64_t row;
+    float dot = 0.f;
+    if (query_row_at(a, qb, r, row0, h, qc, row)) {
+      const int64_t tok = row0 + token_of(a, qb.grp, qc);
+      const T* qr = q + (tok * a.heads + h) * a.dim;
+      const T* kr = k + (tok * a.kv_heads + kvh) * a.dim;
+      for (int c = 0; c < a.dim; c += 8) {
+        const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qr + c));
+        const uint4 kv = __ldg(reinterpret_cast<const uint4*>(kr + c));
+        const T* qe = reinterpret_cast<const T*>(&qv);
+        const T* ke = reinterpret_cast<const T*>(&kv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          dot = fmaf(static_cast<float>(qe[e]), static_cast<float>(ke[e]), dot);
+      }
+      SelfLogit[r] = fmaf(dot, a.scale_log2, bias_self);
+    } else {
+      SelfLogit[r] = 0.f;
+    }
+  }
+}
+
+// The walk's end: o = acc / l, lse = (m + log2 l) ln 2 and, for a gradient, the statistics and o
+// unrounded (softmax.cuh, "softmax statistics"), for the thread's rows (tile_row<MT, kWg>).
+template <typename T, int DT, int MT, bool kWg>
+__device__ __forceinline__ void store_outputs(const FnaArgs& a, const FnaPtrs& p, const Box& qb,
+                                              int64_t row0, int h, float (&m)[MT][2],
+                                              float (&l)[MT][2], float (&acc)[MT][DT / 8][4]) {
+  auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
+  const int lane = threadIdx.x & 31;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[mt][i] = quad_sum(l[mt][i]);
+      inv[i] = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
+    }
+    int64_t rows[2];  // global row index (token * heads + h), -1 outside the problem
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      int qc[3];
+      query_row_at(a, qb, frag_row(mt, i), row0, h, qc, rows[i]);
+    }
+    store_rows<T, DT>(acc[mt], inv[0], inv[1],
+                      [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },
+                      a.dim_v);
+    if (p.out_o32 != nullptr)
+      store_rows<float, DT>(acc[mt], inv[0], inv[1],
+                            [&](int i) -> float* {
+                              return rows[i] < 0 ? nullptr : p.out_o32 + rows[i] * a.dim_v;
+                            },
+                            a.dim_v);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (rows[i] < 0) continue;
+        const float log2_l = log2f(l[mt][i]);
+        p.out_lse[rows[i]] = (m[mt][i] + log2_l) * kLn2;
+        if (p.out_stats != nullptr)
+          p.out_stats[rows[i]] = m[mt][i] == -INFINITY ? make_float2(0.f, -INFINITY)
+                                                       : make_float2(m[mt][i], log2_l);
+      }
+    }
+  }
+}
 
 // MT m16 tiles per warp: the query tile holds 64 * MT tokens. kWg: the products run on Hopper's
 // warpgroup MMA (sm_90a; q and the key tiles in core-matrix layout, natten/wgmma.cuh; the four
@@ -27,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const T* q = static_cast<const T*>(p.q);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
 
@@ -47,38 +254,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   fill_windows(a, qb, kQRows, Win);
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
-  if (rpb != nullptr) {
-    // The masked tiles with a bias form logits relative to the running max m (below), so m
-    // starts finite: at each row's logit of its own token's key, which is in its window (rpb
-    // implies non-causal, stride-1 windows), so at most the row's largest logit. (Any start
-    // does while l = 0; this one keeps x - m small.) Computed here, one row a thread, into
-    // shared memory (in registers next to the walk's it costs spills); read at the first step.
-    const int zero[3] = {0, 0, 0};
-    const float bias_self = __ldg(rpb + rpb_index(a, zero, zero)) * kLog2e;
-    const T* k = static_cast<const T*>(p.k);
-    for (int r = threadIdx.x; r < kQRows; r += kThreads) {
-      int qc[3];
-      int64_t row;
-      float dot = 0.f;
-      if (query_row_at(a, qb, r, row0, h, qc, row)) {
-        const int64_t tok = row0 + token_of(a, qb.grp, qc);
-        const T* qr = q + (tok * a.heads + h) * a.dim;
-        const T* kr = k + (tok * a.kv_heads + kvh) * a.dim;
-        for (int c = 0; c < a.dim; c += 8) {
-          const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qr + c));
-          const uint4 kv = __ldg(reinterpret_cast<const uint4*>(kr + c));
-          const T* qe = reinterpret_cast<const T*>(&qv);
-          const T* ke = reinterpret_cast<const T*>(&kv);
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            dot = fmaf(static_cast<float>(qe[e]), static_cast<float>(ke[e]), dot);
-        }
-        SelfLogit[r] = fmaf(dot, a.scale_log2, bias_self);
-      } else {
-        SelfLogit[r] = 0.f;
-      }
-    }
-  }
+  if (rpb != nullptr)
+    self_logits<T>(a, p, qb, row0, h, kvh, kQRows, threadIdx.x, kThreads, SelfLogit);
 
   float acc[MT][DT / 8][4];
   float m[MT][2], l[MT][2];
@@ -127,166 +304,115 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
       tile_scores<T, DT, MT, kWg>(s, Qs, ks);
     }
 
-    // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
-    // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
-    // only the difference from the row's max is rounded, never the logit itself (an ulp of a
-    // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
-    // the largest s has the largest logit.
-    float mul = a.scale_log2_abs;
-    bool biased = false;  // s holds x - m (m: the running max), mul = 1
-    if (j < walk.spatial) {
-      int o[3];
-      bool full;
-      key_tile(a, walk, current, o, full);
-      current.next(walk.n);
-      if (full && rpb == nullptr) {
-        if (a.scale_sign < 0.f) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
-        }
-      } else {
-        int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int e = 0; e < 6; ++e) wr[mt][i][e] = Win[frag_row(mt, i) * 6 + e];
-        // With a bias, s * mul + bias rounded to float32 would lose the bias and the logits'
-        // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
-        // instead (m: the running max, finite from the start, see above), whose roundings are
-        // ulps of x - m, and mul becomes 1.
-        biased = rpb != nullptr;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            int koff[3], kl[3];
-            tile_offsets(frag_col(nb, c), a.kvlog, koff);
-#pragma unroll
-            for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + koff[ax];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-              for (int i = 0; i < 2; ++i) {
-                const int* w = wr[mt][i];
-                bool in = true;
-#pragma unroll
-                for (int ax = 0; ax < 3; ++ax)
-                  in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
-                                 static_cast<unsigned>(w[2 * ax + 1]);
-                float x = s[mt][nb][2 * i + c] * a.scale_sign;
-                if (in && rpb != nullptr) {
-                  int qo[3], qc[3];
-                  tile_offsets(frag_row(mt, i), a.qlog, qo);
-#pragma unroll
-                  for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
-                  x = fmaf(x, mul, -m[mt][i]) + __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
-                }
-                s[mt][nb][2 * i + c] = in ? x : -INFINITY;
-              }
-            }
-          }
-        }
-        if (biased) mul = 1.f;
-      }
-    } else {
-      const int s0 = (j - walk.spatial) * kRows;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
-    }
-
-    // Online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)).
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-          mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-        const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
-        mx = fmaf(quad_max(mx), mul, off);  // mul > 0
-        const float m_new = fmaxf(m[mt][i], mx);
-        const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        const float alpha = fast_exp2(m[mt][i] - base);
-        const float rel = off - base;  // exact where it matters (off near base)
-        m[mt][i] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
-          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
-          sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
-        }
-        l[mt][i] = l[mt][i] * alpha + sum;
-#pragma unroll
-        for (int nb = 0; nb < DT / 8; ++nb) {
-          acc[mt][nb][2 * i] *= alpha;
-          acc[mt][nb][2 * i + 1] *= alpha;
-        }
-      }
-    }
+    softmax_step<DT, MT, kWg>(a, walk, current, j, qb, rpb, Win, s, m, l, acc);
     tile_apply<T, DT, MT, kWg>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
-  // Epilogue: o = acc / l, lse = (m + log2 l) ln 2; for a gradient also the statistics and o
-  // unrounded (softmax.cuh, "softmax statistics").
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[mt][i] = quad_sum(l[mt][i]);
-      inv[i] = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
-    }
-    int64_t rows[2];  // global row index (token * heads + h), -1 outside the problem
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      int qc[3];
-      query_row_at(a, qb, frag_row(mt, i), row0, h, qc, rows[i]);
-    }
-    store_rows<T, DT>(acc[mt], inv[0], inv[1],
-                      [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },
-                      a.dim_v);
-    if (p.out_o32 != nullptr)
-      store_rows<float, DT>(acc[mt], inv[0], inv[1],
-                            [&](int i) -> float* {
-                              return rows[i] < 0 ? nullptr : p.out_o32 + rows[i] * a.dim_v;
-                            },
-                            a.dim_v);
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (rows[i] < 0) continue;
-        const float log2_l = log2f(l[mt][i]);
-        p.out_lse[rows[i]] = (m[mt][i] + log2_l) * kLn2;
-        if (p.out_stats != nullptr)
-          p.out_stats[rows[i]] = m[mt][i] == -INFINITY ? make_float2(0.f, -INFINITY)
-                                                       : make_float2(m[mt][i], log2_l);
-      }
-    }
+  store_outputs<T, DT, MT, kWg>(a, p, qb, row0, h, m, l, acc);
+}
+
+// Hopper, warp-specialized (fna.cuh, "warp-specialized forward"): warpgroup 2, the producer, stages
+// the 128-token query tile, then each key tile of the walk into a ring of stages (pipeline.cuh);
+// warpgroups 0 and 1 own 64 query rows each and compute on every key tile: s = q k^T and o += P v
+// on wgmma, with softmax_step's masking and online softmax between them. The computing warpgroups
+// never stage and never wait for each other: each waits until a stage is full and releases it
+// once its products have read it.
+template <typename T, int DT>
+__global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
+    fna_fwd_ws_kernel(const FnaArgs a, const FnaPtrs p) {
+  constexpr int kQRows = kFwdWsQRows;
+  constexpr int kStages = fwd_ws_stages(DT);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);     // [kQRows][DT], core matrices (natten/wgmma.cuh)
+  T* Ks = Qs + kQRows * DT;               // [kStages][kRows][DT]
+  T* Vs = Ks + kStages * kRows * DT;      // [kStages][kRows][DT]
+  int* Win = reinterpret_cast<int*>(Vs + kStages * kRows * DT);  // [kQRows][3 axes][start, length]
+  float* SelfLogit = reinterpret_cast<float*>(Win + kQRows * 6);  // [kQRows], with rpb
+  uint64_t* bars = reinterpret_cast<uint64_t*>(SelfLogit + kQRows);  // full, empty, query tile
+
+  Box qb;
+  if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
+  const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
+  const KeyWalk walk = key_walk(a, qb);
+  const StageRing<kStages> ring{bars, bars + kStages};
+  uint64_t* const q_full = bars + 2 * kStages;
+  if (threadIdx.x == 0) {
+    ring.init(kThreads, 2 * kThreads);
+    mbar_init(q_full, kThreads);
   }
+  __syncthreads();
+
+  if (threadIdx.x >= 2 * kThreads) {  // the producer
+    regs_shrink<fwd_ws_producer_regs(DT)>();
+    Handoff handoff;
+    {
+      const TileRows<DT, kQRows, true> qrows(a, a.qlog);
+      const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
+      qrows.stage(Qs, static_cast<const T*>(p.q), row0, token_of(a, qb.grp, qb.lo), lim, a.heads,
+                  h, a.dim);
+      cp_async_commit();
+      handoff.then(q_full);
+    }
+    KeyStager<T, DT, kRows, true> keys(a);
+    for (int j = 0; j < walk.total; ++j) {
+      ring.acquire(j);
+      const int st = ring.stage(j);
+      keys(a, p, walk, qb, b, row0, kvh, j, Ks + st * kRows * DT, Vs + st * kRows * DT);
+      handoff.then(ring.full + st);
+    }
+    handoff.flush();
+    return;
+  }
+  regs_grow<fwd_ws_consumer_regs(DT)>();
+
+  // The computing warpgroups: rows' windows (and with rpb their own-key logits) for the tile, then
+  // the walk. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 (tile_row<1, true>).
+  const int wg = threadIdx.x / kThreads;
+  fill_windows(a, qb, kQRows, Win);
+  const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
+  if (rpb != nullptr)
+    self_logits<T>(a, p, qb, row0, h, kvh, kQRows, threadIdx.x, 2 * kThreads, SelfLogit);
+  role_sync(1, 2 * kThreads);
+
+  float acc[1][DT / 8][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
+  if (rpb != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
+  }
+  const T* qs = Qs + wg * kRows * DT;
+  TileCounter current;  // the spatial key tile being computed
+  current.reset();
+  mbar_wait(q_full, 0);
+  for (int j = 0; j < walk.total; ++j) {
+    ring.wait(j);
+    const int st = ring.stage(j);
+    float s[1][8][4];
+    wg_scores<T, DT, 1>(s, qs, Ks + st * kRows * DT);
+    softmax_step<DT, 1, true>(a, walk, current, j, qb, rpb, Win, s, m, l, acc);
+    wg_apply<T, DT, 1>(acc, s, Vs + st * kRows * DT);
+    ring.release(j);  // both products that read the stage have completed
+  }
+  store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
 }
 
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  constexpr int kMT = fwd_m_tiles(DT, kWg);
-  constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT, kWg);
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  return launch_kernel<fna_fwd_kernel<T, DT, kMT, kWg>>("fna forward", kSmem, kSmem, grid, stream,
-                                                       a, p);
+  if constexpr (kWg) {
+    constexpr int kSmem = fwd_ws_smem(DT, sizeof(T));
+    return launch_kernel<fna_fwd_ws_kernel<T, DT>>("fna forward", kSmem, kSmem, grid, stream, a,
+                                                    p, kFwdWsThreads);
+  } else {
+    constexpr int kMT = fwd_m_tiles(DT, kWg);
+    constexpr int kSmem = fwd_smem(DT, sizeof(T), kMT, kWg);
+    return launch_kernel<fna_fwd_kernel<T, DT, kMT, kWg>>("fna forward", kSmem, kSmem, grid,
+                                                         stream, a, p);
+  }
 }
 
 }  // namespace

@@ -204,12 +204,12 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
 
 // ---- the forward's tiles ------------------------------------------------------------------------
 // log2 tokens of the float32 kernels' tiles (simt_f32.cu: 128 threads, a row per 2 threads, per 4
-// at head-dim tile 128), and of the forward's query tiles: 64 on wgmma (one m64 block per
-// warpgroup), 128 on mma.sync (two m16 tiles per warp). launch.h and simt_f32.cu check that their
-// kernels agree.
+// at head-dim tile 128), and of the forward's query tiles: 128 on both MMA families (wgmma: two
+// computing warpgroups of one m64 block each; mma.sync: two m16 tiles per warp). launch.h and
+// simt_f32.cu check that their kernels agree.
 constexpr int f32_tile_log(int dt) { return dt <= 64 ? 6 : 5; }
 constexpr int fwd_q_tile_log(int dt, bool f32, bool wgmma) {
-  return f32 ? f32_tile_log(dt) : kTileLog + (wgmma ? 0 : 1);
+  return f32 ? f32_tile_log(dt) : kTileLog + 1;
 }
 
 // Whether the automatic choice (`mma` 0) runs the forward on wgmma where it could: on every
