@@ -169,6 +169,33 @@ __device__ __forceinline__ void self_logits(const FnaArgs& a, const FnaPtrs& p, 
   }
 }
 
+// Which keys warpgroup wg's rows of query tile qb reach, in the warp-specialized forward: rows
+// 64 wg .. 64 wg + 63 of a 128-token tile are one half of it along its first axis of more than
+// one token (the row index is row-major over the axes: its bit 6 belongs to that axis), so on
+// every other axis they reach the whole tile's key range, and on that one (`axis`) the local
+// keys [lo, hi). A tile of 64 tokens or fewer is all warpgroup 0's (axis = -1: no limit). False
+// when the warpgroup has no row inside the problem.
+__device__ __forceinline__ bool own_key_range(const FnaArgs& a, const Box& qb, int wg, int& axis,
+                                              int& lo, int& hi) {
+  axis = -1;
+  lo = hi = 0;
+  if (a.qlog[0] + a.qlog[1] + a.qlog[2] <= kTileLog) return wg == 0;
+  axis = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+  bool any = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {  // (constant indices keep qb in registers)
+    if (ax != axis) continue;
+    const int half = 1 << (a.qlog[ax] - 1);
+    const int first = qb.lo[ax] + wg * half, last = imin(first + half, qb.hi[ax]);
+    any = first < last;
+    if (any) {
+      lo = win_start(a.ax[ax], qb.lg[ax], first);
+      hi = win_end(a.ax[ax], qb.lg[ax], last - 1);
+    }
+  }
+  return any;
+}
+
 // The walk's end: o = acc / l, lse = (m + log2 l) ln 2 and, for a gradient, the statistics and o
 // unrounded (softmax.cuh, "softmax statistics"), for the thread's rows (tile_row<MT, kWg>).
 template <typename T, int DT, int MT, bool kWg>
@@ -335,7 +362,6 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
-  const KeyWalk walk = key_walk(a, qb);
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const q_full = bars + 2 * kStages;
   if (threadIdx.x == 0) {
@@ -355,6 +381,9 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
       cp_async_commit();
       handoff.then(q_full);
     }
+    // (Each role builds its own walk after the split: values live across it would be held in
+    // the launch's 80 registers per thread.)
+    const KeyWalk walk = key_walk(a, qb);
     KeyStager<T, DT, kRows, true> keys(a);
     for (int j = 0; j < walk.total; ++j) {
       ring.acquire(j);
@@ -370,6 +399,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   // The computing warpgroups: rows' windows (and with rpb their own-key logits) for the tile, then
   // the walk. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 (tile_row<1, true>).
   const int wg = threadIdx.x / kThreads;
+  const KeyWalk walk = key_walk(a, qb);
   fill_windows(a, qb, kQRows, Win);
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
   if (rpb != nullptr)
@@ -385,12 +415,37 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
   }
   const T* qs = Qs + wg * kRows * DT;
+  // The warpgroup's rows are half of the query tile: the spatial key tiles of the walk (over the
+  // whole tile's key box) outside its own rows' windows are released without computing, so the
+  // two warpgroups share the staging of a 128-token tile but compute about what 64-token tiles
+  // would.
+  int own_axis, own_lo, own_hi;
+  const bool own_rows = own_key_range(a, qb, wg, own_axis, own_lo, own_hi);
   TileCounter current;  // the spatial key tile being computed
   current.reset();
   mbar_wait(q_full, 0);
   for (int j = 0; j < walk.total; ++j) {
     ring.wait(j);
     const int st = ring.stage(j);
+    bool skip = !own_rows;
+    if (j < walk.spatial && own_axis >= 0) {
+      // The tile's keys on that axis (key_tile's origin; constant indices keep the arrays in
+      // registers).
+      int o = 0, t = 0;
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        if (ax == own_axis) {
+          o = walk.box_lo[ax] + (current.j[ax] << a.kvlog[ax]);
+          t = 1 << a.kvlog[ax];
+        }
+      }
+      skip = skip || o >= own_hi || o + t <= own_lo;
+    }
+    if (skip) {  // uniform over the warpgroup
+      if (j < walk.spatial) current.next(walk.n);
+      ring.release(j);
+      continue;
+    }
     float s[1][8][4];
     wg_scores<T, DT, 1>(s, qs, Ks + st * kRows * DT);
     softmax_step<DT, 1, true>(a, walk, current, j, qb, rpb, Win, s, m, l, acc);
