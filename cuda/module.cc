@@ -129,19 +129,20 @@ NB_MODULE(_natten_ext, m) {
       "fna_tiling",
       [](std::vector<int> extent, std::vector<int> kernel, std::vector<int> stride,
          std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
-         std::vector<int64_t> kv_tile, int q_max_log, int kv_max_log) {
+         std::vector<int64_t> kv_tile, int q_max_log, int kv_max_log, bool halves) {
         namespace fna = natten::gpu::fna;
         const natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
         fna::Tiling t;
         const natten::ffi::Error e =
             fna::choose_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
                                natten::I64Span(kv_tile.data(), kv_tile.size()), q_max_log, t,
-                               kv_max_log);
+                               kv_max_log, halves);
         if (e.failure()) throw nb::value_error(e.message().c_str());
         return tile_logs(t);
       },
       "(query tile, key tile) log2 extents per axis that fna::choose_tiling picks for a padded "
-      "3-D problem and the user's tiles (all 0: choose), given the kernel's log2 tile sizes.");
+      "3-D problem and the user's tiles (all 0: choose), given the kernel's log2 tile sizes and "
+      "whether its query tiles split into two warpgroups' halves (the Hopper forward).");
 
   // The forward's tile plan (fna/tiling.h), as the handler makes it: which MMA family runs and
   // the tiles it walks, for jax_natten.fused_tiles and the benchmark's report.

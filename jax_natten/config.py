@@ -103,20 +103,33 @@ class FusedTiles:
     computed_over_useful: float
 
 
-def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog):
+_WARPGROUP_ROWS = 64  # query rows of one computing warpgroup of the Hopper forward (cuda/fna kRows)
+
+
+def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog, halves=False):
     """(sum over this axis's query tiles of the key tiles each walks, number of query tiles),
-    over every dilation group: a tile's walk spans [start(first query), end(last query))."""
+    over every dilation group: a tile's walk spans [start(first query), end(last query)).
+    `halves`: each half of a query tile (the Hopper forward's two computing warpgroups) computes
+    only the key tiles of that walk that meet its own queries' windows; both sums are over the
+    halves that hold queries."""
     from . import _window
     tq, tk = 1 << qlog, 1 << kvlog
     pairs = tiles = 0
     for g in range(dilation):
         lg = int(_window.group_length(length, dilation, g))
-        lo = list(range(0, lg, tq))
-        hi = [min(x + tq, lg) - 1 for x in lo]
-        start = _window.window_start(lo, lg, kernel, stride, causal)
-        end = _window.window_end(hi, lg, kernel, stride, causal)
-        pairs += int(sum(-(-(int(e) - int(s)) // tk) for s, e in zip(start, end)))
-        tiles += len(lo)
+        for lo in range(0, lg, tq):
+            hi = min(lo + tq, lg) - 1
+            origin = int(_window.window_start(lo, lg, kernel, stride, causal))
+            if not halves:
+                end = int(_window.window_end(hi, lg, kernel, stride, causal))
+                pairs += -(-(end - origin) // tk)
+                tiles += 1
+            for first in (range(lo, hi + 1, tq // 2) if halves else ()):
+                last = min(first + tq // 2, hi + 1) - 1
+                a = int(_window.window_start(first, lg, kernel, stride, causal)) - origin
+                b = int(_window.window_end(last, lg, kernel, stride, causal)) - origin
+                pairs += -(-b // tk) - a // tk
+                tiles += 1
     return pairs, tiles
 
 
@@ -148,13 +161,18 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     mma, qlog, kvlog = ffi._ext.fna_forward_plan(
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
         ffi.LIMITS["mma_codes"][settings.mma], hopper)
+    # The Hopper forward's 128-token tiles are two warpgroups' halves, split along the tile's
+    # first axis longer than one token, each computing only the key tiles its queries reach.
+    halves = mma == "wgmma" and (1 << sum(qlog)) > _WARPGROUP_ROWS
+    split = next(a for a in range(3) if qlog[a] > 0) if halves else -1
     pairs, tiles = 1, 1
-    for axis in zip(*axes, qlog, kvlog):
-        p, t = _axis_pairs(*axis)
+    for a, axis in enumerate(zip(*axes, qlog, kvlog)):
+        p, t = _axis_pairs(*axis, halves=a == split)
         pairs, tiles = pairs * p, tiles * t
     key_tile = 1 << sum(kvlog)
     add_tiles = -(-int(additional_keys) // key_tile)
-    computed = (1 << sum(qlog)) * key_tile * (pairs + add_tiles * tiles)
+    rows = (1 << sum(qlog)) // (2 if halves else 1)  # a pair's query rows
+    computed = rows * key_tile * (pairs + add_tiles * tiles)
     useful = math.prod(axes[0]) * (math.prod(axes[1]) + int(additional_keys))
     extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
     return FusedTiles(mma, extents(qlog), extents(kvlog), computed / useful)

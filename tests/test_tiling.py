@@ -27,33 +27,49 @@ def _padded(value, rank: int, fill) -> list:
 
 
 def tiling(spatial, kernel, stride=1, dilation=1, causal=False, q_tile=None, kv_tile=None,
-           q_max_log=FWD_Q, kv_max_log=KV):
+           q_max_log=FWD_Q, kv_max_log=KV, halves=False):
     """fna::choose_tiling for a problem of rank len(spatial), padded to 3-D like the op."""
     r = len(spatial)
     tile = lambda t: [0, 0, 0] if t is None else _padded(t, r, 1)
     return ext.fna_tiling(_padded(spatial, r, 1), _padded(kernel, r, 1), _padded(stride, r, 1),
                           _padded(dilation, r, 1), _padded(causal, r, False), tile(q_tile),
-                          tile(kv_tile), q_max_log, kv_max_log)
+                          tile(kv_tile), q_max_log, kv_max_log, halves)
 
 
 @functools.lru_cache(maxsize=None)
-def _spans(L, k, s, d, c, ql):
-    """Per query tile [lo, hi] of 2^ql tokens in every dilation group: end(hi) - start(lo)."""
+def _windows(L, k, s, d, c, ql):
+    """Per query tile [lo, hi] of 2^ql tokens in every dilation group, and per half of it (the
+    first 2^(ql-1) queries, the rest): (start(first query), end(last query)) of the tile and of
+    its halves."""
     out = []
     for g in range(d):
         lg = int(_window.group_length(L, d, g))
-        lo = np.arange(0, lg, 1 << ql)
-        hi = np.minimum(lo + (1 << ql), lg) - 1
-        out += list(_window.window_end(hi, lg, k, s, c) - _window.window_start(lo, lg, k, s, c))
-    return tuple(int(x) for x in out)
+        span = lambda a, b: (int(_window.window_start(a, lg, k, s, c)),  # noqa: E731
+                             int(_window.window_end(b, lg, k, s, c)))
+        for lo in range(0, lg, 1 << ql):
+            hi = min(lo + (1 << ql), lg) - 1
+            halves = [span(f, min(f + (1 << ql) // 2, hi + 1) - 1)
+                      for f in range(lo, hi + 1, max(1, (1 << ql) // 2))] if ql else []
+            out.append((span(lo, hi), tuple(halves)))
+    return tuple(out)
 
 
-def _walk_cost(axes, qlog, kvlog):
+def _walk_cost(axes, qlog, kvlog, halves=False):
     """(query tile, key tile) pairs of the forward walk, counted tile by tile in every dilation
-    group: a query tile [lo, hi] walks the key tiles over [start(lo), end(hi))."""
-    cost = 1
-    for axis, ql, kl in zip(axes, qlog, kvlog):
-        cost *= sum(-(-span // (1 << kl)) for span in _spans(*axis, ql))
+    group: a query tile [lo, hi] walks the key tiles over [start(lo), end(hi)). `halves` (the
+    Hopper forward): a 2^(KV + 1)-token tile's halves along its first axis longer than one token
+    each compute the key tiles of that walk that meet their own windows, side by side (cost: the
+    halves' pairs over 2)."""
+    split = halves and sum(qlog) > KV
+    axis = next((a for a in range(3) if qlog[a] > 0), 2)
+    cost = 0.5 if split else 1
+    for a, (ax, ql, kl) in enumerate(zip(axes, qlog, kvlog)):
+        tk = 1 << kl
+        if split and a == axis:
+            cost *= sum(-(-(e - s0) // tk) - (s - s0) // tk
+                        for (s0, _), hs in _windows(*ax, ql) for s, e in hs)
+        else:
+            cost *= sum(-(-(e - s) // tk) for (s, e), _ in _windows(*ax, ql))
     return cost
 
 
@@ -67,13 +83,13 @@ def _shapes(axes, max_log):
     return [s for s in itertools.product(*(range(c + 1) for c in caps)) if sum(s) <= max_log]
 
 
-def _expected(axes, q_max_log, kv_max_log):
+def _expected(axes, q_max_log, kv_max_log, halves=False):
     """Cheapest (query, key) shapes; ties go to the later candidate; the key tile then grows along
     its first axis to the full size."""
     best = None
     for q in _shapes(axes, q_max_log):
         for kv in _shapes(axes, kv_max_log):
-            c = _walk_cost(axes, q, kv)
+            c = _walk_cost(axes, q, kv, halves)
             if best is None or c <= best[0]:
                 best = (c, q, kv)
     _, q, kv = best
@@ -88,14 +104,14 @@ PROBLEMS = [  # (spatial, kernel, stride, dilation, causal)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=str)
-@pytest.mark.parametrize("q_max_log", [FWD_Q, KV, 5])
-def test_automatic_tiles_are_the_cheapest_walk(problem, q_max_log):
+@pytest.mark.parametrize("q_max_log,halves", [(FWD_Q, False), (FWD_Q, True), (KV, False), (5, False)])
+def test_automatic_tiles_are_the_cheapest_walk(problem, q_max_log, halves):
     spatial, kernel, stride, dilation, causal = problem
     r = len(spatial)
     axes = list(zip(_padded(spatial, r, 1), _padded(kernel, r, 1), _padded(stride, r, 1),
                     _padded(dilation, r, 1), _padded(causal, r, False)))
-    got = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_max_log)
-    assert got == _expected(axes, q_max_log, KV)
+    got = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_max_log, halves=halves)
+    assert got == _expected(axes, q_max_log, KV, halves)
     assert sum(got[0]) <= q_max_log and sum(got[1]) == KV
 
 
@@ -150,7 +166,7 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
         plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
                                       **kw)
         q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,
-                      kv_max_log=kv_log)
+                      kv_max_log=kv_log, halves=family == "wgmma")
         assert plan.mma == family
         assert plan.q_tile == tuple(1 << x for x in q[3 - r:])
         assert plan.kv_tile == tuple(1 << x for x in k[3 - r:])
@@ -167,26 +183,40 @@ def test_forward_plan_follows_fused_config():
     assert (plan.q_tile, plan.kv_tile) == ((4, 16), (8, 8))
 
 
-def _computed_scores(spatial, kernel, stride, dilation, causal, q_tile, kv_tile, additional):
+def _computed_scores(spatial, kernel, stride, dilation, causal, q_tile, kv_tile, additional,
+                     halves=False):
     """Scores the forward computes, tile by tile: every query tile (of every combination of
     dilation groups) times the key tiles covering its windows' box, plus the additional keys'
-    tiles, whole tiles each."""
-    per_axis = []
-    for L, k, s, d, c, tq in zip(spatial, kernel, stride, dilation, causal, q_tile):
+    tiles, whole tiles each. `halves` (the Hopper forward): a 128-token tile's two halves along
+    its first axis longer than one token each compute, for its 64 rows, the key tiles of that box
+    that meet its own queries' windows (and every additional-key tile)."""
+    split = next(a for a in range(len(q_tile)) if q_tile[a] > 1) \
+        if halves and math.prod(q_tile) > 64 else -1
+    per_axis = []  # per axis, per query tile: [(origin, [(start, end) of each part])]
+    for a, (L, k, s, d, c, tq) in enumerate(zip(spatial, kernel, stride, dilation, causal,
+                                                q_tile)):
         tiles = []
         for g in range(d):
             lg = int(_window.group_length(L, d, g))
+            span = lambda x, y: (int(_window.window_start(x, lg, k, s, c)),  # noqa: E731
+                                 int(_window.window_end(y, lg, k, s, c)))
             for lo in range(0, lg, tq):
                 hi = min(lo + tq, lg) - 1
-                tiles.append((int(_window.window_start(lo, lg, k, s, c)),
-                              int(_window.window_end(hi, lg, k, s, c))))
+                parts = [span(lo, hi)] if a != split else [
+                    span(f, min(f + tq // 2, hi + 1) - 1) for f in range(lo, hi + 1, tq // 2)]
+                tiles.append((span(lo, hi)[0], parts))
         per_axis.append(tiles)
-    q_size, kv_size = math.prod(q_tile), math.prod(kv_tile)
+    rows = math.prod(q_tile) // (2 if split >= 0 else 1)
+    kv_size = math.prod(kv_tile)
     add_tiles = -(-additional // kv_size)
     total = 0
     for combo in itertools.product(*per_axis):
-        key_tiles = math.prod(-(-(e - s) // tk) for (s, e), tk in zip(combo, kv_tile))
-        total += q_size * kv_size * (key_tiles + add_tiles)
+        # Each part (half) of this query tile: the key tiles of the tile's own grid (from its
+        # origin per axis) that meet the part's window range.
+        counts = [[-(-(e - o) // tk) - (st - o) // tk for st, e in parts]
+                  for (o, parts), tk in zip(combo, kv_tile)]
+        for part in itertools.product(*counts):
+            total += rows * kv_size * (math.prod(part) + add_tiles)
     return total
 
 
@@ -203,6 +233,22 @@ def test_computed_over_useful_counts_every_tile(problem, additional):
     useful = math.prod(spatial) * (math.prod(per(kernel)) + additional)
     assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
     assert plan.computed_over_useful >= 1.0
+
+
+@pytest.mark.parametrize("problem", [p for p in PROBLEMS if sum(x > 1 for x in p[0]) > 1], ids=str)
+@pytest.mark.parametrize("additional", [0, 70])
+def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
+    """The Hopper forward's ratio counts what each warpgroup's half of a tile computes."""
+    spatial, kernel, stride, dilation, causal = problem
+    r = len(spatial)
+    per = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * r  # noqa: E731
+    plan = jax_natten.fused_tiles(spatial, kernel, stride=stride, dilation=dilation,
+                                  is_causal=causal, additional_keys=additional, device=HOPPER)
+    assert plan.mma == "wgmma"
+    computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation), per(causal),
+                                plan.q_tile, plan.kv_tile, additional, halves=True)
+    useful = math.prod(spatial) * (math.prod(per(kernel)) + additional)
+    assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
 
 
 def test_computed_over_useful_by_hand():

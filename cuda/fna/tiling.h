@@ -29,10 +29,19 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
 // dilation group, the sum over its query tiles [lo, hi] of the key tiles spanning [start(lo),
 // end(hi)). The walk is a box, so a problem's pairs are the product of its axes' counts.
 // pairs[ql][kl] for query tiles of 2^ql and key tiles of 2^kl tokens, ql <= max_q, kl <= max_kv.
+// halves[ql][kl] (ql >= 1): the same walk where each half of a query tile ([lo, lo + 2^(ql-1))
+// and the rest) computes only the key tiles of that walk that meet its own rows' windows: the
+// warp-specialized forward, whose two computing warpgroups own the halves of a 128-token tile
+// (forward.cu, own_key_range), summed over both halves.
 struct AxisPairs {
   int64_t pairs[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
+  int64_t halves[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
 
   AxisPairs(const AxisParams& ax, int max_q, int max_kv) {
+    auto start = [&](int i, int lg) {
+      return window_start(i, lg, ax.kernel, ax.stride, ax.causal);
+    };
+    auto end = [&](int i, int lg) { return window_end(i, lg, ax.kernel, ax.stride, ax.causal); };
     // Dilation groups have one of two lengths: L / d + 1 (the first L % d groups) and L / d.
     for (int longer = 0; longer <= 1; ++longer) {
       const int groups = longer ? ax.length % ax.dilation : ax.dilation - ax.length % ax.dilation;
@@ -42,14 +51,38 @@ struct AxisPairs {
         const int tq = 1 << ql;
         for (int lo = 0; lo < lg; lo += tq) {
           const int hi = imin(lo + tq, lg) - 1;
-          const int span = window_end(hi, lg, ax.kernel, ax.stride, ax.causal) -
-                           window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
-          for (int kl = 0; kl <= max_kv; ++kl) pairs[ql][kl] += int64_t{groups} * ceil_div(span, 1 << kl);
+          const int origin = start(lo, lg), span = end(hi, lg) - origin;
+          for (int kl = 0; kl <= max_kv; ++kl)
+            pairs[ql][kl] += int64_t{groups} * ceil_div(span, 1 << kl);
+          for (int h = 0; ql >= 1 && h < 2; ++h) {
+            const int first = lo + h * (tq / 2), last = imin(first + tq / 2, hi + 1) - 1;
+            if (first > last) continue;
+            const int a = start(first, lg) - origin, b = end(last, lg) - origin;
+            for (int kl = 0; kl <= max_kv; ++kl)
+              halves[ql][kl] += int64_t{groups} * (ceil_div(b, 1 << kl) - (a >> kl));
+          }
         }
       }
     }
   }
 };
+
+// The cost the chooser minimizes for query / key tile logs ql / kl: the walk's pairs (every pair
+// costs the same: the kernels compute whole tiles of their own row counts, whatever the shape's
+// token count). With `halves` (the warp-specialized forward, 2^(kTileLog + 1)-token tiles): a
+// full-size tile splits along its first axis longer than one token into the two computing
+// warpgroups' halves, which run side by side (cost: their pairs over 2); a smaller tile is all
+// the first warpgroup's.
+inline double walk_cost(const AxisPairs (&axes)[kMaxRank], const int (&ql)[kMaxRank],
+                        const int (&kl)[kMaxRank], bool halves) {
+  const bool split = halves && ql[0] + ql[1] + ql[2] > kTileLog;
+  const int axis = ql[0] > 0 ? 0 : (ql[1] > 0 ? 1 : 2);
+  double c = split ? 0.5 : 1.0;
+  for (int a = 0; a < kMaxRank; ++a)
+    c *= static_cast<double>(split && a == axis ? axes[a].halves[ql[a]][kl[a]]
+                                                : axes[a].pairs[ql[a]][kl[a]]);
+  return c;
+}
 
 // Every split of at most 2^max_log tokens over the axes that is no longer than an axis needs.
 template <typename F>
@@ -115,7 +148,7 @@ inline void fill_tile(int (&logs)[kMaxRank], int max_log) {
 // and the exact count costs O(tokens) per axis (~0.5 ms on a 32K-token axis). Shared by the
 // threads that call handlers (one per GPU, say); dropped whole if it ever grows large.
 struct TilingCache {
-  using Key = std::array<int, 5 * kMaxRank + 2 * kMaxRank + 4>;
+  using Key = std::array<int, 5 * kMaxRank + 2 * kMaxRank + 3>;
   std::mutex mutex;
   std::map<Key, Tiling> choices;
 
@@ -124,7 +157,7 @@ struct TilingCache {
     return cache;
   }
   static Key key(const Problem& p, const Tiling& given, int q_max_log, int kv_max_log,
-                 bool q_given, bool kv_given) {
+                 bool q_given, bool kv_given, bool halves) {
     Key k{};
     int i = 0;
     for (int a = 0; a < kMaxRank; ++a) {
@@ -136,13 +169,15 @@ struct TilingCache {
     }
     k[i++] = q_max_log;
     k[i++] = kv_max_log;
+    k[i++] = halves;
     return k;
   }
 };
 inline bool cached_tiling(const Problem& p, Tiling& t, int q_max_log, int kv_max_log, bool q_given,
-                          bool kv_given) {
+                          bool kv_given, bool halves) {
   TilingCache& c = TilingCache::get();
-  const TilingCache::Key k = TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given);
+  const TilingCache::Key k =
+      TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given, halves);
   std::lock_guard<std::mutex> lock(c.mutex);
   const auto it = c.choices.find(k);
   if (it == c.choices.end()) return false;
@@ -150,10 +185,11 @@ inline bool cached_tiling(const Problem& p, Tiling& t, int q_max_log, int kv_max
   return true;
 }
 inline void cache_tiling(const Problem& p, const Tiling& t, int q_max_log, int kv_max_log,
-                         bool q_given, bool kv_given) {
+                         bool q_given, bool kv_given, bool halves) {
   // (The key holds the given tiles, which the pick kept: t has them on the given sides.)
   TilingCache& c = TilingCache::get();
-  const TilingCache::Key k = TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given);
+  const TilingCache::Key k =
+      TilingCache::key(p, t, q_max_log, kv_max_log, q_given, kv_given, halves);
   std::lock_guard<std::mutex> lock(c.mutex);
   if (c.choices.size() >= 4096) c.choices.clear();
   c.choices.emplace(k, t);
@@ -163,13 +199,14 @@ inline void cache_tiling(const Problem& p, const Tiling& t, int q_max_log, int k
 // kTileLog for the backward, which splits a larger user tile along its longest axis);
 // `kv_max_log`: log2 of the key tile size (kTileLog, or less for the float32 kernels).
 inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int q_max_log,
-                                Tiling& t, int kv_max_log = kTileLog) {
+                                Tiling& t, int kv_max_log = kTileLog, bool halves = false) {
   bool q_given = false, kv_given = false;
   NATTEN_TRY(user_shape("q_tile", q_tile, kMaxQTileLog, t.qlog, q_given));
   NATTEN_TRY(user_shape("kv_tile", kv_tile, kTileLog, t.kvlog, kv_given));
   shrink_tile(t.qlog, q_given, q_max_log);
   shrink_tile(t.kvlog, kv_given, kv_max_log);
-  if (!(q_given && kv_given) && !cached_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given)) {
+  if (!(q_given && kv_given) &&
+      !cached_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given, halves)) {
     const AxisPairs axis_pairs[kMaxRank] = {AxisPairs(p.axis[0], q_max_log, kv_max_log),
                                             AxisPairs(p.axis[1], q_max_log, kv_max_log),
                                             AxisPairs(p.axis[2], q_max_log, kv_max_log)};
@@ -181,10 +218,7 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
       for_each_shape(p, kv_max_log, [&](int kx, int ky, int kz) {
         const int kl[3] = {kx, ky, kz};
         if (kv_given && (kx != t.kvlog[0] || ky != t.kvlog[1] || kz != t.kvlog[2])) return;
-        // The walk's pairs: every pair costs the same (the kernels compute whole tiles of their
-        // own row counts, whatever the shape's token count).
-        double c = 1;
-        for (int a = 0; a < kMaxRank; ++a) c *= static_cast<double>(axis_pairs[a].pairs[ql[a]][kl[a]]);
+        const double c = walk_cost(axis_pairs, ql, kl, halves);
         // Ties: the later candidate has longer z runs (contiguous rows) and wins.
         if (best < 0 || c <= best) {
           best = c;
@@ -196,7 +230,7 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
       });
     });
     t = pick;
-    cache_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given);
+    cache_tiling(p, t, q_max_log, kv_max_log, q_given, kv_given, halves);
   }
   fill_tile(t.kvlog, kv_max_log);
   return ok();
@@ -227,7 +261,7 @@ inline bool auto_forward_on_wgmma(const Problem& p) {
 inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
                                  bool f32, bool wgmma, Tiling& t) {
   return choose_tiling(p, q_tile, kv_tile, fwd_q_tile_log(dt, f32, wgmma), t,
-                       f32 ? f32_tile_log(dt) : kTileLog);
+                       f32 ? f32_tile_log(dt) : kTileLog, /*halves=*/wgmma && !f32);
 }
 
 }  // namespace fna
