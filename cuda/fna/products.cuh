@@ -155,15 +155,20 @@ __device__ __forceinline__ void wg_scores(float (&acc)[MT][8][4], const T* As, c
 template <typename T, int DT, int MT>
 __device__ __forceinline__ void wg_apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
                                          const T* Bs) {
+  // Every A fragment is packed before the first MMA: packing between them makes ptxas inject a
+  // warpgroup.arrive before each (C7519).
+  unsigned pa[MT][4][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) pack_a<T>(pa[mt][kk], p[mt], kk);
   wgmma_fence();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      unsigned pa[4];
-      pack_a<T>(pa, p[mt], kk);
-      wgmma_rs<T, DT, 1>(&acc[mt][0][0], pa, smem_desc(Bs + kk * 16 * DT, DT * 16, 128), 1);
-    }
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_rs<T, DT, 1>(&acc[mt][0][0], pa[mt][kk], smem_desc(Bs + kk * 16 * DT, DT * 16, 128),
+                         1);
   wgmma_commit();
   wgmma_wait<0>();
   reg_fence(acc);
