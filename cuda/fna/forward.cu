@@ -26,8 +26,38 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
   // only the difference from the row's max is rounded, never the logit itself (an ulp of a
   // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
   // the largest s has the largest logit.
-  float mul = a.scale_log2_abs;
-  bool biased = false;  // s holds x - m (m: the running max), mul = 1
+  // The online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)), run at the end
+  // of each tile kind's branch rather than after they join: a warpgroup MMA in flight across
+  // the softmax (the forward's one-step-ahead walk) is waited for at the first join of
+  // divergent paths (ptxas), so the softmax stays inside the branches.
+  auto online = [&](float mul, bool biased) {
+  #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+  #pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+  #pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+          mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+        const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
+        mx = fmaf(quad_max(mx), mul, off);  // mul > 0
+        const float m_new = fmaxf(m[mt][i], mx);
+        const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+        alpha[mt][i] = fast_exp2(m[mt][i] - base);
+        const float rel = off - base;  // exact where it matters (off near base)
+        m[mt][i] = m_new;
+        float sum = 0.f;
+  #pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
+          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
+          sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
+        }
+        l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
+      }
+    }
+  };
+  const float mul = a.scale_log2_abs;  // with a bias, the masked tiles' s is x - m and mul 1
   if (j < walk.spatial) {
     int o[3];
     bool full;
@@ -42,6 +72,7 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
       }
+      online(mul, false);
     } else {
       int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
 #pragma unroll
@@ -54,7 +85,6 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
       // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
       // instead (m: the running max, finite from the start, see above), whose roundings are
       // ulps of x - m, and mul becomes 1.
-      biased = rpb != nullptr;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
@@ -86,7 +116,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
           }
         }
       }
-      if (biased) mul = 1.f;
+      if (rpb != nullptr)
+        online(1.f, true);
+      else
+        online(mul, false);
     }
   } else {
     const int s0 = (j - walk.spatial) * kRows;
@@ -97,35 +130,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
-  }
-
-  // Online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)).
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-        mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-      const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
-      mx = fmaf(quad_max(mx), mul, off);  // mul > 0
-      const float m_new = fmaxf(m[mt][i], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      alpha[mt][i] = fast_exp2(m[mt][i] - base);
-      const float rel = off - base;  // exact where it matters (off near base)
-      m[mt][i] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
-        s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
-        sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
-      }
-      l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
-    }
+    online(mul, false);
   }
 }
+
 
 // acc *= alpha per row (the online softmax's correction, once the products into acc are done).
 template <int DT, int MT>
@@ -489,46 +497,48 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     wgmma_commit();
   };
   mbar_wait(q_full, 0);
-  int j = -1;                              // the step whose P is in s, its product not issued
-  int n = next_step(0, walk.total);        // the step whose scores come next (total: none)
-  int resume = walk.total;                 // where the search goes on once j's stage is free
-  while (j >= 0 || n < walk.total) {
-    const bool scores = n < walk.total;
-    float s_next[1][8][4], alpha[1][2];
-    if (scores) issue_scores(s_next, n);
-    if (j >= 0) issue_values(j);
-    if (scores) {
-      if (j >= 0)
-        wgmma_wait<1>();  // step n's scores (committed first)
-      else
+  // The walk runs one computed step ahead: step n's s = q k^T is issued before step j's o += P v
+  // (P = 0 before the first step), and n's masking and softmax run while that product is in
+  // flight; acc takes n's correction once it is done. n stays within kStages of j (j's stage is
+  // held until its product is done: further on, the producer could not fill n's stage); where
+  // the next computed step is further, step j's product first runs alone (drain).
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.f;
+  int j = -1;  // the step whose P is in s (its product not issued yet); -1: none
+  int next = 0;  // where the search for the next computed step goes on
+  while (true) {
+    const int end = j < 0 ? walk.total : imin(walk.total, j + kStages);
+    const int n = next_step(next, end);
+    if (n == end) {  // no computed step close enough (or none left)
+      if (j >= 0) {  // drain: step j's product alone
+        issue_values(j);
         wgmma_wait<0>();
-      reg_fence(s_next);
-      softmax_step<1, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
-    }
-    if (j >= 0) {
-      wgmma_wait<0>();
-      reg_fence(acc);
-      ring.release(j);  // both products that read step j's stage have completed
-    }
-    if (scores) {
-      rescale<DT, 1>(acc, alpha);
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nb][e] = s_next[0][nb][e];
-    }
-    j = scores ? n : -1;
-    if (j >= 0) {
-      const int window = imin(walk.total, j + kStages);
-      n = next_step(j + 1, window);
-      if (n == window && window < walk.total) {  // none close: step j's product alone next
-        resume = window;
-        n = walk.total;
+        reg_fence(acc);
+        ring.release(j);
+        j = -1;
+        next = end;
+        continue;
       }
-    } else {
-      n = next_step(resume, walk.total);
-      resume = walk.total;
+      break;
     }
+    float s_next[1][8][4], alpha[1][2];
+    issue_scores(s_next, n);
+    issue_values(j >= 0 ? j : n);
+    wgmma_wait<1>();  // step n's scores (committed first)
+    reg_fence(s_next);
+    softmax_step<1, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    wgmma_wait<0>();
+    reg_fence(acc);
+    if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
+    rescale<DT, 1>(acc, alpha);
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nb][e] = s_next[0][nb][e];
+    j = n;
+    next = n + 1;
   }
   store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
 }
