@@ -11,22 +11,53 @@ namespace {
 
 // One step of the walk after its products s = q k^T (raw, unscaled): masks the tile as its kind
 // needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
-// the weights exp2(x - m), m / l / acc are updated (acc rescaled). `current` counts the spatial
-// key tiles. Shared by the forward kernels (rows: tile_row<MT, kWg>).
-template <int DT, int MT, bool kWg>
+// the weights exp2(x - m), m and l are updated, and alpha is the factor the accumulator takes
+// (rescale) before this step's o += P v. `current` counts the spatial key tiles. Shared by the
+// forward kernels (rows: tile_row<MT, kWg>).
+template <int MT, bool kWg>
 __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
                                              TileCounter& current, int j, const Box& qb,
                                              const float* rpb, const int* Win,
                                              float (&s)[MT][8][4], float (&m)[MT][2],
-                                             float (&l)[MT][2], float (&acc)[MT][DT / 8][4]) {
+                                             float (&l)[MT][2], float (&alpha)[MT][2]) {
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
   // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
   // only the difference from the row's max is rounded, never the logit itself (an ulp of a
   // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
   // the largest s has the largest logit.
-  float mul = a.scale_log2_abs;
-  bool biased = false;  // s holds x - m (m: the running max), mul = 1
+  // The online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)), run at the end
+  // of each tile kind's branch rather than after they join: a warpgroup MMA in flight across
+  // the softmax (the forward's one-step-ahead walk) is waited for at the first join of
+  // divergent paths (ptxas), so the softmax stays inside the branches.
+  auto online = [&](float mul, bool biased) {
+  #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+  #pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+  #pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+          mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+        const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
+        mx = fmaf(quad_max(mx), mul, off);  // mul > 0
+        const float m_new = fmaxf(m[mt][i], mx);
+        const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+        alpha[mt][i] = fast_exp2(m[mt][i] - base);
+        const float rel = off - base;  // exact where it matters (off near base)
+        m[mt][i] = m_new;
+        float sum = 0.f;
+  #pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
+          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
+          sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
+        }
+        l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
+      }
+    }
+  };
+  const float mul = a.scale_log2_abs;  // with a bias, the masked tiles' s is x - m and mul 1
   if (j < walk.spatial) {
     int o[3];
     bool full;
@@ -41,6 +72,7 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
       }
+      online(mul, false);
     } else {
       int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
 #pragma unroll
@@ -53,7 +85,6 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
       // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
       // instead (m: the running max, finite from the start, see above), whose roundings are
       // ulps of x - m, and mul becomes 1.
-      biased = rpb != nullptr;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
@@ -85,7 +116,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
           }
         }
       }
-      if (biased) mul = 1.f;
+      if (rpb != nullptr)
+        online(1.f, true);
+      else
+        online(mul, false);
     }
   } else {
     const int s0 = (j - walk.spatial) * kRows;
@@ -96,39 +130,23 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
+    online(mul, false);
   }
+}
 
-  // Online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)).
+
+// acc *= alpha per row (the online softmax's correction, once the products into acc are done).
+template <int DT, int MT>
+__device__ __forceinline__ void rescale(float (&acc)[MT][DT / 8][4], const float (&alpha)[MT][2]) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-        mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-      const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
-      mx = fmaf(quad_max(mx), mul, off);  // mul > 0
-      const float m_new = fmaxf(m[mt][i], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      const float alpha = fast_exp2(m[mt][i] - base);
-      const float rel = off - base;  // exact where it matters (off near base)
-      m[mt][i] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
-        s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
-        sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
-      }
-      l[mt][i] = l[mt][i] * alpha + sum;
-#pragma unroll
-      for (int nb = 0; nb < DT / 8; ++nb) {
-        acc[mt][nb][2 * i] *= alpha;
-        acc[mt][nb][2 * i + 1] *= alpha;
-      }
+    for (int nb = 0; nb < DT / 8; ++nb) {
+      acc[mt][nb][0] *= alpha[mt][0];
+      acc[mt][nb][1] *= alpha[mt][0];
+      acc[mt][nb][2] *= alpha[mt][1];
+      acc[mt][nb][3] *= alpha[mt][1];
     }
-  }
 }
 
 // With rpb, the masked tiles form logits relative to the running max m, so m starts finite: at
@@ -331,7 +349,9 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
       tile_scores<T, DT, MT, kWg>(s, Qs, ks);
     }
 
-    softmax_step<DT, MT, kWg>(a, walk, current, j, qb, rpb, Win, s, m, l, acc);
+    float alpha[MT][2];
+    softmax_step<MT, kWg>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
+    rescale<DT, MT>(acc, alpha);
     tile_apply<T, DT, MT, kWg>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer
   }
@@ -421,36 +441,104 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   // would.
   int own_axis, own_lo, own_hi;
   const bool own_rows = own_key_range(a, qb, wg, own_axis, own_lo, own_hi);
-  TileCounter current;  // the spatial key tile being computed
+  TileCounter current;  // the spatial key tile whose softmax comes next
   current.reset();
-  mbar_wait(q_full, 0);
-  for (int j = 0; j < walk.total; ++j) {
-    ring.wait(j);
-    const int st = ring.stage(j);
-    bool skip = !own_rows;
-    if (j < walk.spatial && own_axis >= 0) {
-      // The tile's keys on that axis (key_tile's origin; constant indices keep the arrays in
-      // registers).
-      int o = 0, t = 0;
+  // Whether step j is computed: a warpgroup with rows computes every tile of additional keys and
+  // the spatial tiles that meet its rows' windows on the split axis (own_key_range).
+  auto computed = [&](int j) {
+    if (!own_rows) return false;
+    if (j >= walk.spatial || own_axis < 0) return true;
+    int o = 0, t = 0;  // the tile's keys on that axis (constant indices keep arrays in registers)
 #pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        if (ax == own_axis) {
-          o = walk.box_lo[ax] + (current.j[ax] << a.kvlog[ax]);
-          t = 1 << a.kvlog[ax];
-        }
+    for (int ax = 0; ax < 3; ++ax) {
+      if (ax == own_axis) {
+        o = walk.box_lo[ax] + (current.j[ax] << a.kvlog[ax]);
+        t = 1 << a.kvlog[ax];
       }
-      skip = skip || o >= own_hi || o + t <= own_lo;
     }
-    if (skip) {  // uniform over the warpgroup
+    return o < own_hi && o + t > own_lo;
+  };
+  // The first computed step in [j, end) (its stage full), releasing the skipped ones; end if none.
+  auto next_step = [&](int j, int end) {
+    for (; j < end; ++j) {
+      ring.wait(j);
+      if (computed(j)) break;
       if (j < walk.spatial) current.next(walk.n);
       ring.release(j);
-      continue;
     }
-    float s[1][8][4];
-    wg_scores<T, DT, 1>(s, qs, Ks + st * kRows * DT);
-    softmax_step<DT, 1, true>(a, walk, current, j, qb, rpb, Win, s, m, l, acc);
-    wg_apply<T, DT, 1>(acc, s, Vs + st * kRows * DT);
-    ring.release(j);  // both products that read the stage have completed
+    return j;
+  };
+  float s[1][8][4];  // the scores, then the weights P, of the step whose product comes next
+  auto issue_scores = [&](float (&sc)[1][8][4], int j) {
+    const T* ks = Ks + ring.stage(j) * kRows * DT;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk)
+      wgmma_ss64<T>(&sc[0][0][0], smem_desc(qs + kk * 128, 128, DT * 16),
+                    smem_desc(ks + kk * 128, 128, DT * 16), kk);
+    wgmma_commit();
+  };
+
+  // The walk runs one computed step ahead: step n's s = q k^T is issued before step j's o += P v,
+  // and n's masking and softmax run while that product is in flight; acc takes n's correction
+  // once it is done. n stays within kStages of j (j's stage is held until its product is done:
+  // further on, the producer could not fill n's); where no computed step is that close, step j's
+  // product runs alone first. Each product is issued from one place (ptxas serializes wgmmas
+  // whose accumulators come from several, C7514).
+  auto issue_values = [&](int j) {
+    unsigned pa[4][4];  // P of step j as the A operand, k16 steps kk
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) pack_a<T>(pa[kk], s[0], kk);
+    const T* vs = Vs + ring.stage(j) * kRows * DT;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], smem_desc(vs + kk * 16 * DT, DT * 16, 128), 1);
+    wgmma_commit();
+  };
+  mbar_wait(q_full, 0);
+  // The walk runs one computed step ahead: step n's s = q k^T is issued before step j's o += P v
+  // (P = 0 before the first step), and n's masking and softmax run while that product is in
+  // flight; acc takes n's correction once it is done. n stays within kStages of j (j's stage is
+  // held until its product is done: further on, the producer could not fill n's stage); where
+  // the next computed step is further, step j's product first runs alone (drain).
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.f;
+  int j = -1;  // the step whose P is in s (its product not issued yet); -1: none
+  int next = 0;  // where the search for the next computed step goes on
+  while (true) {
+    const int end = j < 0 ? walk.total : imin(walk.total, j + kStages);
+    const int n = next_step(next, end);
+    if (n == end) {  // no computed step close enough (or none left)
+      if (j >= 0) {  // drain: step j's product alone
+        issue_values(j);
+        wgmma_wait<0>();
+        reg_fence(acc);
+        ring.release(j);
+        j = -1;
+        next = end;
+        continue;
+      }
+      break;
+    }
+    float s_next[1][8][4], alpha[1][2];
+    issue_scores(s_next, n);
+    issue_values(j >= 0 ? j : n);
+    wgmma_wait<1>();  // step n's scores (committed first)
+    reg_fence(s_next);
+    softmax_step<1, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    wgmma_wait<0>();
+    reg_fence(acc);
+    if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
+    rescale<DT, 1>(acc, alpha);
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nb][e] = s_next[0][nb][e];
+    j = n;
+    next = n + 1;
   }
   store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
 }
