@@ -19,6 +19,18 @@
 // consumer's accumulators many. The kernel is compiled with a per-thread cap (launch bounds); the
 // producer's branch returns before the consumer's code, which runs after its own setmaxnreg (the
 // consumer's values are built after the split: whatever lives across it must fit the cap).
+//
+// Keeping warpgroup MMAs asynchronous. ptxas decides per kernel whether wgmma may stay in flight
+// while other code runs; when it cannot prove that safe it serializes every wgmma of the kernel
+// (a wait after each) and says so only in "ptxas info" lines, codes C7510..C7520 (.ci/
+// kernel_report.py lists them and fails CI on them). What has triggered it here: too few
+// registers for the accumulators in flight (C7512: 104 per thread at head-dim tile 64); an
+// accumulator written from two issue sites that meet in a loop (C7514); issues or waits under
+// conditions, and per-thread branches, inside the in-flight window (C7518 / C7520). Silently,
+// ptxas also moves a wait up to the first join of divergent paths inside the window, so code
+// meant to overlap an MMA (a softmax with per-tile-kind branches) must finish inside each branch.
+// And pack register A operands before the first MMA of a group: packing between them makes it
+// inject a warpgroup.arrive before each (C7519).
 #pragma once
 
 #include <cstdint>
