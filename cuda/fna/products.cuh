@@ -43,6 +43,23 @@ __device__ __forceinline__ void b_frag_kn(unsigned (&f)[4], const T* s, int n0, 
 // A warp owns MT m16 tiles (rows row0 + 16 mt): every B fragment loaded from shared memory feeds
 // MT products, which is what makes MT = 2 cheaper in shared-memory bandwidth per flop.
 //
+// One k16 step kk of acc[mt][16 x 64] += A B^T: A fragments af[mt] of that step, the 64 B rows of
+// `Bs` (each B fragment read once, used MT times).
+template <typename T, int DT, int MT>
+__device__ __forceinline__ void scores_step(float (&acc)[MT][8][4], const unsigned (&af)[MT][4],
+                                            const T* Bs, int kk) {
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    unsigned bf[4];
+    b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma16816<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+      mma16816<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+    }
+  }
+}
+
 // acc[mt][16 x 64] += A[16 x DT] B^T, A rows of `As` from row0 + 16 mt, B rows of `Bs`.
 template <typename T, int DT, int MT>
 __device__ __forceinline__ void scores(float (&acc)[MT][8][4], const T* As, int row0, const T* Bs) {
@@ -51,16 +68,7 @@ __device__ __forceinline__ void scores(float (&acc)[MT][8][4], const T* As, int 
     unsigned af[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) a_frag<T, DT>(af[mt], As, row0 + 16 * mt, kk);
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      unsigned bf[4];
-      b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma16816<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
-        mma16816<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
-      }
-    }
+    scores_step<T, DT, MT>(acc, af, Bs, kk);
   }
 }
 
@@ -70,16 +78,12 @@ __device__ __forceinline__ void scores_regs(float (&acc)[MT][8][4],
                                             const unsigned (&af)[MT][DT / 16][4], const T* Bs) {
 #pragma unroll
   for (int kk = 0; kk < DT / 16; ++kk) {
+    unsigned step[MT][4];
 #pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      unsigned bf[4];
-      b_frag_nk<T, DT>(bf, Bs, np * 16, kk);
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma16816<T>(acc[mt][2 * np], af[mt][kk], bf[0], bf[1]);
-        mma16816<T>(acc[mt][2 * np + 1], af[mt][kk], bf[2], bf[3]);
-      }
-    }
+      for (int e = 0; e < 4; ++e) step[mt][e] = af[mt][kk][e];
+    scores_step<T, DT, MT>(acc, step, Bs, kk);
   }
 }
 

@@ -51,18 +51,26 @@ __device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3
   return (static_cast<int64_t>(x) * a.Y + y) * a.Z + z;
 }
 
+// Row r of tile b (extents 2^logs): its local coordinates c. Returns whether it is inside the
+// problem (every coordinate below the box's end).
+__device__ __forceinline__ bool box_row(const Box& b, const int (&logs)[kMaxRank], int r,
+                                        int (&c)[3]) {
+  int off[3];
+  tile_offsets(r, logs, off);
+  bool ok = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    c[ax] = b.lo[ax] + off[ax];
+    ok = ok && c[ax] < b.hi[ax];
+  }
+  return ok;
+}
+
 // Row r of query tile qb: its local coordinates qc and its global row (token * heads + h, tokens
 // counted from batch row row0; -1 outside the problem). Returns whether it is inside.
 __device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb, int r, int64_t row0,
                                              int h, int (&qc)[3], int64_t& row) {
-  int off[3];
-  tile_offsets(r, a.qlog, off);
-  bool ok = true;
-#pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {
-    qc[ax] = qb.lo[ax] + off[ax];
-    ok = ok && qc[ax] < qb.hi[ax];
-  }
+  const bool ok = box_row(qb, a.qlog, r, qc);
   row = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
   return ok;
 }
@@ -223,14 +231,7 @@ struct QueryWalk {
 // windows hold it (first qf, count qn; qn = 0 for rows outside the problem). False outside.
 __device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int r, int (&kl)[3],
                                             int (&qf)[3], int (&qn)[3]) {
-  int off[3];
-  tile_offsets(r, a.kvlog, off);
-  bool ok = true;
-#pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {
-    kl[ax] = kb.lo[ax] + off[ax];
-    ok = ok && kl[ax] < kb.hi[ax];
-  }
+  const bool ok = box_row(kb, a.kvlog, r, kl);
 #pragma unroll
   for (int ax = 0; ax < 3; ++ax) {
     const AxisParams& ap = a.ax[ax];
