@@ -406,6 +406,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     const KeyWalk walk = key_walk(a, qb);
     KeyStager<T, DT, kRows, true> keys(a);
     for (int j = 0; j < walk.total; ++j) {
+      if (!ring.free(j)) handoff.flush();  // the pending step may be what holds stage j (Handoff)
       ring.acquire(j);
       const int st = ring.stage(j);
       keys(a, p, walk, qb, b, row0, kvh, j, Ks + st * kRows * DT, Vs + st * kRows * DT);

@@ -69,6 +69,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
       : "memory");
 #endif
 }
+// Whether the phase with this parity has completed (no waiting).
+__device__ __forceinline__ bool mbar_done(uint64_t* bar, unsigned parity) {
+  unsigned done = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+#endif
+  return done != 0;
+}
 // Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads of the CTA: one role only.
 __device__ __forceinline__ void role_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -110,6 +124,10 @@ struct StageRing {
   __device__ __forceinline__ void acquire(int64_t step) const {
     if (step >= kStages) mbar_wait(empty + stage(step), parity(step) ^ 1u);
   }
+  // Producer: whether acquire(step) would return at once.
+  __device__ __forceinline__ bool free(int64_t step) const {
+    return step < kStages || mbar_done(empty + stage(step), parity(step) ^ 1u);
+  }
   // Consumer: wait for step's tiles; release them once done reading.
   __device__ __forceinline__ void wait(int64_t step) const {
     mbar_wait(full + stage(step), parity(step));
@@ -119,7 +137,9 @@ struct StageRing {
 
 // The producer thread's one pending arrival (see above): after committing a cp.async group for a
 // barrier, `then` makes the previous group visible and arrives on its barrier; `flush` does the
-// same for the last group.
+// same for the last group. A producer about to block in acquire flushes first: a consumer that
+// holds one stage while it waits for a later one (the forward looks ahead) may be waiting for
+// exactly the pending arrival, and it releases nothing until that arrives.
 struct Handoff {
   uint64_t* pending = nullptr;
   __device__ __forceinline__ void then(uint64_t* bar) {
