@@ -5,7 +5,8 @@
 
 `q_tile` / `kv_tile`: the query tile and key tile of the FNA kernels, one power-of-two extent per
 spatial axis (e.g. 1-D (128,), 2-D (8, 16), 3-D (4, 4, 8)); query tiles hold at most 128 tokens
-(kernels with smaller tiles, the backward and float32 ones, halve a larger tile along its
+(kernels with smaller tiles, the backward, the float32 ones and the Hopper forward at head dims up
+to 64, halve a larger tile along its
 longest axis until it fits), key tiles at most 64 (a smaller key tile grows along its first axis
 to the kernel's full tile). `None` (the default) lets the kernels choose: they count the (query
 tile, key tile) pairs each candidate shape would visit on the problem at hand and take the fewest.
@@ -161,7 +162,8 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     mma, qlog, kvlog = ffi._ext.fna_forward_plan(
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
         ffi.LIMITS["mma_codes"][settings.mma], hopper)
-    # The Hopper forward's 128-token tiles are two warpgroups' halves, split along the tile's
+    # The warp-specialized Hopper forward's 128-token tiles (head-dim tile 128; 64-token tiles
+    # on the one-warpgroup kernel below that) are two warpgroups' halves, split along the tile's
     # first axis longer than one token, each computing only the key tiles its queries reach.
     halves = mma == "wgmma" and (1 << sum(qlog)) > _WARPGROUP_ROWS
     split = next(a for a in range(3) if qlog[a] > 0) if halves else -1

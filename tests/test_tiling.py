@@ -151,22 +151,27 @@ AMPERE = types.SimpleNamespace(compute_capability="8.0")
 @pytest.mark.parametrize("problem", PROBLEMS, ids=str)
 def test_forward_plan_is_the_kernels_tile_sizes(problem):
     """fused_tiles (the handler's host code) walks the tile sizes each forward kernel computes:
-    128-token query tiles on both MMA families, float32 64 (32 at head-dim tile 128); key tiles 64
-    (float32: as its query tiles)."""
+    128-token query tiles on mma.sync and on the warp-specialized wgmma kernel (head-dim tile
+    128, whose two warpgroups' halves the chooser counts), 64 on the one-warpgroup wgmma kernel
+    (head-dim tiles 32 and 64), float32 64 (32 at head-dim tile 128); key tiles 64 (float32: as
+    its query tiles)."""
     spatial, kernel, stride, dilation, causal = problem
     r = len(spatial)
     kw = dict(stride=stride, dilation=dilation, is_causal=causal)
+    hopper_family = "wgmma" if sum(s > 1 for s in spatial) > 1 else "mma_sync"
     for device, dtype, dim, family, q_log, kv_log in [
-            (HOPPER, "bfloat16", 64, "wgmma" if sum(s > 1 for s in spatial) > 1 else "mma_sync",
-             None, KV),
+            (HOPPER, "bfloat16", 32, hopper_family, None, KV),
+            (HOPPER, "bfloat16", 64, hopper_family, None, KV),
+            (HOPPER, "float16", 128, hopper_family, None, KV),
             (AMPERE, "float16", 128, "mma_sync", FWD_Q, KV),
             (HOPPER, "float32", 64, "simt", KV, KV), (HOPPER, "float32", 128, "simt", 5, 5)]:
+        warp_specialized = family == "wgmma" and dim > 64
         if q_log is None:
-            q_log = FWD_Q
+            q_log = KV if family == "wgmma" and not warp_specialized else FWD_Q
         plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
                                       **kw)
         q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,
-                      kv_max_log=kv_log, halves=family == "wgmma")
+                      kv_max_log=kv_log, halves=warp_specialized)
         assert plan.mma == family
         assert plan.q_tile == tuple(1 << x for x in q[3 - r:])
         assert plan.kv_tile == tuple(1 << x for x in k[3 - r:])
@@ -238,17 +243,22 @@ def test_computed_over_useful_counts_every_tile(problem, additional):
 @pytest.mark.parametrize("problem", [p for p in PROBLEMS if sum(x > 1 for x in p[0]) > 1], ids=str)
 @pytest.mark.parametrize("additional", [0, 70])
 def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
-    """The Hopper forward's ratio counts what each warpgroup's half of a tile computes."""
+    """The warp-specialized Hopper forward's ratio (head dim 128) counts what each warpgroup's
+    half of a tile computes; the one-warpgroup kernel's (head dim 64) its 64-token tiles whole."""
     spatial, kernel, stride, dilation, causal = problem
     r = len(spatial)
     per = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * r  # noqa: E731
-    plan = jax_natten.fused_tiles(spatial, kernel, stride=stride, dilation=dilation,
-                                  is_causal=causal, additional_keys=additional, device=HOPPER)
-    assert plan.mma == "wgmma"
-    computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation), per(causal),
-                                plan.q_tile, plan.kv_tile, additional, halves=True)
     useful = math.prod(spatial) * (math.prod(per(kernel)) + additional)
-    assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
+    for dim, halves in [(128, True), (64, False)]:
+        plan = jax_natten.fused_tiles(spatial, kernel, stride=stride, dilation=dilation,
+                                      is_causal=causal, additional_keys=additional, device=HOPPER,
+                                      head_dim=dim)
+        assert plan.mma == "wgmma"
+        assert math.prod(plan.q_tile) <= (128 if halves else 64)
+        computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation),
+                                    per(causal), plan.q_tile, plan.kv_tile, additional,
+                                    halves=halves)
+        assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
 
 
 def test_computed_over_useful_by_hand():

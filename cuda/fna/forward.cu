@@ -13,8 +13,12 @@ namespace {
 // needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
 // the weights exp2(x - m), m and l are updated, and alpha is the factor the accumulator takes
 // (rescale) before this step's o += P v. `current` counts the spatial key tiles. Shared by the
-// forward kernels (rows: tile_row<MT, kWg>).
-template <int MT, bool kWg>
+// forward kernels (rows: tile_row<MT, kWg>). kInBranches: the online softmax runs at the end of
+// each tile kind's branch (the warp-specialized kernel, which keeps an MMA in flight across it,
+// see `online`); otherwise once after the branches join, so that the exponentials are one copy
+// of code, not four (the synchronous kernels: four copies made the mma.sync forward 12% longer
+// and 9% slower).
+template <int MT, bool kWg, bool kInBranches>
 __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
                                              TileCounter& current, int j, const Box& qb,
                                              const float* rpb, const int* Win,
@@ -26,10 +30,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
   // only the difference from the row's max is rounded, never the logit itself (an ulp of a
   // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
   // the largest s has the largest logit.
-  // The online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)), run at the end
-  // of each tile kind's branch rather than after they join: a warpgroup MMA in flight across
-  // the softmax (the forward's one-step-ahead walk) is waited for at the first join of
-  // divergent paths (ptxas), so the softmax stays inside the branches.
+  // The online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)). With
+  // kInBranches it runs at the end of each tile kind's branch rather than after they join: a
+  // warpgroup MMA in flight across the softmax (the warp-specialized forward's one-step-ahead
+  // walk) is waited for at the first join of divergent paths (ptxas).
   auto online = [&](float mul, bool biased) {
   #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -57,6 +61,18 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
       }
     }
   };
+  // The branches end in finish(mul, biased): the online softmax there, or the arguments kept for
+  // the one after the join.
+  float join_mul = a.scale_log2_abs;
+  bool join_biased = false;
+  auto finish = [&](float mul_, bool biased_) {
+    if constexpr (kInBranches) {
+      online(mul_, biased_);
+    } else {
+      join_mul = mul_;
+      join_biased = biased_;
+    }
+  };
   const float mul = a.scale_log2_abs;  // with a bias, the masked tiles' s is x - m and mul 1
   if (j < walk.spatial) {
     int o[3];
@@ -72,7 +88,7 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][nb][e] = -s[mt][nb][e];
       }
-      online(mul, false);
+      finish(mul, false);
     } else {
       int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
 #pragma unroll
@@ -117,9 +133,9 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
         }
       }
       if (rpb != nullptr)
-        online(1.f, true);
+        finish(1.f, true);
       else
-        online(mul, false);
+        finish(mul, false);
     }
   } else {
     const int s0 = (j - walk.spatial) * kRows;
@@ -130,10 +146,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           s[mt][nb][e] = s0 + frag_col(nb, e) < a.S ? s[mt][nb][e] * a.scale_sign : -INFINITY;
-    online(mul, false);
+    finish(mul, false);
   }
+  if constexpr (!kInBranches) online(join_mul, join_biased);
 }
-
 
 // acc *= alpha per row (the online softmax's correction, once the products into acc are done).
 template <int DT, int MT>
@@ -350,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     }
 
     float alpha[MT][2];
-    softmax_step<MT, kWg>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
+    softmax_step<MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
     rescale<DT, MT>(acc, alpha);
     tile_apply<T, DT, MT, kWg>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer
@@ -529,7 +545,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     issue_values(j >= 0 ? j : n);
     wgmma_wait<1>();  // step n's scores (committed first)
     reg_fence(s_next);
-    softmax_step<1, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    softmax_step<1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
     wgmma_wait<0>();
     reg_fence(acc);
     if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
@@ -547,7 +563,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
 template <typename T, int DT, bool kWg>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-  if constexpr (kWg) {
+  if constexpr (kWg && fwd_warp_specialized(DT)) {
     constexpr int kSmem = fwd_ws_smem(DT, sizeof(T));
     return launch_kernel<fna_fwd_ws_kernel<T, DT>>("fna forward", kSmem, kSmem, grid, stream, a,
                                                     p, kFwdWsThreads);

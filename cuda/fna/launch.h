@@ -35,7 +35,8 @@ constexpr int fwd_m_tiles_log(int dt, bool wg) { return wg ? 0 : (dt <= 128 ? 1 
 constexpr int fwd_m_tiles(int dt, bool wg) { return 1 << fwd_m_tiles_log(dt, wg); }
 static_assert(kTileLog + fwd_m_tiles_log(32, false) == fwd_q_tile_log(32, false, false) &&
                   kTileLog + fwd_m_tiles_log(128, false) == fwd_q_tile_log(128, false, false) &&
-                  1 << fwd_q_tile_log(32, false, true) == kFwdWsQRows &&
+                  fwd_q_tile_log(32, false, true) == kTileLog + fwd_m_tiles_log(32, true) &&
+                  fwd_warp_specialized(128) &&
                   1 << fwd_q_tile_log(128, false, true) == kFwdWsQRows,
               "the forward kernels' query tiles are the ones tiling.h plans for");
 // The same for the dq kernel, which holds two more score tiles (dP, dS) per m16 tile.

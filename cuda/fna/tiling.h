@@ -237,13 +237,19 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
 }
 
 // ---- the forward's tiles ------------------------------------------------------------------------
+// Whether the Hopper (wgmma) forward at head-dim tile dt is the warp-specialized kernel (128-token
+// query tiles: a producer warpgroup and two computing warpgroups of 64 rows, forward.cu
+// fna_fwd_ws_kernel) or the one-warpgroup kernel (64-token tiles, several CTAs per SM). Measured
+// on an H100 (BENCHMARKS.md, 2026-12-06 later): the warp-specialized one wins at 128 (3d-video
+// 13.1 -> 9.6 ms) and loses at 32 and 64 (2d-large 3.0 -> 4.6 ms).
+constexpr bool fwd_warp_specialized(int dt) { return dt >= 128; }
 // log2 tokens of the float32 kernels' tiles (simt_f32.cu: 128 threads, a row per 2 threads, per 4
-// at head-dim tile 128), and of the forward's query tiles: 128 on both MMA families (wgmma: two
-// computing warpgroups of one m64 block each; mma.sync: two m16 tiles per warp). launch.h and
-// simt_f32.cu check that their kernels agree.
+// at head-dim tile 128), and of the forward's query tiles: 128 on mma.sync (two m16 tiles per
+// warp) and on the warp-specialized wgmma kernel, 64 on the one-warpgroup wgmma kernel. launch.h
+// and simt_f32.cu check that their kernels agree.
 constexpr int f32_tile_log(int dt) { return dt <= 64 ? 6 : 5; }
 constexpr int fwd_q_tile_log(int dt, bool f32, bool wgmma) {
-  return f32 ? f32_tile_log(dt) : kTileLog + 1;
+  return f32 ? f32_tile_log(dt) : (wgmma && !fwd_warp_specialized(dt) ? kTileLog : kTileLog + 1);
 }
 
 // Whether the automatic choice (`mma` 0) runs the forward on wgmma where it could: on every
@@ -261,7 +267,8 @@ inline bool auto_forward_on_wgmma(const Problem& p) {
 inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
                                  bool f32, bool wgmma, Tiling& t) {
   return choose_tiling(p, q_tile, kv_tile, fwd_q_tile_log(dt, f32, wgmma), t,
-                       f32 ? f32_tile_log(dt) : kTileLog, /*halves=*/wgmma && !f32);
+                       f32 ? f32_tile_log(dt) : kTileLog,
+                       /*halves=*/wgmma && !f32 && fwd_warp_specialized(dt));
 }
 
 }  // namespace fna
