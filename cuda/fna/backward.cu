@@ -8,13 +8,15 @@
 // dq = dS k [64 queries x DT], and the copy engine adds it to a float32 workspace
 // (cp.reduce.async.bulk, one row per query), which launch_backward_dq_convert scales and rounds
 // afterwards. The adds land in any order, so kDq is the non-deterministic mode. kDq is also
-// warp-specialized (pipeline.cuh): a producer warpgroup (warps 8-11) stages the key tile, then
+// warp-specialized (pipeline.cuh): a producer warpgroup (the last) stages the key tile, then
 // each query tile's q, do, softmax statistics and delta into a ring of bwd_stages stages, while
-// two computing warpgroups (warps 0-3 and 4-7) walk them, each owning 64 of the tile's 128 keys
-// (its S^T, dP^T, dk, dv); setmaxnreg splits the registers between the roles
-// (kBwdProducerRegs, kBwdConsumerRegs). The two share every staged query tile and every dq row:
+// kDqWgs computing warpgroups (warps 0-3, and 4-7 with two) walk them, each owning 64 of the
+// tile's keys (its S^T, dP^T, dk, dv); setmaxnreg splits the registers between the roles
+// (bwd_producer_regs, bwd_consumer_regs). Two share every staged query tile and every dq row:
 // dq = dS k sums over all 128 keys, each warpgroup forming and adding half of its columns, so
-// per key the staging and the workspace adds cost half of what a 64-key tile's would.
+// per key the staging and the workspace adds cost half of what a 64-key tile's would (measured
+// faster on 1-D problems, slower on 2-D ones, whose 128-key tiles walk more query tiles: tiling.h
+// bwd_dq_warpgroups picks).
 #include <type_traits>
 
 #include "fna.cuh"
@@ -27,15 +29,17 @@ namespace fna {
 namespace {
 
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
-// row block of keys either way. kDq: also dq and d-rpb (see above; wgmma only).
-template <typename T, int DT, bool kWg, bool kDq>
-__global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
+// row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
+// many computing warpgroups (see above; wgmma only).
+template <typename T, int DT, bool kWg, int kDqWgs>
+__global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
+  constexpr bool kDq = kDqWgs > 0;
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
   constexpr int kLd = kWg ? DT : DT + 8;
-  constexpr int kStages = bwd_stages(kDq);
-  constexpr int kKeys = bwd_key_rows(kDq);             // key rows: 64 per computing warpgroup
-  constexpr int kCompute = bwd_compute_threads(kDq);   // the computing warpgroups' threads
+  constexpr int kStages = bwd_stages(kDqWgs);
+  constexpr int kKeys = bwd_key_rows(kDqWgs);             // key rows: 64 per computing warpgroup
+  constexpr int kCompute = bwd_compute_threads(kDqWgs);   // the computing warpgroups' threads
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);   // [kKeys][kLd]
   T* Vs = Ks + kKeys * kLd;
@@ -47,7 +51,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
   // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
   // (core-matrix tiles, keys x queries, two buffers: step i writes buffer i % 2), the step's dq
   // rows (float32, padded rows: conflict-free fragment stores, 16-byte aligned for the bulk
-  // copies; warpgroup g writes and adds columns [g DT / 2, (g + 1) DT / 2)), then d-rpb.
+  // copies; warpgroup g writes and adds columns [g kN, (g + 1) kN), kN = DT / kDqWgs), then d-rpb.
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
   T* Ss = reinterpret_cast<T*>(bars + 8);
   float* Qacc = reinterpret_cast<float*>(Ss + 2 * kKeys * kRows);
@@ -122,8 +126,8 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
     cp_async_commit();
   };
 
-  // Feeding the walk. kDq (Hopper): warpgroup 2 is the producer (pipeline.cuh) that stages the
-  // key tile, then each query tile into a ring of kStages stages; warpgroups 0 and 1 compute. Else the
+  // Feeding the walk. kDq (Hopper): the last warpgroup is the producer (pipeline.cuh) that stages the
+  // key tile, then each query tile into a ring of kStages stages; the others compute. Else the
   // CTA's one warpgroup stages the next query tile itself while it computes on the current one.
   // Each role builds its own walk (QueryWalk) after the split: values live across it would be
   // held in the launch's 128 registers per thread.
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
     }
     __syncthreads();
     if (threadIdx.x >= kCompute) {  // the producer
-      regs_shrink<kBwdProducerRegs>();
+      regs_shrink<bwd_producer_regs(kDqWgs)>();
       const QueryWalk walk(a, kb, spatial, kvh);
       QueryWalk::Cursor staged = walk.start();
       const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
       handoff.flush();
       return;
     }
-    regs_grow<kBwdConsumerRegs>();
+    regs_grow<bwd_consumer_regs(kDqWgs)>();
   } else {
     stage_keys();
   }
@@ -418,7 +422,7 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
         // Columns [wg kN, (wg + 1) kN) of dq[64 queries x DT] = dS k over all kKeys keys: A = dS^T
         // read MN-major (queries contiguous; k16 step kk: key rows 16 kk..), B = the key tile
         // read MN-major from column wg kN.
-        constexpr int kN = DT / 2;
+        constexpr int kN = DT / kDqWgs;
         float dq[kN / 8][4];
         wgmma_fence();
 #pragma unroll
@@ -492,27 +496,29 @@ __global__ void __launch_bounds__(bwd_threads(kDq), bwd_min_ctas(kDq))
                     a.dim_v);
 }
 
-template <typename T, int DT, bool kWg, bool kDq>
+template <typename T, int DT, bool kWg, int kDqWgs>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  const int smem = bwd_smem(DT, sizeof(T), kWg, kDq) + (kDq && a.drpb_in_smem ? a.R * 4 : 0);
+  const int smem =
+      bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
-  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDq>>(
-      kDq ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid, stream,
-      a, p, bwd_threads(kDq));
+  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs>>(
+      kDqWgs ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid,
+      stream, a, p, bwd_threads(kDqWgs));
 }
 
 }  // namespace
 
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              bool with_dq, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
-    if (!wgmma) return launch<T, DT, false, false>(stream, a, p, batch);
-    if (!with_dq) return launch<T, DT, true, false>(stream, a, p, batch);
+    if (!wgmma) return launch<T, DT, false, 0>(stream, a, p, batch);
+    if (dq_wgs == 0) return launch<T, DT, true, 0>(stream, a, p, batch);
     if constexpr (DT <= 64) {  // the handler's schedule: the 128 tile runs the dq kernel
-      return launch<T, DT, true, true>(stream, a, p, batch);
+      return dq_wgs == 2 ? launch<T, DT, true, 2>(stream, a, p, batch)
+                         : launch<T, DT, true, 1>(stream, a, p, batch);
     } else {
       return invalid("fused: no single-walk backward for head-dim tile 128");
     }

@@ -29,7 +29,8 @@
 //   convert kernel then writes dq. The adds land in any order (last bits vary run to run). Its
 //   CTA has two roles (pipeline.cuh): a producer warpgroup stages the query-side tiles into a
 //   ring of shared-memory stages handed over by mbarriers, two warpgroups compute, each on 64
-//   keys of the CTA's 128-key tile (bwd_key_rows), sharing every staged tile and dq row.
+//   keys of the CTA's 128-key tile on 1-D problems (bwd_key_rows; one warpgroup of 64 keys
+//   elsewhere, tiling.h bwd_dq_warpgroups), sharing every staged tile and dq row.
 //   Deterministic mode and mma.sync (sm_80): fna_dq_kernel (backward_dq.cu) walks the forward's
 //   key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk / dv only: no
 //   atomics on dq. d-rpb is summed in shared memory per CTA and added to the output with one
@@ -112,29 +113,35 @@ constexpr int fwd_ws_smem(int dt, int elem) {
 // spreads a warp's fragment stores over the banks).
 template <int DT>
 constexpr int kDqLd = DT + 8;
-// The key-side backward: stages of its query-side tiles (q, do, stats, delta), key rows per CTA,
-// threads per CTA and, for its warp-specialized variant (dq in the walk, pipeline.cuh), each
-// role's registers. Without dq: one warpgroup, 64 keys, 2 CTAs per SM. With dq: two computing
-// warpgroups of 64 keys each (a 128-key tile: every staged q / do tile and every dq row added to
-// the workspace serves twice the keys) and a producer warpgroup, one CTA per SM: 64K registers,
-// 168 per thread at launch, moved from the producer's address arithmetic to the computing
-// warpgroups' accumulators (128 x 56 + 256 x 224 = 64K).
-constexpr int bwd_stages(bool dq) { return dq ? 3 : 2; }
-constexpr int bwd_key_rows(bool dq) { return dq ? 2 * kRows : kRows; }
-constexpr int bwd_compute_threads(bool dq) { return dq ? 2 * kThreads : kThreads; }
-constexpr int bwd_threads(bool dq) { return bwd_compute_threads(dq) + (dq ? kThreads : 0); }
-constexpr int bwd_min_ctas(bool dq) { return dq ? 1 : 2; }
-constexpr int kBwdProducerRegs = 56;
-constexpr int kBwdConsumerRegs = 224;
-static_assert(kThreads * kBwdProducerRegs + 2 * kThreads * kBwdConsumerRegs <= 64 * 1024,
-              "the roles' registers fit the SM's 64K");
+// The key-side backward (backward.cu), by its variant kDqWgs: 0, dk / dv only, one warpgroup
+// that stages and computes 64 keys, 2 CTAs per SM; 1 or 2, warp-specialized with dq in the walk
+// (pipeline.cuh): a producer warpgroup and kDqWgs computing warpgroups of 64 keys each. With two
+// (a 128-key tile) every staged q / do tile and every dq row added to the workspace serves twice
+// the keys, at one CTA per SM; with one, 2 CTAs per SM. Per variant: stages of the query-side
+// tiles (q, do, stats, delta), key rows, threads, and the roles' registers (setmaxnreg): the
+// launch's share of the SM's 64K registers, moved from the producer's address arithmetic to the
+// computing warpgroups' accumulators.
+constexpr int bwd_stages(int dq_wgs) { return dq_wgs ? 3 : 2; }
+constexpr int bwd_compute_wgs(int dq_wgs) { return dq_wgs ? dq_wgs : 1; }
+constexpr int bwd_key_rows(int dq_wgs) { return bwd_compute_wgs(dq_wgs) * kRows; }
+constexpr int bwd_compute_threads(int dq_wgs) { return bwd_compute_wgs(dq_wgs) * kThreads; }
+constexpr int bwd_threads(int dq_wgs) {
+  return bwd_compute_threads(dq_wgs) + (dq_wgs ? kThreads : 0);
+}
+constexpr int bwd_min_ctas(int dq_wgs) { return dq_wgs == 2 ? 1 : 2; }
+constexpr int bwd_producer_regs(int dq_wgs) { return dq_wgs == 2 ? 56 : 40; }
+constexpr int bwd_consumer_regs(int dq_wgs) { return dq_wgs == 2 ? 224 : 216; }
+static_assert(kThreads * bwd_producer_regs(1) + kThreads * bwd_consumer_regs(1) <= 32 * 1024 &&
+                  kThreads * bwd_producer_regs(2) + 2 * kThreads * bwd_consumer_regs(2) <=
+                      64 * 1024,
+              "the roles' registers fit the CTA's share of the SM's 64K");
 // k, v (bwd_key_rows), stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes),
 // two dS^T buffers (keys x 64 queries) and the float32 dq rows.
-constexpr int bwd_smem(int dt, int elem, bool wg, bool dq) {
-  return 2 * bwd_key_rows(dq) * (wg ? dt : dt + 8) * elem +
-         2 * bwd_stages(dq) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
-         3 * bwd_stages(dq) * kRows * 4 +
-         (dq ? 64 + 2 * bwd_key_rows(dq) * kRows * elem + kRows * (dt + 8) * 4 : 0);
+constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs) {
+  return 2 * bwd_key_rows(dq_wgs) * (wg ? dt : dt + 8) * elem +
+         2 * bwd_stages(dq_wgs) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
+         3 * bwd_stages(dq_wgs) * kRows * 4 +
+         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0);
 }
 
 }  // namespace fna

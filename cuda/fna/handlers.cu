@@ -225,18 +225,19 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   // Without a dq workspace (the caller's choice where it cannot be used; B * N * H = 0 too)
   // the two-kernel schedule runs.
   const bool single_walk = wgmma && deterministic == 0 && dt <= 64 && have_dq_acc;
+  const int dq_wgs = single_walk ? bwd_dq_warpgroups(p) : 0;  // its computing warpgroups
   // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
   // and key tiles of bwd_key_rows (float32: both 2^f32_tile_log(dt)). A user's key tile (at most
-  // 64 tokens) is grown along the first axis to the single walk's 128 (fill_tile).
+  // 64 tokens) is grown along the first axis to a two-warpgroup walk's 128 (fill_tile).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
   const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
-  const int kv_log = f32 ? f32_tile_log(dt) : log2_exact(bwd_key_rows(single_walk));
+  const int kv_log = f32 ? f32_tile_log(dt) : log2_exact(bwd_key_rows(dq_wgs));
   Tiling dq_tiling, kv_tiling;
   NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
   if (single_walk) {
-    const int bytes = bwd_smem(dt, 2, true, true);
+    const int bytes = bwd_smem(dt, 2, true, dq_wgs);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
   } else {
     NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, q_log));
@@ -276,7 +277,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       NATTEN_TRY(launch_backward_f32(stream, dt, dq_args, kv_args, ptr, n));
     } else {
       if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
-      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, single_walk, kv_args, ptr, n));
+      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, kv_args, ptr, n));
     }
   }
   if (single_walk) NATTEN_TRY(launch_backward_dq_convert(stream, t, kv_args, ptr, B));

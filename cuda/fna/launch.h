@@ -100,11 +100,11 @@ ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const Fna
 // dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                               const FnaArgs& a, const FnaPtrs& p, int64_t batch);
-// dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with `with_dq` (wgmma only) dq
-// into the float32 workspace p.dq_acc (zeroed first) and d-rpb. Grid: (a.kv_tiles + a.add_tiles,
-// kv_heads, batch).
+// dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
+// into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
+// (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              bool with_dq, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 // dq = scale * dq_acc, rounded to the dtype, for all `batch` elements.
 ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                       const FnaPtrs& p, int64_t batch);

@@ -257,11 +257,19 @@ constexpr int fwd_q_tile_log(int dt, bool f32, bool wgmma) {
 // tiles) measured faster on the H200 than the wgmma one (64-token tiles: twice the key-tile
 // loads; 1-D tiles are mostly unmasked, so the wgmma kernel's extra occupancy buys little):
 // BENCHMARKS.md, 1d-long.
-inline bool auto_forward_on_wgmma(const Problem& p) {
-  int long_axes = 0;
-  for (int ax = 0; ax < kMaxRank; ++ax) long_axes += p.extent[ax] > 1;
-  return long_axes > 1;
+inline int long_axes(const Problem& p) {
+  int n = 0;
+  for (int ax = 0; ax < kMaxRank; ++ax) n += p.extent[ax] > 1;
+  return n;
 }
+inline bool auto_forward_on_wgmma(const Problem& p) { return long_axes(p) > 1; }
+
+// Computing warpgroups of the Hopper single-walk backward (fna.cuh, bwd_*): two, on 128-key
+// tiles, for 1-D problems; one, on 64-key tiles, elsewhere. Measured on an H100 (BENCHMARKS.md,
+// 2026-12-06 later): 128-key tiles made the 1-D backward 9% faster and the 2-D ones 6-14%
+// slower, where a 128-key box's inverse neighborhood spans more query tiles (2d-large: 1.74x the
+// useful scores instead of 1.50x).
+inline int bwd_dq_warpgroups(const Problem& p) { return long_axes(p) > 1 ? 1 : 2; }
 
 // The forward's tiles for problem p: the user's (checked) or the cheapest walk's.
 inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
