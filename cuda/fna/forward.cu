@@ -1,5 +1,7 @@
 // FNA forward (fna.cuh): o = softmax(scale * q.k + rpb) v over each query's neighborhood and the
 // additional keys, lse = log(sum(exp(logits))). One CTA per (query tile, head, batch).
+#include <type_traits>
+
 #include "fna.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
@@ -90,52 +92,98 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
       }
       finish(mul, false);
     } else {
-      int wr[MT][2][6];  // the thread's rows' windows, read once per masked tile
+      // The thread's rows' windows ([start, length) per axis), read once per masked tile.
+      auto read_windows = [&](int mt, int i, int (&w)[6]) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int e = 0; e < 6; ++e) wr[mt][i][e] = Win[frag_row(mt, i) * 6 + e];
+        for (int e = 0; e < 6; ++e) w[e] = Win[frag_row(mt, i) * 6 + e];
+      };
       // With a bias, s * mul + bias rounded to float32 would lose the bias and the logits'
       // differences once the logits are large: the tile holds x - m = fma(s, mul, -m) + bias
       // instead (m: the running max, finite from the start, see above), whose roundings are
-      // ulps of x - m, and mul becomes 1.
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          int koff[3], kl[3];
-          tile_offsets(frag_col(nb, c), a.kvlog, koff);
-#pragma unroll
-          for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + koff[ax];
+      // ulps of x - m, and mul becomes 1. `bias`: std::true_type / std::false_type on wgmma
+      // (compiled apart, so the common case runs no per-element branch) or a bool on mma.sync
+      // (one path for both: compiled twice, those kernels spill).
+      auto mask = [&](auto bias) {
+        // Without a bias, on wgmma (two rows a thread): per row, the tile's keys inside its
+        // window as a bit set (key_tile_mask), shifted to the thread's first column; element
+        // (nb, c) is then bit 8 nb + c, a constant position, instead of a test per axis per
+        // element.
+        constexpr bool kBits = kWg && std::is_same_v<decltype(bias), std::false_type>;
+        if constexpr (kBits) {
+          const int first_col = frag_col(0, 0);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const int* w = wr[mt][i];
-              bool in = true;
+              int w[6];
+              read_windows(mt, i, w);
+              int lo[3], hi[3];
 #pragma unroll
-              for (int ax = 0; ax < 3; ++ax)
-                in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
-                               static_cast<unsigned>(w[2 * ax + 1]);
-              float x = s[mt][nb][2 * i + c] * a.scale_sign;
-              if (in && rpb != nullptr) {
-                int qo[3], qc[3];
-                tile_offsets(frag_row(mt, i), a.qlog, qo);
-#pragma unroll
-                for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
-                x = fmaf(x, mul, -m[mt][i]) + __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
+              for (int ax = 0; ax < 3; ++ax) {
+                const int extent = 1 << a.kvlog[ax];
+                lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
+                hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
               }
-              s[mt][nb][2 * i + c] = in ? x : -INFINITY;
+              const uint64_t bits = key_tile_mask(a.kvlog, a.kv_rep, lo, hi) >> first_col;
+              const unsigned half[2] = {static_cast<unsigned>(bits),
+                                        static_cast<unsigned>(bits >> 32)};
+#pragma unroll
+              for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                  const bool in = (half[nb >> 2] >> (8 * (nb & 3) + c)) & 1u;
+                  s[mt][nb][2 * i + c] = in ? s[mt][nb][2 * i + c] * a.scale_sign : -INFINITY;
+                }
+            }
+          }
+        } else {
+          int wr[MT][2][6];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) read_windows(mt, i, wr[mt][i]);
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              int koff[3], kl[3];
+              tile_offsets(frag_col(nb, c), a.kvlog, koff);
+#pragma unroll
+              for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + koff[ax];
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                  const int* w = wr[mt][i];
+                  bool in = true;
+#pragma unroll
+                  for (int ax = 0; ax < 3; ++ax)
+                    in = in && static_cast<unsigned>(kl[ax] - w[2 * ax]) <
+                                   static_cast<unsigned>(w[2 * ax + 1]);
+                  float x = s[mt][nb][2 * i + c] * a.scale_sign;
+                  if (bias && in) {
+                    int qo[3], qc[3];
+                    tile_offsets(frag_row(mt, i), a.qlog, qo);
+#pragma unroll
+                    for (int ax = 0; ax < 3; ++ax) qc[ax] = qb.lo[ax] + qo[ax];
+                    x = fmaf(x, mul, -m[mt][i]) + __ldg(rpb + rpb_index(a, qc, kl)) * kLog2e;
+                  }
+                  s[mt][nb][2 * i + c] = in ? x : -INFINITY;
+                }
+              }
             }
           }
         }
+        finish(bias ? 1.f : mul, bias);
+      };
+      if constexpr (kWg) {
+        if (rpb != nullptr)
+          mask(std::true_type{});
+        else
+          mask(std::false_type{});
+      } else {
+        mask(rpb != nullptr);
       }
-      if (rpb != nullptr)
-        finish(1.f, true);
-      else
-        finish(mul, false);
     }
   } else {
     const int s0 = (j - walk.spatial) * kRows;
