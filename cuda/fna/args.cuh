@@ -18,7 +18,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // A 64-bit word with one bit set at the start of every run of 2^run_log bits (run_log <= 6): the
-// factor that repeats a pattern of one run over the word (walk.cuh, key_tile_mask).
+// factor that repeats a pattern of one run over the word (walk.cuh, tile_mask).
 __host__ __device__ constexpr uint64_t run_repeat(int run_log) {
   return run_log >= 6 ? 1ull : ~0ull / ((1ull << (1 << run_log)) - 1);
 }
@@ -26,6 +26,15 @@ static_assert(run_repeat(0) == ~0ull && run_repeat(1) == 0x5555555555555555ull &
                   run_repeat(3) == 0x0101010101010101ull && run_repeat(5) == 0x0000000100000001ull &&
                   run_repeat(6) == 1ull,
               "run_repeat: one bit per run");
+
+// Per axis of a tile with extents 2^logs, the factor that repeats a pattern over the runs of
+// 2^(logs[ax] + later logs) bits (walk.cuh, tile_mask); the first axis's run is the whole word, so
+// a tile of fewer than 64 tokens has no bit past its last token.
+__host__ __device__ inline void tile_reps(const int (&logs)[kMaxRank], uint64_t (&rep)[kMaxRank]) {
+  rep[2] = run_repeat(logs[2]);
+  rep[1] = run_repeat(logs[1] + logs[2]);
+  rep[0] = run_repeat(6);
+}
 
 // Kernel arguments (trivially copyable; built by the handlers, tiling.h).
 struct FnaArgs {
@@ -42,7 +51,7 @@ struct FnaArgs {
   float scale_sign, scale_log2_abs;  // its sign (+-1) and magnitude (the forward folds the sign
                                      // into the scores: exact)
   int qlog[kMaxRank], kvlog[kMaxRank];  // log2 of the query / key tile extents
-  uint64_t kv_rep[kMaxRank];  // run_repeat(kvlog[ax] + later axes' kvlog): key_tile_mask
+  uint64_t q_rep[kMaxRank], kv_rep[kMaxRank];  // tile_reps(qlog), tile_reps(kvlog): tile_mask
   int q_tpg[kMaxRank], q_units[kMaxRank];    // query tiles per dilation group; d * q_tpg
   int kv_tpg[kMaxRank], kv_units[kMaxRank];  // the same for key tiles
   int64_t q_tiles, kv_tiles;    // tile slots (product of units)

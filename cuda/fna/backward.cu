@@ -311,6 +311,28 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     // per-element test: the common case of large windows), kBias for rpb / d-rpb.
     auto weights = [&](auto mask_tag, auto bias_tag) {
       constexpr bool kMask = decltype(mask_tag)::value, kBias = decltype(bias_tag)::value;
+      // Masked without a bias, on wgmma: per key row, the query tile's columns inside its inverse
+      // window (spatial) or inside the tile's box (additional keys) as a bit set (tile_mask),
+      // shifted to the thread's first column: element (nb, e) is bit 8 nb + e.
+      constexpr bool kBits = kMask && !kBias && kWg;
+      [[maybe_unused]] unsigned in_bits[2][2];
+      if constexpr (kBits) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          int lo[3], hi[3];
+#pragma unroll
+          for (int ax = 0; ax < 3; ++ax) {
+            const int extent = 1 << a.qlog[ax], first = spatial ? qf[i][ax] : t.box.lo[ax];
+            const int end = spatial ? qf[i][ax] + qn[i][ax] : t.box.hi[ax];
+            lo[ax] = imin(imax(first - t.box.lo[ax], 0), extent);
+            hi[ax] = imin(imax(end - t.box.lo[ax], 0), extent);
+          }
+          const bool any = key_ok[i] && (spatial || t.nonempty);
+          const uint64_t bits = any ? tile_mask(a.qlog, a.q_rep, lo, hi) >> frag_col(0, 0) : 0;
+          in_bits[i][0] = static_cast<unsigned>(bits);
+          in_bits[i][1] = static_cast<unsigned>(bits >> 32);
+        }
+      }
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
@@ -318,7 +340,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
           const int c = frag_col(nb, e);
           int qc[3] = {0, 0, 0};
           bool q_in = true;
-          if constexpr (kMask || kBias) {
+          if constexpr ((kMask || kBias) && !kBits) {
             int off[3];
             tile_offsets(c, a.qlog, off);
             q_in = spatial || t.nonempty;
@@ -335,7 +357,9 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
             // Keys past the problem (zero rows) are never stored, but their weights must stay
             // finite: they feed dq through zero key rows.
             bool in = q_in && key_ok[i];
-            if constexpr (kMask) {
+            if constexpr (kBits) {
+              in = (in_bits[i][nb >> 2] >> (8 * (nb & 3) + e)) & 1u;
+            } else if constexpr (kMask) {
               if (spatial) {
 #pragma unroll
                 for (int ax = 0; ax < 3; ++ax)

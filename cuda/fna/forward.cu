@@ -105,7 +105,7 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
       // (one path for both: compiled twice, those kernels spill).
       auto mask = [&](auto bias) {
         // Without a bias, on wgmma (two rows a thread): per row, the tile's keys inside its
-        // window as a bit set (key_tile_mask), shifted to the thread's first column; element
+        // window as a bit set (tile_mask), shifted to the thread's first column; element
         // (nb, c) is then bit 8 nb + c, a constant position, instead of a test per axis per
         // element.
         constexpr bool kBits = kWg && std::is_same_v<decltype(bias), std::false_type>;
@@ -124,7 +124,7 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
                 lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
                 hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
               }
-              const uint64_t bits = key_tile_mask(a.kvlog, a.kv_rep, lo, hi) >> first_col;
+              const uint64_t bits = tile_mask(a.kvlog, a.kv_rep, lo, hi) >> first_col;
               const unsigned half[2] = {static_cast<unsigned>(bits),
                                         static_cast<unsigned>(bits >> 32)};
 #pragma unroll

@@ -122,10 +122,8 @@ ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a)
   // Tiles of additional keys hold as many keys as a key tile (choose_tiling fills key tiles to the
   // kernel's tile size: 64 tokens, or 2^f32_tile_log for float32).
   a.add_tiles = ceil_div(a.S, 1 << (t.kvlog[0] + t.kvlog[1] + t.kvlog[2]));
-  for (int ax = kMaxRank - 1, run_log = 0; ax >= 0; --ax) {
-    run_log += t.kvlog[ax];
-    a.kv_rep[ax] = run_repeat(run_log);
-  }
+  tile_reps(t.qlog, a.q_rep);
+  tile_reps(t.kvlog, a.kv_rep);
   if (a.q_tiles + a.add_tiles >= (int64_t{1} << 31) || a.kv_tiles >= (int64_t{1} << 31))
     return invalid("problem too large for the fused kernels' grid");
   a.batch0 = 0;

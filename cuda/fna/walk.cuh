@@ -43,11 +43,12 @@ __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank],
   o[0] = r >> (logs[1] + logs[2]);
 }
 
-// The keys of a 64-token key tile (bit r: the key at offsets tile_offsets(r, kvlog); key tiles
-// hold 64 tokens, tiling.h fill_tile) whose offsets lie in [lo, hi) on every axis: a row's window
-// test for a whole tile at once. On axis ax those keys are, in each run of 2^(kvlog[ax] + later
-// axes' logs) bits, the bits [lo step, hi step) with step = 2^(later axes' logs): the bits below
-// hi step minus those below lo step, repeated in every run (times kv_rep[ax] = run_repeat).
+// The tokens of a tile of at most 64 (bit r: the token at offsets tile_offsets(r, logs)) whose
+// offsets lie in [lo, hi) on every axis, as a bit set: a window test for a whole tile row at once
+// (a query row against a key tile in the forward, a key row against a query tile in the
+// backward). On axis ax those tokens are, in each run of 2^(logs[ax] + later axes' logs) bits,
+// the bits [lo step, hi step) with step = 2^(later axes' logs): the bits below hi step minus
+// those below lo step, repeated in every run (times rep[ax], args.cuh tile_reps).
 __host__ __device__ __forceinline__ uint64_t bits_below(int n) {  // 0 <= n <= 64
 #if defined(__CUDA_ARCH__)
   uint64_t high;  // ~0 << n; PTX clamps shift amounts to 64 (a C++ shift by 64 is undefined)
@@ -57,15 +58,15 @@ __host__ __device__ __forceinline__ uint64_t bits_below(int n) {  // 0 <= n <= 6
   return n >= 64 ? ~0ull : (1ull << n) - 1;
 #endif
 }
-__host__ __device__ __forceinline__ uint64_t key_tile_mask(const int (&kvlog)[kMaxRank],
-                                                           const uint64_t (&kv_rep)[kMaxRank],
-                                                           const int (&lo)[3], const int (&hi)[3]) {
+__host__ __device__ __forceinline__ uint64_t tile_mask(const int (&logs)[kMaxRank],
+                                                       const uint64_t (&rep)[kMaxRank],
+                                                       const int (&lo)[3], const int (&hi)[3]) {
   uint64_t m = ~0ull;
   int step_log = 0;
 #pragma unroll
   for (int ax = kMaxRank - 1; ax >= 0; --ax) {
-    m &= (bits_below(hi[ax] << step_log) - bits_below(lo[ax] << step_log)) * kv_rep[ax];
-    step_log += kvlog[ax];
+    m &= (bits_below(hi[ax] << step_log) - bits_below(lo[ax] << step_log)) * rep[ax];
+    step_log += logs[ax];
   }
   return m;
 }
