@@ -7,6 +7,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "fna/tiling.h"  // host-only: the fused kernels' tile choice, exposed for tests
 #include "natten/cpu_handlers.h"
 #include "natten/limits.h"
+#include "natten/tile_mask.h"
 #include "natten/window.h"
 #ifdef JAX_NATTEN_WITH_CUDA
 #include "natten/cuda_handlers.h"
@@ -123,6 +125,29 @@ NB_MODULE(_natten_ext, m) {
         return out;
       },
       "[(first, last)] of natten::inverse_window for every key of one (undilated) axis.");
+
+  // tile_mask.h exposed so tests can check its bit sets against a per-token test.
+  m.def(
+      "tile_mask",
+      [](std::vector<int> logs, std::vector<int> lo, std::vector<int> hi) {
+        if (logs.size() != 3 || lo.size() != 3 || hi.size() != 3)
+          throw std::invalid_argument("tile_mask: logs, lo and hi take 3 entries each");
+        int l[3], a[3], b[3], sum = 0;
+        for (int ax = 0; ax < 3; ++ax) {
+          l[ax] = logs[ax];
+          a[ax] = lo[ax];
+          b[ax] = hi[ax];
+          sum += l[ax];
+          if (l[ax] < 0 || a[ax] < 0 || a[ax] > b[ax] || b[ax] > (1 << l[ax]))
+            throw std::invalid_argument("tile_mask: needs 0 <= lo <= hi <= 2^logs per axis");
+        }
+        if (sum > 6) throw std::invalid_argument("tile_mask: tiles of at most 64 tokens");
+        uint64_t rep[3];
+        natten::tile_reps(l, rep);
+        return natten::tile_mask(l, rep, a, b);
+      },
+      "natten::tile_mask: bit r set where token r of a tile with extents 2^logs (row-major) "
+      "has offsets in [lo, hi) on every axis.");
 
   // fna/tiling.h exposed so tests can check the fused kernels' tile choice on the host.
   m.def(

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "natten/tile_mask.h"
 #include "natten/window.h"
 
 namespace natten {
@@ -16,25 +17,6 @@ constexpr int kRows = 64;     // rows of every CTA tile (query tile, key tile)
 constexpr int kThreads = 128;  // 4 warps x 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// A 64-bit word with one bit set at the start of every run of 2^run_log bits (run_log <= 6): the
-// factor that repeats a pattern of one run over the word (walk.cuh, tile_mask).
-__host__ __device__ constexpr uint64_t run_repeat(int run_log) {
-  return run_log >= 6 ? 1ull : ~0ull / ((1ull << (1 << run_log)) - 1);
-}
-static_assert(run_repeat(0) == ~0ull && run_repeat(1) == 0x5555555555555555ull &&
-                  run_repeat(3) == 0x0101010101010101ull && run_repeat(5) == 0x0000000100000001ull &&
-                  run_repeat(6) == 1ull,
-              "run_repeat: one bit per run");
-
-// Per axis of a tile with extents 2^logs, the factor that repeats a pattern over the runs of
-// 2^(logs[ax] + later logs) bits (walk.cuh, tile_mask); the first axis's run is the whole word, so
-// a tile of fewer than 64 tokens has no bit past its last token.
-__host__ __device__ inline void tile_reps(const int (&logs)[kMaxRank], uint64_t (&rep)[kMaxRank]) {
-  rep[2] = run_repeat(logs[2]);
-  rep[1] = run_repeat(logs[1] + logs[2]);
-  rep[0] = run_repeat(6);
-}
 
 // Kernel arguments (trivially copyable; built by the handlers, tiling.h).
 struct FnaArgs {

@@ -43,34 +43,6 @@ __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank],
   o[0] = r >> (logs[1] + logs[2]);
 }
 
-// The tokens of a tile of at most 64 (bit r: the token at offsets tile_offsets(r, logs)) whose
-// offsets lie in [lo, hi) on every axis, as a bit set: a window test for a whole tile row at once
-// (a query row against a key tile in the forward, a key row against a query tile in the
-// backward). On axis ax those tokens are, in each run of 2^(logs[ax] + later axes' logs) bits,
-// the bits [lo step, hi step) with step = 2^(later axes' logs): the bits below hi step minus
-// those below lo step, repeated in every run (times rep[ax], args.cuh tile_reps).
-__host__ __device__ __forceinline__ uint64_t bits_below(int n) {  // 0 <= n <= 64
-#if defined(__CUDA_ARCH__)
-  uint64_t high;  // ~0 << n; PTX clamps shift amounts to 64 (a C++ shift by 64 is undefined)
-  asm("shl.b64 %0, %1, %2;" : "=l"(high) : "l"(~0ull), "r"(n));
-  return ~high;
-#else
-  return n >= 64 ? ~0ull : (1ull << n) - 1;
-#endif
-}
-__host__ __device__ __forceinline__ uint64_t tile_mask(const int (&logs)[kMaxRank],
-                                                       const uint64_t (&rep)[kMaxRank],
-                                                       const int (&lo)[3], const int (&hi)[3]) {
-  uint64_t m = ~0ull;
-  int step_log = 0;
-#pragma unroll
-  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
-    m &= (bits_below(hi[ax] << step_log) - bits_below(lo[ax] << step_log)) * rep[ax];
-    step_log += logs[ax];
-  }
-  return m;
-}
-
 // Token index of local coordinates l in dilation groups grp.
 __device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3], const int (&l)[3]) {
   const int x = grp[0] + l[0] * a.ax[0].dilation;
