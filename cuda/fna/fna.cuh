@@ -92,16 +92,17 @@ constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
 }
 // The warp-specialized forward (Hopper, forward.cu fna_fwd_ws_kernel): a producer warpgroup and two
 // computing warpgroups of 64 query rows each (128-token query tiles) sharing a ring of key-tile
-// stages, one CTA per SM (168 registers per thread at launch: 56 for the producer, 224 for the
-// computing threads). (Two CTAs per SM leave the computing threads 104 registers: too few for
+// stages, one CTA per SM (168 registers per thread at launch: 72 for the producer, whose key
+// staging spilled 25 instructions at 56, 216 for the computing threads, which need ~200 at
+// head-dim tile 128). (Two CTAs per SM leave the computing threads 104 registers: too few for
 // asynchronous wgmma at head-dim tile 64, which ptxas then serializes, C7512.)
 constexpr int kFwdWsThreads = 3 * kThreads;
 constexpr int kFwdWsQRows = 2 * kRows;
 constexpr int fwd_ws_min_ctas(int) { return 1; }
 constexpr int fwd_ws_stages(int) { return 3; }
-constexpr int fwd_ws_producer_regs(int) { return 56; }
-constexpr int fwd_ws_consumer_regs(int) { return 224; }
-static_assert(kThreads * fwd_ws_producer_regs(64) + 2 * kThreads * fwd_ws_consumer_regs(64) <=
+constexpr int fwd_ws_producer_regs(int) { return 72; }
+constexpr int fwd_ws_consumer_regs(int) { return 216; }
+static_assert(kThreads * fwd_ws_producer_regs(128) + 2 * kThreads * fwd_ws_consumer_regs(128) <=
                   kFwdWsThreads * 168,
               "the roles' registers fit what the CTA holds at launch");
 // q (128 rows), the stages' k and v, windows and own-key logits (7 ints / floats a row), barriers.
