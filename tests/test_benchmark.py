@@ -76,6 +76,15 @@ def test_cli_tiny_problem(tmp_path, capsys):
         assert all("skipped" in l and "[" in l for l in fused_rows)
         assert any(l.startswith("[") and "fused" in l for l in text.splitlines())
     assert any(" reference " in l and "1.00x" in l for l in rows)
+    # The backward alone (fwd+bwd - fwd) of every backend that measured both passes.
+    bwd_rows = {l.split()[1]: l.split() for l in text.splitlines()
+                if l.startswith("  custom ") and len(l.split()) == 6}
+    assert bwd_rows["peer:flex"][3:5] == ["1.500", "3.00"]  # 2.0 - 0.5 ms; 1.5 / 0.5
+    ref_bwd = by[("reference", "fwdbwd")]["ms"] - by[("reference", "fwd")]["ms"]
+    assert float(bwd_rows["reference"][3]) == pytest.approx(ref_bwd, abs=1e-3)
+    if ref_bwd > 0:  # (timings of a tiny problem: the backward could in principle vanish)
+        assert bwd_rows["reference"][5] == "1.00x"
+        assert bwd_rows["peer:flex"][5] == f"{ref_bwd / 1.5:.2f}x"
 
 
 def test_cli_list(capsys):

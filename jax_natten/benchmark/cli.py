@@ -282,6 +282,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         measured[0] if measured else None)
     report.add_speedups(records, baseline)
     print(report.table(records, memory=args.memory, title=report.header(records, env)))
+    backward = report.backward_table(records)
+    if backward:
+        print("\n" + backward)
     if args.json:
         report.write_json(args.json, records)
         print(f"\nwrote {len(records)} records to {args.json}")

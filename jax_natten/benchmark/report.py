@@ -114,6 +114,35 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
     return "\n".join(out)
 
 
+def backward_table(records: list) -> str:
+    """The backward alone, where a backend measured both passes of a problem: bwd = fwd+bwd - fwd
+    (ms), its cost in forwards (bwd/fwd: FlashAttention-class backwards take ~2-2.5) and, with a
+    baseline that measured both, the baseline's bwd over this one. Empty if no such pair."""
+    measured = {(r["problem"], r["op"], r["backend"], r["dtype"], r["pass"]): r["ms"]
+                for r in records if r["status"] in MEASURED and r["ms"]}
+    baseline = next((r.get("baseline") for r in records if r.get("baseline")), None)
+    rows, seen = [], set()
+    for r in records:
+        key = (r["problem"], r["op"], r["backend"], r["dtype"])
+        fwd, both = measured.get(key + ("fwd",)), measured.get(key + ("fwdbwd",))
+        if key in seen or fwd is None or both is None:
+            continue
+        seen.add(key)
+        bwd = both - fwd
+        base = (measured.get((key[0], key[1], baseline, key[3], "fwdbwd"), 0)
+                - measured.get((key[0], key[1], baseline, key[3], "fwd"), 0)) if baseline else 0
+        rows.append([key[0], key[2], key[3], f"{bwd:.3f}", f"{bwd / fwd:.2f}",
+                     f"{base / bwd:.2f}x" if base > 0 and bwd > 0 else "-"])
+    if not rows:
+        return ""
+    cols = ["backward", "backend", "dtype", "bwd ms", "bwd/fwd",
+            f"vs {baseline}" if baseline else "vs -"]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
+    line = lambda cells: "  " + "  ".join(  # noqa: E731
+        c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def header(records: list, env: dict) -> str:
     devices = sorted({r["device"] for r in records if r.get("device")})
     timers = sorted({r["timer"] for r in records if r.get("timer") in ("wall", "device")})
