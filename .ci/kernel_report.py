@@ -2,7 +2,7 @@
 serialization, per kernel instance.
 
     python .ci/kernel_report.py                 # cuda/fna/*.cu for sm_90a, a table
-    python .ci/kernel_report.py cuda/fna/forward.cu --arch 90a --filter ws_kernel
+    python .ci/kernel_report.py cuda/fna/forward_ws.cu --arch 90a --filter ws_kernel
 
 Compiles each file as the build does (same flags, an sm_90a image) with `-Xptxas -v`, one nvcc per
 file in parallel, and reads ptxas's report. ptxas says when it gives up on asynchronous wgmma

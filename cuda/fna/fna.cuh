@@ -65,7 +65,9 @@
 //   softmax.cuh    the backward's weights from the softmax statistics; exp2; quad reductions
 // and, below, each kernel's shared-memory size. Beside them: pipeline.cuh (producer / consumer
 // roles, Hopper), launch.h (tiles per warp, CTAs per SM, the one launcher), tiling.h (host: tile
-// shapes); the kernels: forward.cu, backward.cu (key side, and dq in the same walk on Hopper),
+// shapes); the kernels: forward.cu (synchronous) and forward_ws.cu (warp-specialized, Hopper),
+// sharing forward_step.cuh (masking, online softmax, epilogue); backward.cu (key side, and dq in
+// the same walk on Hopper),
 // backward_dq.cu, backward_rows.cu (delta, dq conversion), simt_f32.cu (float32); handlers.cu
 // (the FFI handlers).
 #pragma once
@@ -90,7 +92,7 @@ constexpr int fwd_smem(int dt, int elem, int mt, bool wg) {
 constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
   return (2 * mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 6 * 4;
 }
-// The warp-specialized forward (Hopper, forward.cu fna_fwd_ws_kernel): a producer warpgroup and two
+// The warp-specialized forward (Hopper, forward_ws.cu fna_fwd_ws_kernel): a producer warpgroup and two
 // computing warpgroups of 64 query rows each (128-token query tiles) sharing a ring of key-tile
 // stages, one CTA per SM (168 registers per thread at launch: 72 for the producer, whose key
 // staging spilled 25 instructions at 56, 216 for the computing threads, which need ~200 at

@@ -94,6 +94,10 @@ ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
 // in the backward launches).
 ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                           const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+// The same on the warp-specialized Hopper kernel (forward_ws.cu), which launch_forward picks where
+// fwd_warp_specialized(dt).
+ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                             const FnaPtrs& p, int64_t batch);
 // delta = rowsum(do * o32) - dlse for all `batch` elements (one grid-stride launch).
 ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                  const FnaPtrs& p, int64_t batch);

@@ -32,7 +32,7 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
 // halves[ql][kl] (ql >= 1): the same walk where each half of a query tile ([lo, lo + 2^(ql-1))
 // and the rest) computes only the key tiles of that walk that meet its own rows' windows: the
 // warp-specialized forward, whose two computing warpgroups own the halves of a 128-token tile
-// (forward.cu, own_key_range), summed over both halves.
+// (forward_ws.cu, own_key_range), summed over both halves.
 struct AxisPairs {
   int64_t pairs[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
   int64_t halves[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
@@ -238,7 +238,7 @@ inline ffi::Error choose_tiling(const Problem& p, I64Span q_tile, I64Span kv_til
 
 // ---- the forward's tiles ------------------------------------------------------------------------
 // Whether the Hopper (wgmma) forward at head-dim tile dt is the warp-specialized kernel (128-token
-// query tiles: a producer warpgroup and two computing warpgroups of 64 rows, forward.cu
+// query tiles: a producer warpgroup and two computing warpgroups of 64 rows, forward_ws.cu
 // fna_fwd_ws_kernel) or the one-warpgroup kernel (64-token tiles, several CTAs per SM). Measured
 // on an H100 (BENCHMARKS.md, 2026-12-06 later): the warp-specialized one wins at 128 (3d-video
 // 13.1 -> 9.6 ms) and loses at 32 and 64 (2d-large 3.0 -> 4.6 ms).

@@ -1,0 +1,245 @@
+// FNA forward on Hopper, warp-specialized (fna.cuh, "warp-specialized forward"; launch.h
+// launch_forward_ws): a producer warpgroup stages, two computing warpgroups of 64 query rows share
+// its stages. The steps it shares with the synchronous kernel are in forward_step.cuh.
+#include "forward_step.cuh"
+#include "launch.h"
+#include "pipeline.cuh"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+namespace {
+
+// Which keys warpgroup wg's rows of query tile qb reach, in the warp-specialized forward: rows
+// 64 wg .. 64 wg + 63 of a 128-token tile are one half of it along its first axis of more than
+// one token (the row index is row-major over the axes: its bit 6 belongs to that axis), so on
+// every other axis they reach the whole tile's key range, and on that one (`axis`) the local
+// keys [lo, hi). A tile of 64 tokens or fewer is all warpgroup 0's (axis = -1: no limit). False
+// when the warpgroup has no row inside the problem.
+__device__ __forceinline__ bool own_key_range(const FnaArgs& a, const Box& qb, int wg, int& axis,
+                                              int& lo, int& hi) {
+  axis = -1;
+  lo = hi = 0;
+  if (a.qlog[0] + a.qlog[1] + a.qlog[2] <= kTileLog) return wg == 0;
+  axis = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+  bool any = true;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {  // (constant indices keep qb in registers)
+    if (ax != axis) continue;
+    const int half = 1 << (a.qlog[ax] - 1);
+    const int first = qb.lo[ax] + wg * half, last = imin(first + half, qb.hi[ax]);
+    any = first < last;
+    if (any) {
+      lo = win_start(a.ax[ax], qb.lg[ax], first);
+      hi = win_end(a.ax[ax], qb.lg[ax], last - 1);
+    }
+  }
+  return any;
+}
+
+// Hopper, warp-specialized (fna.cuh, "warp-specialized forward"): warpgroup 2, the producer, stages
+// the 128-token query tile, then each key tile of the walk into a ring of stages (pipeline.cuh);
+// warpgroups 0 and 1 own 64 query rows each and compute on every key tile: s = q k^T and o += P v
+// on wgmma, with softmax_step's masking and online softmax between them. The computing warpgroups
+// never stage and never wait for each other: each waits until a stage is full and releases it
+// once its products have read it.
+template <typename T, int DT>
+__global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
+    fna_fwd_ws_kernel(const FnaArgs a, const FnaPtrs p) {
+  constexpr int kQRows = kFwdWsQRows;
+  constexpr int kStages = fwd_ws_stages(DT);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);     // [kQRows][DT], core matrices (natten/wgmma.cuh)
+  T* Ks = Qs + kQRows * DT;               // [kStages][kRows][DT]
+  T* Vs = Ks + kStages * kRows * DT;      // [kStages][kRows][DT]
+  int* Win = reinterpret_cast<int*>(Vs + kStages * kRows * DT);  // [kQRows][3 axes][start, length]
+  float* SelfLogit = reinterpret_cast<float*>(Win + kQRows * 6);  // [kQRows], with rpb
+  uint64_t* bars = reinterpret_cast<uint64_t*>(SelfLogit + kQRows);  // full, empty, query tile
+
+  Box qb;
+  if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
+  const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
+  const StageRing<kStages> ring{bars, bars + kStages};
+  uint64_t* const q_full = bars + 2 * kStages;
+  if (threadIdx.x == 0) {
+    ring.init(kThreads, 2 * kThreads);
+    mbar_init(q_full, kThreads);
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= 2 * kThreads) {  // the producer
+    regs_shrink<fwd_ws_producer_regs(DT)>();
+    Handoff handoff;
+    {
+      const TileRows<DT, kQRows, true> qrows(a, a.qlog);
+      const int lim[3] = {qb.hi[0] - qb.lo[0], qb.hi[1] - qb.lo[1], qb.hi[2] - qb.lo[2]};
+      qrows.stage(Qs, static_cast<const T*>(p.q), row0, token_of(a, qb.grp, qb.lo), lim, a.heads,
+                  h, a.dim);
+      cp_async_commit();
+      handoff.then(q_full);
+    }
+    // (Each role builds its own walk after the split: values live across it would be held in
+    // the launch's 80 registers per thread.)
+    const KeyWalk walk = key_walk(a, qb);
+    KeyStager<T, DT, kRows, true> keys(a);
+    for (int j = 0; j < walk.total; ++j) {
+      if (!ring.free(j)) handoff.flush();  // the pending step may be what holds stage j (Handoff)
+      ring.acquire(j);
+      const int st = ring.stage(j);
+      keys(a, p, walk, qb, b, row0, kvh, j, Ks + st * kRows * DT, Vs + st * kRows * DT);
+      handoff.then(ring.full + st);
+    }
+    handoff.flush();
+    return;
+  }
+  regs_grow<fwd_ws_consumer_regs(DT)>();
+
+  // The computing warpgroups: rows' windows (and with rpb their own-key logits) for the tile, then
+  // the walk. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 (tile_row<1, true>).
+  const int wg = threadIdx.x / kThreads;
+  const KeyWalk walk = key_walk(a, qb);
+  fill_windows(a, qb, kQRows, Win);
+  const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
+  if (rpb != nullptr)
+    self_logits<T>(a, p, qb, row0, h, kvh, kQRows, threadIdx.x, 2 * kThreads, SelfLogit);
+  role_sync(1, 2 * kThreads);
+
+  float acc[1][DT / 8][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
+  if (rpb != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
+  }
+  const T* qs = Qs + wg * kRows * DT;
+  // The warpgroup's rows are half of the query tile: the spatial key tiles of the walk (over the
+  // whole tile's key box) outside its own rows' windows are released without computing, so the
+  // two warpgroups share the staging of a 128-token tile but compute about what 64-token tiles
+  // would.
+  int own_axis, own_lo, own_hi;
+  const bool own_rows = own_key_range(a, qb, wg, own_axis, own_lo, own_hi);
+  TileCounter current;  // the spatial key tile whose softmax comes next
+  current.reset();
+  // Whether step j is computed: a warpgroup with rows computes every tile of additional keys and
+  // the spatial tiles that meet its rows' windows on the split axis (own_key_range).
+  auto computed = [&](int j) {
+    if (!own_rows) return false;
+    if (j >= walk.spatial || own_axis < 0) return true;
+    int o = 0, t = 0;  // the tile's keys on that axis (constant indices keep arrays in registers)
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      if (ax == own_axis) {
+        o = walk.box_lo[ax] + (current.j[ax] << a.kvlog[ax]);
+        t = 1 << a.kvlog[ax];
+      }
+    }
+    return o < own_hi && o + t > own_lo;
+  };
+  // The first computed step in [j, end) (its stage full), releasing the skipped ones; end if none.
+  auto next_step = [&](int j, int end) {
+    for (; j < end; ++j) {
+      ring.wait(j);
+      if (computed(j)) break;
+      if (j < walk.spatial) current.next(walk.n);
+      ring.release(j);
+    }
+    return j;
+  };
+  float s[1][8][4];  // the scores, then the weights P, of the step whose product comes next
+  auto issue_scores = [&](float (&sc)[1][8][4], int j) {
+    const T* ks = Ks + ring.stage(j) * kRows * DT;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk)
+      wgmma_ss64<T>(&sc[0][0][0], smem_desc(qs + kk * 128, 128, DT * 16),
+                    smem_desc(ks + kk * 128, 128, DT * 16), kk);
+    wgmma_commit();
+  };
+
+  // The walk runs one computed step ahead: step n's s = q k^T is issued before step j's o += P v,
+  // and n's masking and softmax run while that product is in flight; acc takes n's correction
+  // once it is done. n stays within kStages of j (j's stage is held until its product is done:
+  // further on, the producer could not fill n's); where no computed step is that close, step j's
+  // product runs alone first. Each product is issued from one place (ptxas serializes wgmmas
+  // whose accumulators come from several, C7514).
+  auto issue_values = [&](int j) {
+    unsigned pa[4][4];  // P of step j as the A operand, k16 steps kk
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) pack_a<T>(pa[kk], s[0], kk);
+    const T* vs = Vs + ring.stage(j) * kRows * DT;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], smem_desc(vs + kk * 16 * DT, DT * 16, 128), 1);
+    wgmma_commit();
+  };
+  mbar_wait(q_full, 0);
+  // The walk runs one computed step ahead: step n's s = q k^T is issued before step j's o += P v
+  // (P = 0 before the first step), and n's masking and softmax run while that product is in
+  // flight; acc takes n's correction once it is done. n stays within kStages of j (j's stage is
+  // held until its product is done: further on, the producer could not fill n's stage); where
+  // the next computed step is further, step j's product first runs alone (drain).
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.f;
+  int j = -1;  // the step whose P is in s (its product not issued yet); -1: none
+  int next = 0;  // where the search for the next computed step goes on
+  while (true) {
+    const int end = j < 0 ? walk.total : imin(walk.total, j + kStages);
+    const int n = next_step(next, end);
+    if (n == end) {  // no computed step close enough (or none left)
+      if (j >= 0) {  // drain: step j's product alone
+        issue_values(j);
+        wgmma_wait<0>();
+        reg_fence(acc);
+        ring.release(j);
+        j = -1;
+        next = end;
+        continue;
+      }
+      break;
+    }
+    float s_next[1][8][4], alpha[1][2];
+    issue_scores(s_next, n);
+    issue_values(j >= 0 ? j : n);
+    wgmma_wait<1>();  // step n's scores (committed first)
+    reg_fence(s_next);
+    softmax_step<1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    wgmma_wait<0>();
+    reg_fence(acc);
+    if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
+    rescale<DT, 1>(acc, alpha);
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nb][e] = s_next[0][nb][e];
+    j = n;
+    next = n + 1;
+  }
+  store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
+}
+
+}  // namespace
+
+ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                             const FnaPtrs& p, int64_t batch) {
+  return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    if constexpr (fwd_warp_specialized(DT)) {
+      const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
+      constexpr int kSmem = fwd_ws_smem(DT, sizeof(T));
+      return launch_kernel<fna_fwd_ws_kernel<T, DT>>("fna forward", kSmem, kSmem, grid, stream, a,
+                                                      p, kFwdWsThreads);
+    } else {
+      return invalid("fused: the warp-specialized forward serves head-dim tile 128 only");
+    }
+  });
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten
