@@ -52,9 +52,26 @@ def _fmt_tiles(t) -> str:
     return f"{t['mma']} {ext(t['q_tile'])}/{ext(t['kv_tile'])} {t['computed_over_useful']:.2f}x"
 
 
+def _aligned(cols: list, rows: list, left: set, indent: str = ""):
+    """The header line, the rule under it and the rows as lines, each column as wide as its widest
+    cell: the columns named in `left` flush left, the others right."""
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
+
+    def line(cells):
+        out = [c.ljust(w) if name in left else c.rjust(w)
+               for c, w, name in zip(cells, widths, cols)]
+        return (indent + "  ".join(out)).rstrip()
+
+    return line(cols), line(["-" * w for w in widths]), [line(row) for row in rows]
+
+
+def _baseline(records: list) -> Optional[str]:
+    return next((r.get("baseline") for r in records if r.get("baseline")), None)
+
+
 def table(records: list, *, memory: bool = False, title: str = "") -> str:
     """An aligned plain-text table, one row per cell, notes as numbered footnotes."""
-    baseline = next((r.get("baseline") for r in records if r.get("baseline")), None)
+    baseline = _baseline(records)
     show_op = len({r["op"] for r in records}) > 1
     cols = ["problem"] + (["op"] if show_op else []) + ["pass", "backend", "dtype", "ms", "±%",
                                                          "TFLOP/s"]
@@ -87,27 +104,21 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
             row.append(_fmt_tiles(r.get("fused_tiles")))
         row.append(note)
         rows.append(row)
-    left = {"problem", "op", "pass", "backend", "dtype", "fwd tiles q/kv", "note"}
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
-
-    def line(cells):
-        out = [c.ljust(w) if name in left else c.rjust(w)
-               for c, w, name in zip(cells, widths, cols)]
-        return "  ".join(out).rstrip()
-
+    head, rule, body = _aligned(cols, rows, {"problem", "op", "pass", "backend", "dtype",
+                                             "fwd tiles q/kv", "note"})
     out = [title] if title else []
     shapes = {}
     for r in records:
         shapes.setdefault(r["problem"], r.get("shape", ""))
     w = max(len(p) for p in shapes) if shapes else 0
     out += [f"  {p:<{w}}  {s}" for p, s in shapes.items()]
-    out += ["", line(cols), line(["-" * w for w in widths])]
+    out += ["", head, rule]
     prev = None
-    for r, row in zip(records, rows):
+    for r, row in zip(records, body):
         if prev is not None and r["problem"] != prev:
             out.append("")
         prev = r["problem"]
-        out.append(line(row))
+        out.append(row)
     if notes:
         out.append("")
         out += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
@@ -120,27 +131,29 @@ def backward_table(records: list) -> str:
     baseline that measured both, the baseline's bwd over this one. Empty if no such pair."""
     measured = {(r["problem"], r["op"], r["backend"], r["dtype"], r["pass"]): r["ms"]
                 for r in records if r["status"] in MEASURED and r["ms"]}
-    baseline = next((r.get("baseline") for r in records if r.get("baseline")), None)
+
+    def backward_ms(problem, op, backend, dtype):
+        fwd = measured.get((problem, op, backend, dtype, "fwd"))
+        both = measured.get((problem, op, backend, dtype, "fwdbwd"))
+        return (None, None) if fwd is None or both is None else (both - fwd, fwd)
+
+    baseline = _baseline(records)
     rows, seen = [], set()
     for r in records:
         key = (r["problem"], r["op"], r["backend"], r["dtype"])
-        fwd, both = measured.get(key + ("fwd",)), measured.get(key + ("fwdbwd",))
-        if key in seen or fwd is None or both is None:
+        bwd, fwd = backward_ms(*key)
+        if key in seen or bwd is None:
             continue
         seen.add(key)
-        bwd = both - fwd
-        base = (measured.get((key[0], key[1], baseline, key[3], "fwdbwd"), 0)
-                - measured.get((key[0], key[1], baseline, key[3], "fwd"), 0)) if baseline else 0
+        base, _ = backward_ms(key[0], key[1], baseline, key[3]) if baseline else (None, None)
         rows.append([key[0], key[2], key[3], f"{bwd:.3f}", f"{bwd / fwd:.2f}",
-                     f"{base / bwd:.2f}x" if base > 0 and bwd > 0 else "-"])
+                     f"{base / bwd:.2f}x" if base and base > 0 and bwd > 0 else "-"])
     if not rows:
         return ""
     cols = ["backward", "backend", "dtype", "bwd ms", "bwd/fwd",
             f"vs {baseline}" if baseline else "vs -"]
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
-    line = lambda cells: "  " + "  ".join(  # noqa: E731
-        c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    head, rule, body = _aligned(cols, rows, {"backward", "backend", "dtype"}, indent="  ")
+    return "\n".join([head, rule] + body)
 
 
 def header(records: list, env: dict) -> str:
