@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     }
 
     float alpha[MT][2];
-    softmax_step<MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
+    softmax_step<T, MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
     rescale<DT, MT>(acc, alpha);
     tile_apply<T, DT, MT, kWg>(acc, s, vs);
     __syncthreads();  // the next iteration overwrites this buffer

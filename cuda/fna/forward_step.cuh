@@ -20,7 +20,7 @@ namespace fna {
 // see `online`); otherwise once after the branches join, so that the exponentials are one copy
 // of code, not four (the synchronous kernels: four copies made the mma.sync forward 12% longer
 // and 9% slower).
-template <int MT, bool kWg, bool kInBranches>
+template <typename T, int MT, bool kWg, bool kInBranches>
 __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
                                              TileCounter& current, int j, const Box& qb,
                                              const float* rpb, const int* Win,
@@ -52,11 +52,17 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
         alpha[mt][i] = fast_exp2(m[mt][i] - base);
         const float rel = off - base;  // exact where it matters (off near base)
         m[mt][i] = m_new;
+        // The weights are rounded to T here, where l sums them, not only where o += P v packs
+        // them: l must be the sum of the weights the product multiplies. With l summing the
+        // unrounded ones, o's weights would not sum to 1 but to 1 +- ~eps(T), and near one-hot
+        // rows the backward's delta = rowsum(do * o) carries that error into dP - delta, a
+        // small difference (bfloat16 gradients measured 3x over their bound).
         float sum = 0.f;
   #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
           s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
           s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
+          round_pair<T>(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]);
           sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
         }
         l[mt][i] = l[mt][i] * alpha[mt][i] + sum;

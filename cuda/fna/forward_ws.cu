@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     issue_values(j >= 0 ? j : n);
     wgmma_wait<1>();  // step n's scores (committed first)
     reg_fence(s_next);
-    softmax_step<1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    softmax_step<T, 1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
     wgmma_wait<0>();
     reg_fence(acc);
     if (j >= 0) ring.release(j);  // both products that read step j's stage have completed

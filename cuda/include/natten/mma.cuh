@@ -68,6 +68,18 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return u;
 }
 
+// Rounds two floats to T (to nearest even) and back: the values an MMA on T operands multiplies.
+template <typename T>
+__device__ __forceinline__ void round_pair(float& lo, float& hi) {
+  float2 f;
+  if constexpr (std::is_same<T, __half>::value)
+    f = __half22float2(__floats2half2_rn(lo, hi));
+  else
+    f = __bfloat1622float2(__floats2bfloat162_rn(lo, hi));
+  lo = f.x;
+  hi = f.y;
+}
+
 // 16-byte global -> shared copy that bypasses L1; zero-fills the destination when !valid (then
 // nothing is read, but `src` must still be a mapped address).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
