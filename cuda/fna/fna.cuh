@@ -84,9 +84,11 @@ namespace fna {
 
 // Shared-memory bytes of each kernel for head-dim tile DT and element size `elem`.
 constexpr int tile_bytes(int dt, int elem) { return kRows * (dt + 8) * elem; }
-// q (64 mt rows), 2 x (k, v), windows, the rows' own-key logits; wgmma tiles have no row padding.
+// q (64 mt rows), 2 x (k, v), windows, the rows' own-key logits; wgmma tiles have no row padding,
+// and wgmma takes a tile of ones from shared memory (products.cuh, RowSums).
 constexpr int fwd_smem(int dt, int elem, int mt, bool wg) {
-  return (mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 7 * 4;
+  return (mt + 4) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) + kRows * mt * 7 * 4 +
+         (wg ? kOnesBytes : 0);
 }
 // q, do (64 mt rows each), 2 x (k, v), windows.
 constexpr int dq_smem(int dt, int elem, int mt, bool wg) {
@@ -107,10 +109,11 @@ constexpr int fwd_ws_consumer_regs(int) { return 216; }
 static_assert(kThreads * fwd_ws_producer_regs(128) + 2 * kThreads * fwd_ws_consumer_regs(128) <=
                   kFwdWsThreads * 168,
               "the roles' registers fit what the CTA holds at launch");
-// q (128 rows), the stages' k and v, windows and own-key logits (7 ints / floats a row), barriers.
+// q (128 rows), the stages' k and v, windows and own-key logits (7 ints / floats a row), the tile
+// of ones (products.cuh, RowSums), barriers.
 constexpr int fwd_ws_smem(int dt, int elem) {
   return (kFwdWsQRows + 2 * fwd_ws_stages(dt) * kRows) * dt * elem + kFwdWsQRows * 7 * 4 +
-         8 * (2 * fwd_ws_stages(dt) + 1);
+         kOnesBytes + 8 * (2 * fwd_ws_stages(dt) + 1);
 }
 // Floats per row of the backward's float32 dq staging tile (rows stay 16-byte aligned; the pad
 // spreads a warp's fragment stores over the banks).

@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   T* Vs = Ks + 2 * kRows * kLd;   // [2][kRows][kLd]
   int* Win = reinterpret_cast<int*>(Vs + 2 * kRows * kLd);  // [kQRows][3 axes][start, length]
   float* SelfLogit = reinterpret_cast<float*>(Win + kQRows * 6);  // [kQRows], with rpb
+  T* Ones = reinterpret_cast<T*>(SelfLogit + kQRows);  // wgmma: kOnesBytes (RowSums)
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
@@ -47,19 +48,24 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   };
 
   fill_windows(a, qb, kQRows, Win);
+  if constexpr (kWg) {
+    fill_ones(Ones, threadIdx.x, kThreads);
+    fence_proxy_async();  // -> the wgmma reads (after the walk's first barrier)
+  }
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
   if (rpb != nullptr)
     self_logits<T>(a, p, qb, row0, h, kvh, kQRows, threadIdx.x, kThreads, SelfLogit);
 
   float acc[MT][DT / 8][4];
-  float m[MT][2], l[MT][2];
+  float m[MT][2];
+  RowSums<MT> l;  // the rows' sums of the weights, formed by the products
+  zero_sums<MT>(l);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
     m[mt][0] = m[mt][1] = -INFINITY;
-    l[mt][0] = l[mt][1] = 0.f;
   }
   // mma.sync: query fragments stay in registers for the whole walk when they fit (DT <= 64).
   constexpr bool kQInRegs = !kWg && DT <= 64;
@@ -100,9 +106,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
     }
 
     float alpha[MT][2];
-    softmax_step<T, MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, l, alpha);
+    softmax_step<MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, alpha);
     rescale<DT, MT>(acc, alpha);
-    tile_apply<T, DT, MT, kWg>(acc, s, vs);
+    rescale<8, MT>(l, alpha);
+    tile_apply_sums<T, DT, MT, kWg>(acc, l, s, vs, Ones);
     __syncthreads();  // the next iteration overwrites this buffer
   }
 

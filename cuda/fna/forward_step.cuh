@@ -13,26 +13,27 @@ namespace fna {
 
 // One step of the walk after its products s = q k^T (raw, unscaled): masks the tile as its kind
 // needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
-// the weights exp2(x - m), m and l are updated, and alpha is the factor the accumulator takes
-// (rescale) before this step's o += P v. `current` counts the spatial key tiles. Shared by the
+// the weights exp2(x - m), m is updated, and alpha is the factor the accumulators (o and the row
+// sums l, products.cuh RowSums) take (rescale) before this step's o += P v adds to them. `current` counts the spatial key tiles. Shared by the
 // forward kernels (rows: tile_row<MT, kWg>). kInBranches: the online softmax runs at the end of
 // each tile kind's branch (the warp-specialized kernel, which keeps an MMA in flight across it,
 // see `online`); otherwise once after the branches join, so that the exponentials are one copy
 // of code, not four (the synchronous kernels: four copies made the mma.sync forward 12% longer
 // and 9% slower).
-template <typename T, int MT, bool kWg, bool kInBranches>
+template <int MT, bool kWg, bool kInBranches>
 __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
                                              TileCounter& current, int j, const Box& qb,
                                              const float* rpb, const int* Win,
                                              float (&s)[MT][8][4], float (&m)[MT][2],
-                                             float (&l)[MT][2], float (&alpha)[MT][2]) {
+                                             float (&alpha)[MT][2]) {
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
   // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
   // only the difference from the row's max is rounded, never the logit itself (an ulp of a
   // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
   // the largest s has the largest logit.
-  // The online softmax (m: the row's largest logit so far; l: sum of exp2(x - m)). With
+  // The online softmax (m: the row's largest logit so far; the sum of exp2(x - m), l, is formed
+  // by the products, RowSums). With
   // kInBranches it runs at the end of each tile kind's branch rather than after they join: a
   // warpgroup MMA in flight across the softmax (the warp-specialized forward's one-step-ahead
   // walk) is waited for at the first join of divergent paths (ptxas).
@@ -52,20 +53,11 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
         alpha[mt][i] = fast_exp2(m[mt][i] - base);
         const float rel = off - base;  // exact where it matters (off near base)
         m[mt][i] = m_new;
-        // The weights are rounded to T here, where l sums them, not only where o += P v packs
-        // them: l must be the sum of the weights the product multiplies. With l summing the
-        // unrounded ones, o's weights would not sum to 1 but to 1 +- ~eps(T), and near one-hot
-        // rows the backward's delta = rowsum(do * o) carries that error into dP - delta, a
-        // small difference (bfloat16 gradients measured 3x over their bound).
-        float sum = 0.f;
   #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
           s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
           s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
-          round_pair<T>(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]);
-          sum += s[mt][nb][2 * i] + s[mt][nb][2 * i + 1];
         }
-        l[mt][i] = l[mt][i] * alpha[mt][i] + sum;
       }
     }
   };
@@ -205,7 +197,8 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
   if constexpr (!kInBranches) online(join_mul, join_biased);
 }
 
-// acc *= alpha per row (the online softmax's correction, once the products into acc are done).
+// acc *= alpha per row (the online softmax's correction, once the products into acc are done);
+// DT = 8: the row sums (RowSums).
 template <int DT, int MT>
 __device__ __forceinline__ void rescale(float (&acc)[MT][DT / 8][4], const float (&alpha)[MT][2]) {
 #pragma unroll
@@ -262,17 +255,18 @@ __device__ __forceinline__ void self_logits(const FnaArgs& a, const FnaPtrs& p, 
 template <typename T, int DT, int MT, bool kWg>
 __device__ __forceinline__ void store_outputs(const FnaArgs& a, const FnaPtrs& p, const Box& qb,
                                               int64_t row0, int h, float (&m)[MT][2],
-                                              float (&l)[MT][2], float (&acc)[MT][DT / 8][4]) {
+                                              const RowSums<MT>& sums,
+                                              float (&acc)[MT][DT / 8][4]) {
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const int lane = threadIdx.x & 31;
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float inv[2];
+    float l[2], inv[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      l[mt][i] = quad_sum(l[mt][i]);
-      inv[i] = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
+      l[i] = row_sum(sums, mt, i);
+      inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
     }
     int64_t rows[2];  // global row index (token * heads + h), -1 outside the problem
 #pragma unroll
@@ -293,7 +287,7 @@ __device__ __forceinline__ void store_outputs(const FnaArgs& a, const FnaPtrs& p
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (rows[i] < 0) continue;
-        const float log2_l = log2f(l[mt][i]);
+        const float log2_l = log2f(l[i]);
         p.out_lse[rows[i]] = (m[mt][i] + log2_l) * kLn2;
         if (p.out_stats != nullptr)
           p.out_stats[rows[i]] = m[mt][i] == -INFINITY ? make_float2(0.f, -INFINITY)

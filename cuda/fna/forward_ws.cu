@@ -54,7 +54,8 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   T* Vs = Ks + kStages * kRows * DT;      // [kStages][kRows][DT]
   int* Win = reinterpret_cast<int*>(Vs + kStages * kRows * DT);  // [kQRows][3 axes][start, length]
   float* SelfLogit = reinterpret_cast<float*>(Win + kQRows * 6);  // [kQRows], with rpb
-  uint64_t* bars = reinterpret_cast<uint64_t*>(SelfLogit + kQRows);  // full, empty, query tile
+  T* Ones = reinterpret_cast<T*>(SelfLogit + kQRows);  // kOnesBytes (products.cuh, RowSums)
+  uint64_t* bars = reinterpret_cast<uint64_t*>(Ones + kOnesBytes / sizeof(T));  // full, empty, q
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
@@ -100,13 +101,17 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   const int wg = threadIdx.x / kThreads;
   const KeyWalk walk = key_walk(a, qb);
   fill_windows(a, qb, kQRows, Win);
+  fill_ones(Ones, threadIdx.x, 2 * kThreads);
+  fence_proxy_async();  // -> the wgmma reads (after role_sync)
   const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
   if (rpb != nullptr)
     self_logits<T>(a, p, qb, row0, h, kvh, kQRows, threadIdx.x, 2 * kThreads, SelfLogit);
   role_sync(1, 2 * kThreads);
 
   float acc[1][DT / 8][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+  float m[1][2] = {{-INFINITY, -INFINITY}};
+  RowSums<1> l;  // the rows' sums of the weights, formed by the products
+  zero_sums<1>(l);
 #pragma unroll
   for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
   if (rpb != nullptr) {
@@ -171,8 +176,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     const T* vs = Vs + ring.stage(j) * kRows * DT;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+    for (int kk = 0; kk < 4; ++kk) {
       wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], smem_desc(vs + kk * 16 * DT, DT * 16, 128), 1);
+      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], smem_desc(Ones, 128, 128), 1);
+    }
     wgmma_commit();
   };
   mbar_wait(q_full, 0);
@@ -195,6 +202,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
         issue_values(j);
         wgmma_wait<0>();
         reg_fence(acc);
+        reg_fence(l);
         ring.release(j);
         j = -1;
         next = end;
@@ -207,11 +215,13 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     issue_values(j >= 0 ? j : n);
     wgmma_wait<1>();  // step n's scores (committed first)
     reg_fence(s_next);
-    softmax_step<T, 1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, l, alpha);
+    softmax_step<1, true, true>(a, walk, current, n, qb, rpb, Win, s_next, m, alpha);
     wgmma_wait<0>();
     reg_fence(acc);
+    reg_fence(l);
     if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
     rescale<DT, 1>(acc, alpha);
+    rescale<8, 1>(l, alpha);
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll

@@ -97,15 +97,20 @@ __device__ __forceinline__ void pack_a(unsigned (&f)[4], const float (&x)[8][4],
   f[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
-// acc[mt][16 x DT] += P[mt][16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile.
-template <typename T, int DT, int MT>
+// acc[mt][16 x DT] += P[mt][16 x 64] B, P in C-fragment registers, B a [64 k][DT n] tile. With
+// kSums, also sums[mt] += P[mt] 1 (RowSums).
+template <typename T, int DT, int MT, bool kSums = false>
 __device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
-                                      const T* Bs) {
+                                      const T* Bs, float (*sums)[4] = nullptr) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     unsigned pa[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) pack_a<T>(pa[mt], p[mt], kk);
+    if constexpr (kSums) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma16816<T>(sums[mt], pa[mt], ones2<T>(), ones2<T>());
+    }
 #pragma unroll
     for (int np = 0; np < DT / 16; ++np) {
       unsigned bf[4];
@@ -117,6 +122,37 @@ __device__ __forceinline__ void apply(float (&acc)[MT][DT / 8][4], const float (
       }
     }
   }
+}
+
+// ---- row sums of P on the tensor cores ----------------------------------------------------------
+// The forward multiplies its weights P rounded to T into o (o += P v), so the denominator l must
+// sum those rounded weights: with the unrounded ones, o's weights sum to 1 +- ~eps(T), and the
+// backward's delta = rowsum(do * o) carries that error into dP - delta, a small difference where
+// every key's dP is nearly the same (bfloat16 gradients measured 2-6x over their bound). The
+// products form l: one more n8 block of o += P v whose B operand is all ones, accumulated like
+// o's blocks (same roundings, same rescales), so the softmax neither sums nor rounds twice.
+// RowSums: that block's C fragment; every column holds its row's sum (elements 0 / 1: the
+// thread's first row, 2 / 3: its second).
+template <int MT>
+using RowSums = float[MT][1][4];
+template <int MT>
+__device__ __forceinline__ void zero_sums(RowSums<MT>& sums) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) sums[mt][0][0] = sums[mt][0][1] = sums[mt][0][2] = sums[mt][0][3] = 0.f;
+}
+// Row i of the thread's m16 tile mt.
+template <int MT>
+__device__ __forceinline__ float row_sum(const RowSums<MT>& sums, int mt, int i) {
+  return sums[mt][0][2 * i];
+}
+// wgmma reads its B operand from shared memory: a [16 k][8 n] tile of ones (two core matrices,
+// 256 bytes, 16-byte aligned), written once by the kernel's threads before its first product
+// (then a fence.proxy.async by the writers and a barrier).
+constexpr int kOnesBytes = 256;
+template <typename T>
+__device__ __forceinline__ void fill_ones(T* ones, int first, int step) {
+  for (int e = first; e < kOnesBytes / 4; e += step)
+    reinterpret_cast<unsigned*>(ones)[e] = ones2<T>();
 }
 
 // Keeps the compiler from moving reads of registers written by an asynchronous MMA above the wait
@@ -155,10 +191,12 @@ __device__ __forceinline__ void wg_scores(float (&acc)[MT][8][4], const T* As, c
 }
 
 // acc[mt] += P[mt][64 x 64] B[64][DT], P in C-fragment registers (the A operand after packing),
-// B a core-matrix tile read MN-major (k16 step kk: rows 16 kk.., 16 DT elements in). Waits.
-template <typename T, int DT, int MT>
+// B a core-matrix tile read MN-major (k16 step kk: rows 16 kk.., 16 DT elements in). With kSums,
+// also sums[mt] += P[mt] 1 (`ones`: fill_ones). Waits.
+template <typename T, int DT, int MT, bool kSums = false>
 __device__ __forceinline__ void wg_apply(float (&acc)[MT][DT / 8][4], const float (&p)[MT][8][4],
-                                         const T* Bs) {
+                                         const T* Bs, float (*sums)[4] = nullptr,
+                                         const T* ones = nullptr) {
   // Every A fragment is packed before the first MMA: packing between them makes ptxas inject a
   // warpgroup.arrive before each (C7519).
   unsigned pa[MT][4][4];
@@ -170,12 +208,15 @@ __device__ __forceinline__ void wg_apply(float (&acc)[MT][DT / 8][4], const floa
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+    for (int kk = 0; kk < 4; ++kk) {
       wgmma_rs<T, DT, 1>(&acc[mt][0][0], pa[mt][kk], smem_desc(Bs + kk * 16 * DT, DT * 16, 128),
                          1);
+      if constexpr (kSums) wgmma_rs<T, 8, 0>(sums[mt], pa[mt][kk], smem_desc(ones, 128, 128), 1);
+    }
   wgmma_commit();
   wgmma_wait<0>();
   reg_fence(acc);
+  if constexpr (kSums) reg_fence_n<4 * MT>(&sums[0][0]);
 }
 
 // The products of the kernels templated on kWg: wgmma on core-matrix tiles, or mma.sync on padded
@@ -199,6 +240,16 @@ __device__ __forceinline__ void tile_apply(float (&acc)[MT][DT / 8][4], const fl
     wg_apply<T, DT, MT>(acc, p, Bs);
   else
     apply<T, DT, MT>(acc, p, Bs);
+}
+// The forward's o += P v, with l += P 1 (RowSums; `ones` for wgmma).
+template <typename T, int DT, int MT, bool kWg>
+__device__ __forceinline__ void tile_apply_sums(float (&acc)[MT][DT / 8][4], RowSums<MT>& sums,
+                                                const float (&p)[MT][8][4], const T* Bs,
+                                                const T* ones) {
+  if constexpr (kWg)
+    wg_apply<T, DT, MT, true>(acc, p, Bs, &sums[0][0], ones);
+  else
+    apply<T, DT, MT, true>(acc, p, Bs, &sums[0][0]);
 }
 // Row of element (mt, i) of the thread's C fragments.
 template <int MT, bool kWg>

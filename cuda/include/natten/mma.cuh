@@ -68,16 +68,10 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return u;
 }
 
-// Rounds two floats to T (to nearest even) and back: the values an MMA on T operands multiplies.
+// Two ones of T in one register: the B operand that makes an MMA sum its A rows.
 template <typename T>
-__device__ __forceinline__ void round_pair(float& lo, float& hi) {
-  float2 f;
-  if constexpr (std::is_same<T, __half>::value)
-    f = __half22float2(__floats2half2_rn(lo, hi));
-  else
-    f = __bfloat1622float2(__floats2bfloat162_rn(lo, hi));
-  lo = f.x;
-  hi = f.y;
+__device__ __forceinline__ unsigned ones2() {
+  return std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
 }
 
 // 16-byte global -> shared copy that bypasses L1; zero-fills the destination when !valid (then

@@ -77,6 +77,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 #define NATTEN_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define NATTEN_F16(d, i) NATTEN_F4(d, i), NATTEN_F4(d, i + 4), NATTEN_F4(d, i + 8), NATTEN_F4(d, i + 12)
 #define NATTEN_F8(d, i) NATTEN_F4(d, i), NATTEN_F4(d, i + 4)
+#define NATTEN_D4 "{%0, %1, %2, %3}"
 #define NATTEN_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
 #define NATTEN_D16                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
@@ -108,8 +109,19 @@ __device__ __forceinline__ void wgmma_rs(float* d, const unsigned (&a)[4], uint6
                                          int accumulate) {
 #if NATTEN_HAS_WGMMA
   constexpr bool kHalf = std::is_same<T, __half>::value;
-  static_assert(N == 32 || N == 64 || N == 128, "wgmma_rs: N is 32, 64 or 128");
-  if constexpr (N == 32) {
+  static_assert(N == 8 || N == 32 || N == 64 || N == 128, "wgmma_rs: N is 8, 32, 64 or 128");
+  if constexpr (N == 8) {
+    if constexpr (kHalf)
+      asm volatile(NATTEN_WGMMA("8", "f16", NATTEN_D4, "{%4, %5, %6, %7}", "8", "9", "10")
+                   : NATTEN_F4(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+    else
+      asm volatile(NATTEN_WGMMA("8", "bf16", NATTEN_D4, "{%4, %5, %6, %7}", "8", "9", "10")
+                   : NATTEN_F4(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
+                     "n"(TRANS));
+  } else if constexpr (N == 32) {
     if constexpr (kHalf)
       asm volatile(NATTEN_WGMMA("32", "f16", NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22")
                    : NATTEN_F16(d, 0)
