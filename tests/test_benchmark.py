@@ -1,5 +1,6 @@
 """The benchmark CLI (`python -m jax_natten.benchmark`) on tiny problems: table, JSON, skips."""
 import json
+import os
 import sys
 
 import jax
@@ -94,6 +95,15 @@ def test_cli_list(capsys):
                  "1d-4k-f32", "2d-64-dil2", "3d-small", "2d-gqa", "2d-odd"):
         assert name in text
     assert "shared:" in text and "small:" in text and "GFLOP" in text
+
+
+def test_cli_does_not_time_output_poisoning(capsys, monkeypatch):
+    # The tests poison outputs (conftest.py); the benchmark drops that setting before any kernel
+    # runs, else the fills would be timed with the kernels. (monkeypatch restores it afterwards.)
+    monkeypatch.setenv("JAX_NATTEN_POISON_OUTPUTS", "1")
+    assert cli.main(["--list"]) == 0
+    assert "JAX_NATTEN_POISON_OUTPUTS" not in os.environ
+    assert "output poisoning is not timed" in capsys.readouterr().err
 
 
 def test_cli_bad_arguments(capsys):
