@@ -206,6 +206,7 @@ NB_MODULE(_natten_ext, m) {
         out["fused_head_dim_multiple"] = l::kFusedHeadDimMultiple;
         out["fused_max_head_dim"] = l::kFusedMaxHeadDim;
         out["fused_max_heads"] = l::kFusedMaxHeads;
+        out["fused_max_tokens"] = l::kFusedMaxTokens;
         out["fused_max_q_tile_tokens"] = l::kFusedMaxQTileTokens;
         out["fused_max_kv_tile_tokens"] = l::kFusedMaxKvTileTokens;
         out["mma_codes"] = mma;

@@ -100,7 +100,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     scale = _checks.check_scale(scale)
     backend = resolve(backend, "attention", query.dtype, (problem.head_dim, problem.value_dim),
                       query)
-    fna.check_heads(backend, problem.heads)
+    fna.check_size(backend, problem)
     if scale is None:  # head_dim 0: every logit is 0 whatever the scale
         scale = problem.head_dim ** -0.5 if problem.head_dim else 1.0
     settings = fna.FusedSettings.of(config.current(), rank)

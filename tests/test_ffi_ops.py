@@ -3,11 +3,12 @@ it, the C++ handlers bind the same buffers, module.cc registers the same targets
 Python checks are the extension's."""
 import pathlib
 import re
+import types
 
 import pytest
 
 from jax_natten import config
-from jax_natten.backends import ffi
+from jax_natten.backends import ffi, fna
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "cuda" / "README.md"
@@ -114,3 +115,17 @@ def test_limits_come_from_the_extension():
     assert config.max_tile_tokens("kv_tile") == ffi.LIMITS["fused_max_kv_tile_tokens"] == 64
     assert ffi.LIMITS["fused_max_head_dim"] == 128 and ffi.LIMITS["fused_max_heads"] == 65535
     assert ffi.LIMITS["gemm_head_dim_multiple"] == ffi.LIMITS["fused_head_dim_multiple"] == 8
+    assert ffi.LIMITS["fused_max_tokens"] == 2**31 - 1
+
+
+@pytest.mark.parametrize("spatial, heads, message", [
+    ((1,), 65536, "at most 65535 heads"),
+    ((2**16, 2**15), 1, "fewer than 2\\*\\*31 tokens"),
+])
+def test_fused_size_limits(spatial, heads, message):
+    # Shapes only (nothing is allocated): the checks the op runs before any kernel.
+    problem = types.SimpleNamespace(spatial=spatial, heads=heads)
+    with pytest.raises(ValueError, match=message):
+        fna.check_size("fused", problem)
+    fna.check_size("gemm", problem)  # the limits are the fused kernels'
+    fna.check_size("fused", types.SimpleNamespace(spatial=(2**15, 2**15, 1), heads=65535))

@@ -87,7 +87,8 @@ ffi::Error pick_wgmma(int64_t mma, bool& wgmma) {
 ffi::Error make_args(const Problem& p, const Tiling& t, float scale, FnaArgs& a) {
   if (p.heads > kMaxGridY)
     return invalid("the fused backend takes at most 65535 heads");
-  if (p.tokens() >= (int64_t{1} << 31)) return invalid("the fused backend takes < 2^31 tokens");
+  if (p.tokens() > limits::kFusedMaxTokens)
+    return invalid("the fused backend takes < 2^31 tokens per batch element");
   for (int ax = 0; ax < kMaxRank; ++ax) a.ax[ax] = p.axis[ax];
   a.tokens = p.tokens();
   a.Y = static_cast<int>(p.extent[1]);

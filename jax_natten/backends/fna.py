@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 import jax
@@ -76,12 +77,19 @@ def unsupported(backend: str, op: str, head_dims: tuple) -> str | None:
     return None
 
 
-def check_heads(backend: str, heads: int):
-    """The fused kernels put heads on a CUDA grid dimension: a ValueError beyond its size."""
-    most = ffi.LIMITS["fused_max_heads"] if backend == "fused" else None
-    if most is not None and heads > most:
-        raise ValueError(f"backend 'fused' takes at most {most} heads (a CUDA grid dimension), "
-                         f"got {heads}")
+def check_size(backend: str, problem):
+    """The fused kernels put heads on a CUDA grid dimension and index the tokens of a batch
+    element in 32 bits: a ValueError beyond those sizes (the handlers check the same limits)."""
+    if backend != "fused":
+        return
+    lim = ffi.LIMITS
+    if problem.heads > lim["fused_max_heads"]:
+        raise ValueError(f"backend 'fused' takes at most {lim['fused_max_heads']} heads (a CUDA "
+                         f"grid dimension), got {problem.heads}")
+    tokens = math.prod(problem.spatial)
+    if tokens > lim["fused_max_tokens"]:
+        raise ValueError(f"backend 'fused' takes fewer than 2**31 tokens per batch element, got "
+                         f"{tokens}")
 
 
 def uses_dq_workspace(settings: FusedSettings, dtype, head_dims: tuple) -> bool:

@@ -17,6 +17,8 @@ constexpr int64_t kGemmHeadDimMultiple = 8;
 constexpr int64_t kFusedHeadDimMultiple = 8;
 constexpr int64_t kFusedMaxHeadDim = 128;
 constexpr int64_t kFusedMaxHeads = 65535;
+// Fewer than 2^31 tokens per batch element (the kernels index tokens within one in 32 bits).
+constexpr int64_t kFusedMaxTokens = (int64_t{1} << 31) - 1;
 constexpr int64_t kFusedMaxQTileTokens = 128;
 constexpr int64_t kFusedMaxKvTileTokens = 64;
 
