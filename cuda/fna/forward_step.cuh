@@ -14,12 +14,12 @@ namespace fna {
 // One step of the walk after its products s = q k^T (raw, unscaled): masks the tile as its kind
 // needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
 // the weights exp2(x - m), m is updated, and alpha is the factor the accumulators (o and the row
-// sums l, products.cuh RowSums) take (rescale) before this step's o += P v adds to them. `current` counts the spatial key tiles. Shared by the
-// forward kernels (rows: tile_row<MT, kWg>). kInBranches: the online softmax runs at the end of
-// each tile kind's branch (the warp-specialized kernel, which keeps an MMA in flight across it,
-// see `online`); otherwise once after the branches join, so that the exponentials are one copy
-// of code, not four (the synchronous kernels: four copies made the mma.sync forward 12% longer
-// and 9% slower).
+// sums l, products.cuh RowSums) take (rescale) before this step's o += P v adds to them.
+// `current` counts the spatial key tiles. Shared by the forward kernels (rows:
+// tile_row<MT, kWg>). kInBranches: the online softmax runs at the end of each tile kind's branch
+// (the warp-specialized kernel, which keeps an MMA in flight across it, see `online`); otherwise
+// once after the branches join, so that the exponentials are one copy of code, not four (the
+// synchronous kernels: four copies made the mma.sync forward 12% longer and 9% slower).
 template <int MT, bool kWg, bool kInBranches>
 __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& walk,
                                              TileCounter& current, int j, const Box& qb,
@@ -33,10 +33,10 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
   // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
   // the largest s has the largest logit.
   // The online softmax (m: the row's largest logit so far; the sum of exp2(x - m), l, is formed
-  // by the products, RowSums). With
-  // kInBranches it runs at the end of each tile kind's branch rather than after they join: a
-  // warpgroup MMA in flight across the softmax (the warp-specialized forward's one-step-ahead
-  // walk) is waited for at the first join of divergent paths (ptxas).
+  // by the products, RowSums). With kInBranches it runs at the end of each tile kind's branch
+  // rather than after they join: a warpgroup MMA in flight across the softmax (the
+  // warp-specialized forward's one-step-ahead walk) is waited for at the first join of divergent
+  // paths (ptxas).
   auto online = [&](float mul, bool biased) {
   #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
