@@ -175,23 +175,29 @@ NB_MODULE(_natten_ext, m) {
       "fna_forward_plan",
       [](std::vector<int> extent, std::vector<int> kernel, std::vector<int> stride,
          std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
-         std::vector<int64_t> kv_tile, int dt, bool f32, int64_t mma, bool hopper) {
+         std::vector<int64_t> kv_tile, int dt, bool f32, int64_t mma, bool hopper, bool rpb,
+         int64_t additional) {
         namespace fna = natten::gpu::fna;
-        const natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
+        natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
         // (The handler's pick_wgmma, without a device: `hopper` says whether wgmma can run.)
-        bool wgmma = !f32 && (mma == 2 || (mma == 0 && hopper));
-        if (!f32 && mma == 0 && !fna::auto_forward_on_wgmma(p)) wgmma = false;
-        fna::Tiling t;
-        const natten::ffi::Error e =
-            fna::forward_tiling(p, natten::I64Span(q_tile.data(), q_tile.size()),
-                                natten::I64Span(kv_tile.data(), kv_tile.size()), dt, f32, wgmma, t);
+        const bool wgmma_ok = !f32 && (mma == 2 || (mma == 0 && hopper));
+        p.has_rpb = rpb;
+        p.additional = additional;
+        fna::ForwardPlan plan;
+        const natten::ffi::Error e = fna::plan_forward(
+            p, natten::I64Span(q_tile.data(), q_tile.size()),
+            natten::I64Span(kv_tile.data(), kv_tile.size()), dt, f32, mma, wgmma_ok, plan);
         if (e.failure()) throw nb::value_error(e.message().c_str());
-        const auto [qlog, kvlog] = tile_logs(t);
-        return std::make_tuple(f32 ? "simt" : wgmma ? "wgmma" : "mma_sync", qlog, kvlog);
+        const auto [qlog, kvlog] = tile_logs(plan.tiling);
+        const char* family = f32 ? "simt" : plan.wgmma() ? "wgmma" : "mma_sync";
+        return std::make_tuple(family, fna::kernel_name(plan.kernel), qlog, kvlog);
       },
-      "(family, query tile log2 extents, key tile log2 extents) of the fused forward for a padded "
-      "3-D problem, head-dim tile dt, float32 or not, the `mma` setting and whether the device is "
-      "a Hopper GPU (with the sm_90a image).");
+      nb::arg("extent"), nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"),
+      nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("dt"), nb::arg("f32"),
+      nb::arg("mma"), nb::arg("hopper"), nb::arg("rpb") = false, nb::arg("additional") = 0,
+      "(family, kernel, query tile log2 extents, key tile log2 extents) of the fused forward for "
+      "a padded 3-D problem, head-dim tile dt, float32 or not, the `mma` setting, whether the "
+      "device is a Hopper GPU (with the sm_90a image), with rpb or not and the additional keys.");
 
   m.def(
       "limits",

@@ -18,10 +18,13 @@ atomics. dk, dv and the additional kv gradients never use atomics.
 
 `mma` picks the matrix instructions of the float16 / bfloat16 kernels (forward and backward):
 "auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs
-when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere, except for the
-forward of 1-D problems, which measured faster on mma.sync (BENCHMARKS.md); "mma_sync"
-forces the latter everywhere; "wgmma" requires the former (the call fails with an error on other
-GPUs). float32 runs on the CUDA cores either way.
+when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere. The forward of
+1-D problems runs on Hopper's TMA-fed kernel (128-token tiles copied by the tensor memory
+accelerator) where it serves them: head dims above 32, no rpb or additional keys, an axis length
+that the dilation divides, no user tiles; the other 1-D forwards run on mma.sync under "auto"
+(faster than the box wgmma kernel there, BENCHMARKS.md). "mma_sync" forces mma.sync everywhere;
+"wgmma" requires the Hopper kernels (the call fails with an error on other GPUs). float32 runs
+on the CUDA cores either way. `jax_natten.fused_tiles` says which kernel and tiles a problem gets.
 
 The settings are read when an op is traced (they become static attributes of the custom call),
 so a function jitted before entering the context keeps the settings it was traced with.
@@ -93,12 +96,16 @@ def current() -> FusedConfig:
 class FusedTiles:
     """What the fused forward runs on a problem (`fused_tiles`).
 
-    `mma`: "wgmma", "mma_sync" or "simt" (float32, CUDA cores); `q_tile` / `kv_tile`: the tile
-    extents per spatial axis, in each dilation group's local coordinates; `computed_over_useful`:
-    the scores the kernels compute (every query tile times every key tile of its walk, whole
-    tiles, with the additional keys' tiles) over the useful ones (each query's window and
-    additional keys), i.e. the forward's tensor work over the useful FLOPs."""
+    `mma`: "wgmma", "mma_sync" or "simt" (float32, CUDA cores); `kernel`: which forward kernel
+    of that family: "simt", "mma_sync", "wgmma" (one warpgroup, 64-token query tiles), "wgmma_ws"
+    (warp-specialized, two computing warpgroups on 128-token query tiles) or "wgmma_tma" (1-D
+    problems: 128-token query tiles and 128-key steps copied by the TMA); `q_tile` / `kv_tile`:
+    the tile extents per spatial axis, in each dilation group's local coordinates;
+    `computed_over_useful`: the scores the kernels compute (every query tile times every key
+    tile of its walk, whole tiles, with the additional keys' tiles) over the useful ones (each
+    query's window and additional keys), i.e. the forward's tensor work over the useful FLOPs."""
     mma: str
+    kernel: str
     q_tile: tuple
     kv_tile: tuple
     computed_over_useful: float
@@ -135,11 +142,14 @@ def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog, halves=Fa
 
 
 def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, head_dim=32,
-                value_dim=None, dtype="bfloat16", additional_keys=0, device=None) -> FusedTiles:
+                value_dim=None, dtype="bfloat16", additional_keys=0, rpb=False,
+                device=None) -> FusedTiles:
     """The MMA family and tiles the fused forward picks for a problem under the current
     `fused_config` (the same host code as the kernels' handler: cuda/fna/tiling.h), and its
     computed-over-useful ratio. `device` (default: JAX's first): a Hopper GPU runs wgmma where
-    `mma` allows; any other device is planned for as a non-Hopper GPU."""
+    `mma` allows; any other device is planned for as a non-Hopper GPU. `rpb` (a relative
+    positional bias is passed) and `additional_keys` matter to the kernel choice: the TMA
+    forward serves neither."""
     import jax
     import jax.numpy as jnp
     from .backends import ffi, fna
@@ -159,11 +169,11 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     dev = device or jax.devices()[0]
     hopper = getattr(dev, "compute_capability", "").startswith("9.")
     f32 = jnp.dtype(dtype) == jnp.float32
-    mma, qlog, kvlog = ffi._ext.fna_forward_plan(
+    mma, kernel, qlog, kvlog = ffi._ext.fna_forward_plan(
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
-        ffi.LIMITS["mma_codes"][settings.mma], hopper)
-    # The warp-specialized Hopper forward's 128-token tiles (head-dim tile 128; 64-token tiles
-    # on the one-warpgroup kernel below that) are two warpgroups' halves, split along the tile's
+        ffi.LIMITS["mma_codes"][settings.mma], hopper, bool(rpb), int(additional_keys))
+    # The warp-specialized Hopper forwards' 128-token tiles ("wgmma_ws", "wgmma_tma"; 64-token
+    # tiles on the one-warpgroup kernel) are two warpgroups' halves, split along the tile's
     # first axis longer than one token, each computing only the key tiles its queries reach.
     halves = mma == "wgmma" and (1 << sum(qlog)) > _WARPGROUP_ROWS
     split = next(a for a in range(3) if qlog[a] > 0) if halves else -1
@@ -177,4 +187,4 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     computed = rows * key_tile * (pairs + add_tiles * tiles)
     useful = math.prod(axes[0]) * (math.prod(axes[1]) + int(additional_keys))
     extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
-    return FusedTiles(mma, extents(qlog), extents(kvlog), computed / useful)
+    return FusedTiles(mma, kernel, extents(qlog), extents(kvlog), computed / useful)

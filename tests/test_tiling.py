@@ -170,11 +170,25 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
             q_log = KV if family == "wgmma" and not warp_specialized else FWD_Q
         plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
                                       **kw)
+        if _tma_serves(spatial, dilation, device, dtype, dim):  # 128 queries, 128-key steps
+            assert (plan.mma, plan.kernel) == ("wgmma", "wgmma_tma")
+            tile = tuple(128 if n > 1 else 1 for n in spatial)
+            assert plan.q_tile == plan.kv_tile == (tile if any(n > 1 for n in spatial)
+                                                   else (1,) * (r - 1) + (128,))
+            continue
         q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,
                       kv_max_log=kv_log, halves=warp_specialized)
         assert plan.mma == family
         assert plan.q_tile == tuple(1 << x for x in q[3 - r:])
         assert plan.kv_tile == tuple(1 << x for x in k[3 - r:])
+
+
+def _tma_serves(spatial, dilation, device, dtype, dim):
+    """The TMA forward's problems (cuda/fna/tiling.h forward_on_tma; tests/test_fused_tma.py)."""
+    per_axis = dilation if isinstance(dilation, tuple) else (dilation,) * len(spatial)
+    long = [(n, d) for n, d in zip(spatial, per_axis) if n > 1]
+    return (device is HOPPER and dtype != "float32" and dim > 32 and len(long) <= 1
+            and all(n % d == 0 for n, d in long))
 
 
 def test_forward_plan_follows_fused_config():

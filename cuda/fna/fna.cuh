@@ -69,7 +69,8 @@
 // sharing forward_step.cuh (masking, online softmax, epilogue); backward.cu (key side, and dq in
 // the same walk on Hopper),
 // backward_dq.cu, backward_rows.cu (delta, dq conversion), simt_f32.cu (float32); handlers.cu
-// (the FFI handlers).
+// (the FFI handlers); forward_tma.cu (the TMA-fed Hopper forward of 1-D problems: one producer
+// thread copies 128-token tiles with the tensor memory accelerator, tensor_maps.h its maps).
 #pragma once
 
 #include "args.cuh"
@@ -115,6 +116,24 @@ constexpr int fwd_ws_smem(int dt, int elem) {
   return (kFwdWsQRows + 2 * fwd_ws_stages(dt) * kRows) * dt * elem + kFwdWsQRows * 7 * 4 +
          kOnesBytes + 8 * (2 * fwd_ws_stages(dt) + 1);
 }
+// The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): the same three
+// warpgroups, 128-query tiles and 128-key steps, every tile copied by the TMA (one producer
+// thread) as 64-column blocks with 128-byte swizzle, a ring of 4 stages at head-dim tile 64 and 3
+// at 128 (~130 / ~225 KB). The producer thread needs few registers: the computing warpgroups take
+// 240 (s: 64 floats, o: up to 64, P packed: 32).
+constexpr int kTmaFwdRows = 128;  // query rows of a tile and keys of a step
+constexpr int tma_fwd_stages(int dt) { return dt <= 64 ? 4 : 3; }
+constexpr int tma_fwd_producer_regs() { return 24; }
+constexpr int tma_fwd_consumer_regs() { return 240; }
+static_assert(kThreads * tma_fwd_producer_regs() + 2 * kThreads * tma_fwd_consumer_regs() <=
+                  64 * 1024,
+              "the roles' registers fit the SM's 64K");
+// q, the stages' k and v, the tile of ones, barriers, and 1024 bytes of slack to align the
+// swizzle atoms.
+constexpr int tma_fwd_smem(int dt) {
+  return (1 + 2 * tma_fwd_stages(dt)) * kTmaFwdRows * dt * 2 + kOnesBytes +
+         8 * (2 * tma_fwd_stages(dt) + 1) + 1024;
+}
 // Floats per row of the backward's float32 dq staging tile (rows stay 16-byte aligned; the pad
 // spreads a warp's fragment stores over the banks).
 template <int DT>
@@ -142,12 +161,16 @@ static_assert(kThreads * bwd_producer_regs(1) + kThreads * bwd_consumer_regs(1) 
                       64 * 1024,
               "the roles' registers fit the CTA's share of the SM's 64K");
 // k, v (bwd_key_rows), stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes),
-// two dS^T buffers (keys x 64 queries) and the float32 dq rows.
-constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs) {
+// two dS^T buffers (keys x 64 queries) and the float32 dq rows. `tma` (1-D problems at head-dim
+// tile 64, backward.cu kTma): q and do copied by the TMA with 128-byte swizzle, whose atoms need
+// 1024-byte alignment: 1024 bytes of slack; its dq tile (64 x 64 floats) takes fewer bytes than
+// the padded dq rows it replaces (counted above, unused).
+constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs, bool tma = false) {
   return 2 * bwd_key_rows(dq_wgs) * (wg ? dt : dt + 8) * elem +
          2 * bwd_stages(dq_wgs) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
          3 * bwd_stages(dq_wgs) * kRows * 4 +
-         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0);
+         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0) +
+         (tma ? 1024 : 0);
 }
 
 }  // namespace fna

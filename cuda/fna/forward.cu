@@ -107,8 +107,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
 
     float alpha[MT][2];
     softmax_step<MT, kWg, false>(a, walk, current, j, qb, rpb, Win, s, m, alpha);
-    rescale<DT, MT>(acc, alpha);
-    rescale<8, MT>(l, alpha);
+    if (warp_rescales(alpha)) {
+      rescale<DT, MT>(acc, alpha);
+      rescale<8, MT>(l, alpha);
+    }
     tile_apply_sums<T, DT, MT, kWg>(acc, l, s, vs, Ones);
     __syncthreads();  // the next iteration overwrites this buffer
   }

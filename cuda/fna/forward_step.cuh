@@ -11,6 +11,40 @@ namespace natten {
 namespace gpu {
 namespace fna {
 
+// The online softmax of one step's scores s (NB n8 blocks of keys; a thread holds two rows per
+// m16 tile): s = x / mul is turned into the weights exp2(x - m_new), m (each row's largest logit
+// so far, base 2) is updated, and alpha = exp2(m_old - m_new) is the factor the accumulators take
+// before this step's products add to them (rescale). `biased`: s holds x - m already (the masked
+// tiles with rpb, mul = 1). A row with no key yet (every x = -inf) keeps m = -inf and gets
+// weights 0. The scale is applied inside the fma, so only the difference from the row's max is
+// rounded, never the logit itself (an ulp of a logit of 2^13 is 2^-10); mul > 0 (the scale's
+// sign is folded into s by the caller), so the largest s has the largest logit.
+template <int MT, int NB>
+__device__ __forceinline__ void online_softmax(float (&s)[MT][NB][4], float (&m)[MT][2],
+                                               float (&alpha)[MT][2], float mul, bool biased) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+      const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
+      mx = fmaf(quad_max(mx), mul, off);
+      const float m_new = fmaxf(m[mt][i], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      alpha[mt][i] = fast_exp2(m[mt][i] - base);
+      const float rel = off - base;  // exact where it matters (off near base)
+      m[mt][i] = m_new;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
+        s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
+      }
+    }
+  }
+}
+
 // One step of the walk after its products s = q k^T (raw, unscaled): masks the tile as its kind
 // needs (inside every window, masked, additional keys; rpb), then the online softmax: s becomes
 // the weights exp2(x - m), m is updated, and alpha is the factor the accumulators (o and the row
@@ -28,39 +62,12 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
                                              float (&alpha)[MT][2]) {
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   // The softmax takes x = s * mul (- m in a masked tile with rpb): base-2 logits, -inf outside
-  // the neighborhood, and forms exp2(fma(s, mul, -base)): the scale is applied inside the fma, so
-  // only the difference from the row's max is rounded, never the logit itself (an ulp of a
-  // logit of 2^13 is 2^-10). mul = |scale_log2|, the scale's sign folded into s (exact), so
-  // the largest s has the largest logit.
-  // The online softmax (m: the row's largest logit so far; the sum of exp2(x - m), l, is formed
-  // by the products, RowSums). With kInBranches it runs at the end of each tile kind's branch
-  // rather than after they join: a warpgroup MMA in flight across the softmax (the
-  // warp-specialized forward's one-step-ahead walk) is waited for at the first join of divergent
-  // paths (ptxas).
-  auto online = [&](float mul, bool biased) {
-  #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-  #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-  #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-          mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
-        const float off = biased ? m[mt][i] : 0.f;  // what s is relative to
-        mx = fmaf(quad_max(mx), mul, off);  // mul > 0
-        const float m_new = fmaxf(m[mt][i], mx);
-        const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        alpha[mt][i] = fast_exp2(m[mt][i] - base);
-        const float rel = off - base;  // exact where it matters (off near base)
-        m[mt][i] = m_new;
-  #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          s[mt][nb][2 * i] = fast_exp2(fmaf(s[mt][nb][2 * i], mul, rel));
-          s[mt][nb][2 * i + 1] = fast_exp2(fmaf(s[mt][nb][2 * i + 1], mul, rel));
-        }
-      }
-    }
-  };
+  // the neighborhood; mul = |scale_log2|, the scale's sign folded into s (exact). The sum of
+  // exp2(x - m), l, is formed by the products (RowSums). With kInBranches the online softmax
+  // runs at the end of each tile kind's branch rather than after they join: a warpgroup MMA in
+  // flight across the softmax (the warp-specialized forward's one-step-ahead walk) is waited for
+  // at the first join of divergent paths (ptxas).
+  auto online = [&](float mul, bool biased) { online_softmax<MT, 8>(s, m, alpha, mul, biased); };
   // The branches end in finish(mul, biased): the online softmax there, or the arguments kept for
   // the one after the join.
   float join_mul = a.scale_log2_abs;
@@ -195,6 +202,17 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
     finish(mul, false);
   }
   if constexpr (!kInBranches) online(join_mul, join_biased);
+}
+
+// Whether any of the warp's rows takes a correction this step (alpha != 1): once the rows'
+// running maxima settle, most steps of a long walk leave them unchanged, and the warp skips the
+// rescale's multiplies (x * 1 is exact: skipping them changes no bit). A warp-uniform branch.
+template <int MT>
+__device__ __forceinline__ bool warp_rescales(const float (&alpha)[MT][2]) {
+  bool any = false;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) any = any || alpha[mt][0] != 1.f || alpha[mt][1] != 1.f;
+  return __any_sync(0xffffffffu, any);
 }
 
 // acc *= alpha per row (the online softmax's correction, once the products into acc are done);

@@ -220,8 +220,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     reg_fence(acc);
     reg_fence(l);
     if (j >= 0) ring.release(j);  // both products that read step j's stage have completed
-    rescale<DT, 1>(acc, alpha);
-    rescale<8, 1>(l, alpha);
+    if (warp_rescales(alpha)) {
+      rescale<DT, 1>(acc, alpha);
+      rescale<8, 1>(l, alpha);
+    }
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll

@@ -166,11 +166,10 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(head_dim_tile(p, dt));
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
-  if (mma == 0 && !auto_forward_on_wgmma(p)) wgmma = false;
-  Tiling tiling;
-  NATTEN_TRY(forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, tiling));
+  ForwardPlan plan;
+  NATTEN_TRY(plan_forward(p, q_tile, kv_tile, dt, f32, mma, wgmma, plan));
   FnaArgs a;
-  NATTEN_TRY(make_args(p, tiling, scale, a));
+  NATTEN_TRY(make_args(p, plan.tiling, scale, a));
   NATTEN_TRY(poison_outputs(stream, *o, *lse, *stats, *o32));
   if (B == 0 || p.tokens() == 0) return ok();
   FnaPtrs ptr = input_ptrs(p, q, k, v, rpb, add_k, add_v);
@@ -182,8 +181,11 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   }
   for (a.batch0 = 0; a.batch0 < B; a.batch0 += kMaxGridY) {  // grid.z holds <= 65535 elements
     const int64_t n = std::min<int64_t>(kMaxGridY, B - a.batch0);
-    NATTEN_TRY(f32 ? launch_forward_f32(stream, dt, a, ptr, n)
-                   : launch_forward(stream, t, dt, wgmma, a, ptr, n));
+    switch (plan.kernel) {
+      case ForwardKernel::kSimt: NATTEN_TRY(launch_forward_f32(stream, dt, a, ptr, n)); break;
+      case ForwardKernel::kTma: NATTEN_TRY(launch_forward_tma(stream, t, dt, a, ptr, n, B)); break;
+      default: NATTEN_TRY(launch_forward(stream, t, dt, plan.wgmma(), a, ptr, n));
+    }
   }
   return ok();
 }
@@ -239,6 +241,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
+  const bool tma = dq_wgs == 2 && dt == 64 && backward_on_tma(p, kv_tiling);
   if (single_walk) {
     const int bytes = bwd_smem(dt, 2, true, dq_wgs);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
@@ -280,7 +283,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       NATTEN_TRY(launch_backward_f32(stream, dt, dq_args, kv_args, ptr, n));
     } else {
       if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
-      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, kv_args, ptr, n));
+      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, tma, kv_args, ptr, n, B));
     }
   }
   if (single_walk) NATTEN_TRY(launch_backward_dq_convert(stream, t, kv_args, ptr, B));

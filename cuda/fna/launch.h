@@ -56,17 +56,18 @@ inline ffi::Error launch_error(const char* what, cudaError_t e) {
                     std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));
 }
 
-// The one launcher of the FNA kernels: kKernel on `grid` x `threads` (kThreads, or two
-// warpgroups for the warp-specialized kernels) with `smem` bytes of dynamic shared memory, after
-// raising the kernel's limit to `limit` (once per kernel: the static is per instantiation), and
-// the launch checked.
-template <auto kKernel>
+// The one launcher of the FNA kernels: kKernel(a, p, extra...) on `grid` x `threads` (kThreads,
+// or more warpgroups for the warp-specialized kernels) with `smem` bytes of dynamic shared
+// memory, after raising the kernel's limit to `limit` (once per kernel: the static is per
+// instantiation), and the launch checked.
+template <auto kKernel, typename... Extra>
 ffi::Error launch_kernel(const char* what, int limit, int smem, dim3 grid, cudaStream_t stream,
-                         const FnaArgs& a, const FnaPtrs& p, int threads = kThreads) {
+                         const FnaArgs& a, const FnaPtrs& p, int threads = kThreads,
+                         const Extra&... extra) {
   static const cudaError_t attr =
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
   if (attr != cudaSuccess) return launch_error(what, attr);
-  kKernel<<<grid, threads, smem, stream>>>(a, p);
+  kKernel<<<grid, threads, smem, stream>>>(a, p, extra...);
   return check_launch(what);
 }
 
@@ -98,6 +99,11 @@ ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgm
 // fwd_warp_specialized(dt).
 ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                              const FnaPtrs& p, int64_t batch);
+// The same on the TMA forward (forward_tma.cu), for the problems tiling.h's forward_on_tma
+// accepts, with its tiles (tma_tiling); `batch_total`: the call's batch elements (the tensor
+// maps span all of them; this launch runs `batch` from a.batch0).
+ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                              const FnaPtrs& p, int64_t batch, int64_t batch_total);
 // delta = rowsum(do * o32) - dlse for all `batch` elements (one grid-stride launch).
 ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                  const FnaPtrs& p, int64_t batch);
@@ -107,8 +113,11 @@ ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
 // (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
+// `tma` (tiling.h backward_on_tma, with dq_wgs 2 at head-dim tile 64): q and do copied by the
+// TMA, whose maps span `batch_total` batch elements.
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+                              int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,
+                              int64_t batch, int64_t batch_total);
 // dq = scale * dq_acc, rounded to the dtype, for all `batch` elements.
 ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                       const FnaPtrs& p, int64_t batch);

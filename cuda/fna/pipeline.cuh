@@ -1,10 +1,12 @@
 // Producer / consumer roles of the warp-specialized FNA kernels (Hopper, sm_90a): one warpgroup
-// (the producer) stages a walk's tiles into a ring of shared-memory stages with cp.async while the
-// other (the consumer) computes on the stage before. Stages hand over through mbarriers:
-//   full[s]:  the producer's 128 threads arrive once their copies into stage s have landed;
-//             the consumer waits on it before reading the stage.
-//   empty[s]: the consumer's 128 threads arrive once they will not read stage s again (their
-//             MMAs that read it have completed); the producer waits on it before refilling s.
+// (the producer) stages a walk's tiles into a ring of shared-memory stages, with cp.async or the
+// TMA (below), while the others (the consumers) compute on the stages before. Stages hand over
+// through mbarriers:
+//   full[s]:  the producer's threads arrive once their copies into stage s have landed (with
+//             the TMA: one thread arrives with the byte count, the copies complete the phase);
+//             the consumers wait on it before reading the stage.
+//   empty[s]: the consumers' threads arrive once they will not read stage s again (their MMAs
+//             that read it have completed); the producer waits on it before refilling s.
 // Step i of the walk uses stage i % kStages; the n-th use of a stage is phase n of its barriers,
 // waited on by parity n & 1.
 //
@@ -52,6 +54,13 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
                : "memory");
 #endif
 }
+// Makes mbarrier initializations visible to the other proxies (the TMA's complete_tx) before
+// the CTA barrier that follows them.
+__device__ __forceinline__ void fence_mbar_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
 // Arrive (release: this thread's earlier writes are visible to whoever waits on the phase).
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -97,6 +106,65 @@ template <int kRegs>
 __device__ __forceinline__ void regs_shrink() {
 #if NATTEN_HAS_WGMMA
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+// ---- the tensor memory accelerator (TMA, sm_90) --------------------------------------------------
+// A copy of a box of a tensor (described on the host by a CUtensorMap: tensor_maps.h) from global
+// into shared memory by the copy engine: one instruction per box, no registers per element, rows
+// outside the tensor zero-filled. Its writes complete on an mbarrier as a transaction count:
+// the thread that issues a stage's copies arrives once with the stage's byte count
+// (mbar_expect_tx), and the phase completes when that many bytes have landed. The copies write
+// through the async proxy that wgmma reads through: no proxy fence between them.
+// Arrive on `bar` and expect `bytes` more bytes of copies to complete on its current phase.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+// Expect `bytes` more bytes of copies on `bar`'s current phase, without arriving (a producer
+// whose threads arrive for other copies of the same stage).
+__device__ __forceinline__ void mbar_expect_tx_only(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+// Copies the box at coordinates c (innermost first) of the 5-D tensor map `map` (a kernel
+// parameter: __grid_constant__) to `dst` (its swizzle's alignment: 1024 bytes for 128-byte
+// swizzle), completing on `bar`.
+__device__ __forceinline__ void tma_load_5d(void* dst, const void* map, uint64_t* bar, int c0,
+                                            int c1, int c2, int c3, int c4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+// Adds the float32 box at `src` (laid out as the map says, swizzle included) to the box at
+// coordinates c of `map`'s tensor in global memory, elementwise, by the copy engine; elements
+// outside the tensor are skipped. Completes in this thread's bulk group (bulk_commit,
+// bulk_wait_read before rewriting src, natten/wgmma.cuh).
+__device__ __forceinline__ void tma_reduce_add_5d(const void* map, const void* src, int c0, int c1,
+                                                  int c2, int c3, int c4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5, %6}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+      : "memory");
+#endif
+}
+// Fetches a tensor map into the TMA unit's cache ahead of its first copy.
+__device__ __forceinline__ void tma_prefetch_map(const void* map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 #endif
 }
 

@@ -87,10 +87,10 @@ __device__ __forceinline__ void scores_regs(float (&acc)[MT][8][4],
   }
 }
 
-// The A fragment of k16 step kk of a [16 x 64] product whose left operand is a C-fragment score
+// The A fragment of k16 step kk of a [16 x 8 NB] product whose left operand is a C-fragment score
 // tile (natten/mma.cuh: two adjacent n8 blocks packed to 16 bits; wgmma's register A is the same).
-template <typename T>
-__device__ __forceinline__ void pack_a(unsigned (&f)[4], const float (&x)[8][4], int kk) {
+template <typename T, int NB>
+__device__ __forceinline__ void pack_a(unsigned (&f)[4], const float (&x)[NB][4], int kk) {
   f[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
   f[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
   f[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);

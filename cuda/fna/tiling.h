@@ -279,6 +279,76 @@ inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_ti
                        /*halves=*/wgmma && !f32 && fwd_warp_specialized(dt));
 }
 
+// ---- which forward kernel ------------------------------------------------------------------------
+// The TMA forward (forward_tma.cu) serves 1-D problems (at most one axis longer than one token)
+// whose axis splits evenly into its dilation groups (the tensor maps' bounds are then every
+// group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
+// own tiles (128 queries, 128-key steps: a user's q_tile / kv_tile runs the box kernels).
+inline int long_axis(const Problem& p) {
+  for (int ax = 0; ax < kMaxRank; ++ax)
+    if (p.extent[ax] > 1) return ax;
+  return kMaxRank - 1;
+}
+inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
+  const AxisParams& x = p.axis[long_axis(p)];
+  return long_axes(p) <= 1 && dt >= 64 && !p.has_rpb && p.additional == 0 && !tiles_given &&
+         x.length % x.dilation == 0;
+}
+inline Tiling tma_tiling(const Problem& p) {
+  Tiling t = {};
+  const int ax = long_axis(p);
+  t.qlog[ax] = t.kvlog[ax] = 7;  // kTmaFwdRows (fna.cuh)
+  return t;
+}
+
+// The single-walk backward's query side by the TMA (backward.cu kTma, with two computing
+// warpgroups at head-dim tile 64): the same 1-D problems, and 64-token query tiles along the
+// axis (a TMA box of 64 rows is then exactly a tile: rows past it would be real queries).
+inline bool backward_on_tma(const Problem& p, const Tiling& t) {
+  const int ax = long_axis(p);
+  const AxisParams& x = p.axis[ax];
+  return long_axes(p) <= 1 && !p.has_rpb && p.additional == 0 && x.length % x.dilation == 0 &&
+         t.qlog[ax] == kTileLog;
+}
+
+enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma };
+inline const char* kernel_name(ForwardKernel k) {
+  switch (k) {
+    case ForwardKernel::kSimt: return "simt";
+    case ForwardKernel::kMmaSync: return "mma_sync";
+    case ForwardKernel::kWgmma: return "wgmma";
+    case ForwardKernel::kWgmmaWs: return "wgmma_ws";
+    case ForwardKernel::kTma: return "wgmma_tma";
+  }
+  return "?";
+}
+struct ForwardPlan {
+  ForwardKernel kernel;
+  Tiling tiling;
+  bool wgmma() const { return kernel != ForwardKernel::kSimt && kernel != ForwardKernel::kMmaSync; }
+};
+
+// The forward kernel and tiles for problem p: `wgmma_ok` says whether the `mma` setting lets
+// wgmma run (handlers.cu pick_wgmma: a Hopper device, and `mma` 0 or 2); with `mma` 0 (auto),
+// 1-D problems the TMA kernel does not serve run on mma.sync (auto_forward_on_wgmma).
+inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt, bool f32,
+                               int64_t mma, bool wgmma_ok, ForwardPlan& plan) {
+  bool given = false;
+  for (I64Span s : {q_tile, kv_tile})
+    for (size_t i = 0; i < s.size(); ++i) given = given || s[i] != 0;
+  if (!f32 && wgmma_ok && forward_on_tma(p, dt, given)) {
+    plan.kernel = ForwardKernel::kTma;
+    plan.tiling = tma_tiling(p);
+    return ok();
+  }
+  const bool wgmma = !f32 && wgmma_ok && !(mma == 0 && !auto_forward_on_wgmma(p));
+  plan.kernel = f32 ? ForwardKernel::kSimt
+                    : !wgmma ? ForwardKernel::kMmaSync
+                             : fwd_warp_specialized(dt) ? ForwardKernel::kWgmmaWs
+                                                        : ForwardKernel::kWgmma;
+  return forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, plan.tiling);
+}
+
 }  // namespace fna
 }  // namespace gpu
 }  // namespace natten

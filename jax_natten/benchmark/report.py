@@ -49,7 +49,8 @@ def _fmt_tiles(t) -> str:
     if not t:
         return "-"
     ext = lambda e: "x".join(map(str, e))  # noqa: E731
-    return f"{t['mma']} {ext(t['q_tile'])}/{ext(t['kv_tile'])} {t['computed_over_useful']:.2f}x"
+    return (f"{t.get('kernel', t['mma'])} {ext(t['q_tile'])}/{ext(t['kv_tile'])} "
+            f"{t['computed_over_useful']:.2f}x")
 
 
 def _aligned(cols: list, rows: list, left: set, indent: str = ""):

@@ -46,6 +46,17 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p, int lead_bytes, int
          (static_cast<uint64_t>(stride_bytes >> 4) << 32);
 }
 
+// Descriptor of a tile written by the TMA with 128-byte swizzle: rows of 128 bytes (64 16-bit
+// elements), each 8-row group a 1024-byte swizzle atom (1024-byte aligned, so the base offset
+// field is 0). K-major (rows are M or N, the 64 elements K): stride_bytes = 1024 between 8-row
+// groups, the leading offset unused; a k16 step starts 32 bytes further (the hardware swizzles
+// the address it forms). MN-major (rows are K, the 64 elements N): stride_bytes = 1024 between
+// 8-row groups along K, lead_bytes between 64-element groups along N.
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* p, int lead_bytes,
+                                                    int stride_bytes) {
+  return smem_desc(p, lead_bytes, stride_bytes) | (uint64_t{1} << 62);
+}
+
 // The primitives below exist on every target so that kernels templated on the MMA path compile
 // everywhere; off sm_90a they trap (the host never launches a wgmma kernel there).
 __device__ __forceinline__ void wgmma_fence() {
@@ -103,58 +114,45 @@ __device__ __forceinline__ void fence_proxy_async() {
   "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " " DREGS ", %" AD ", %" BD        \
   ", p, 1, 1, %" TA ", %" TB ";\n}\n"
 
+// One asm statement per operand type: STMT(TY) for "f16" where T is __half, else "bf16".
+#define NATTEN_BY_TYPE(STMT) \
+  if constexpr (std::is_same<T, __half>::value) { STMT("f16"); } else { STMT("bf16"); }
+
 // d[N / 2] (+)= a[64 x 16] b[16 x N] for one warpgroup; TRANS = 1: B is MN-major (see above).
 template <typename T, int N, int TRANS>
 __device__ __forceinline__ void wgmma_rs(float* d, const unsigned (&a)[4], uint64_t desc,
                                          int accumulate) {
 #if NATTEN_HAS_WGMMA
-  constexpr bool kHalf = std::is_same<T, __half>::value;
   static_assert(N == 8 || N == 32 || N == 64 || N == 128, "wgmma_rs: N is 8, 32, 64 or 128");
+#define NATTEN_RS_IN \
+  "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS)
+#define NATTEN_RS8(TY) \
+  asm volatile(NATTEN_WGMMA("8", TY, NATTEN_D4, "{%4, %5, %6, %7}", "8", "9", "10") \
+               : NATTEN_F4(d, 0) : NATTEN_RS_IN)
+#define NATTEN_RS32(TY) \
+  asm volatile(NATTEN_WGMMA("32", TY, NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22") \
+               : NATTEN_F16(d, 0) : NATTEN_RS_IN)
+#define NATTEN_RS64(TY) \
+  asm volatile(NATTEN_WGMMA("64", TY, NATTEN_D32, "{%32, %33, %34, %35}", "36", "37", "38") \
+               : NATTEN_F16(d, 0), NATTEN_F16(d, 16) : NATTEN_RS_IN)
+#define NATTEN_RS128(TY) \
+  asm volatile(NATTEN_WGMMA("128", TY, NATTEN_D64, "{%64, %65, %66, %67}", "68", "69", "70") \
+               : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48) \
+               : NATTEN_RS_IN)
   if constexpr (N == 8) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA("8", "f16", NATTEN_D4, "{%4, %5, %6, %7}", "8", "9", "10")
-                   : NATTEN_F4(d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
-    else
-      asm volatile(NATTEN_WGMMA("8", "bf16", NATTEN_D4, "{%4, %5, %6, %7}", "8", "9", "10")
-                   : NATTEN_F4(d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
+    NATTEN_BY_TYPE(NATTEN_RS8)
   } else if constexpr (N == 32) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA("32", "f16", NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22")
-                   : NATTEN_F16(d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
-    else
-      asm volatile(NATTEN_WGMMA("32", "bf16", NATTEN_D16, "{%16, %17, %18, %19}", "20", "21", "22")
-                   : NATTEN_F16(d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
+    NATTEN_BY_TYPE(NATTEN_RS32)
   } else if constexpr (N == 64) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA("64", "f16", NATTEN_D32, "{%32, %33, %34, %35}", "36", "37", "38")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
-    else
-      asm volatile(NATTEN_WGMMA("64", "bf16", NATTEN_D32, "{%32, %33, %34, %35}", "36", "37", "38")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
+    NATTEN_BY_TYPE(NATTEN_RS64)
   } else {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA("128", "f16", NATTEN_D64, "{%64, %65, %66, %67}", "68", "69", "70")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
-    else
-      asm volatile(NATTEN_WGMMA("128", "bf16", NATTEN_D64, "{%64, %65, %66, %67}", "68", "69", "70")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),
-                     "n"(TRANS));
+    NATTEN_BY_TYPE(NATTEN_RS128)
   }
+#undef NATTEN_RS128
+#undef NATTEN_RS64
+#undef NATTEN_RS32
+#undef NATTEN_RS8
+#undef NATTEN_RS_IN
 #endif
 }
 
@@ -164,45 +162,35 @@ template <typename T, int N, int TA, int TB>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t a_desc, uint64_t b_desc,
                                          int accumulate) {
 #if NATTEN_HAS_WGMMA
-  constexpr bool kHalf = std::is_same<T, __half>::value;
   static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma_ss: N is 16, 32, 64 or 128");
+#define NATTEN_SS_IN "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB)
+#define NATTEN_SS16(TY) \
+  asm volatile(NATTEN_WGMMA_SS("16", TY, NATTEN_D8, "8", "9", "10", "11", "12") \
+               : NATTEN_F8(d, 0) : NATTEN_SS_IN)
+#define NATTEN_SS32(TY) \
+  asm volatile(NATTEN_WGMMA_SS("32", TY, NATTEN_D16, "16", "17", "18", "19", "20") \
+               : NATTEN_F16(d, 0) : NATTEN_SS_IN)
+#define NATTEN_SS64(TY) \
+  asm volatile(NATTEN_WGMMA_SS("64", TY, NATTEN_D32, "32", "33", "34", "35", "36") \
+               : NATTEN_F16(d, 0), NATTEN_F16(d, 16) : NATTEN_SS_IN)
+#define NATTEN_SS128(TY) \
+  asm volatile(NATTEN_WGMMA_SS("128", TY, NATTEN_D64, "64", "65", "66", "67", "68") \
+               : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48) \
+               : NATTEN_SS_IN)
   if constexpr (N == 16) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA_SS("16", "f16", NATTEN_D8, "8", "9", "10", "11", "12")
-                   : NATTEN_F8(d, 0)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
-    else
-      asm volatile(NATTEN_WGMMA_SS("16", "bf16", NATTEN_D8, "8", "9", "10", "11", "12")
-                   : NATTEN_F8(d, 0)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    NATTEN_BY_TYPE(NATTEN_SS16)
   } else if constexpr (N == 32) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA_SS("32", "f16", NATTEN_D16, "16", "17", "18", "19", "20")
-                   : NATTEN_F16(d, 0)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
-    else
-      asm volatile(NATTEN_WGMMA_SS("32", "bf16", NATTEN_D16, "16", "17", "18", "19", "20")
-                   : NATTEN_F16(d, 0)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    NATTEN_BY_TYPE(NATTEN_SS32)
   } else if constexpr (N == 64) {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA_SS("64", "f16", NATTEN_D32, "32", "33", "34", "35", "36")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
-    else
-      asm volatile(NATTEN_WGMMA_SS("64", "bf16", NATTEN_D32, "32", "33", "34", "35", "36")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    NATTEN_BY_TYPE(NATTEN_SS64)
   } else {
-    if constexpr (kHalf)
-      asm volatile(NATTEN_WGMMA_SS("128", "f16", NATTEN_D64, "64", "65", "66", "67", "68")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
-    else
-      asm volatile(NATTEN_WGMMA_SS("128", "bf16", NATTEN_D64, "64", "65", "66", "67", "68")
-                   : NATTEN_F16(d, 0), NATTEN_F16(d, 16), NATTEN_F16(d, 32), NATTEN_F16(d, 48)
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    NATTEN_BY_TYPE(NATTEN_SS128)
   }
+#undef NATTEN_SS128
+#undef NATTEN_SS64
+#undef NATTEN_SS32
+#undef NATTEN_SS16
+#undef NATTEN_SS_IN
 #endif
 }
 
@@ -243,13 +231,17 @@ __device__ __forceinline__ void bulk_wait_all() {
 #endif
 }
 
+#undef NATTEN_BY_TYPE
 #undef NATTEN_WGMMA_SS
 #undef NATTEN_WGMMA
 #undef NATTEN_D16
 #undef NATTEN_D32
 #undef NATTEN_D64
 #undef NATTEN_F16
+#undef NATTEN_F8
 #undef NATTEN_F4
+#undef NATTEN_D8
+#undef NATTEN_D4
 
 }  // namespace gpu
 }  // namespace natten

@@ -1,0 +1,261 @@
+// FNA forward on Hopper for 1-D problems, fed by the tensor memory accelerator (fna.cuh, "TMA
+// forward"; launch.h launch_forward_tma). One CTA per (128-query tile, head, batch element): a
+// producer thread copies the query tile and then each 128-key tile of the walk into a ring of
+// stages with one TMA copy per 64 head dims (tensor_maps.h); two computing warpgroups own 64
+// query rows each and run s = q k^T (m64n128), the online softmax and o += P v on every key tile
+// their rows reach, one step ahead (the next tile's q k^T in flight during this tile's softmax).
+// Only key tiles that straddle a window edge are masked. The steps it shares with the other
+// forwards (online softmax, rescale, epilogue) are in forward_step.cuh.
+#include "forward_step.cuh"
+#include "launch.h"
+#include "pipeline.cuh"
+#include "tensor_maps.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+namespace {
+
+// Shared-memory layout, in elements: q [halves][128 rows][64], then per stage k and v [halves]
+// [128 keys][64], each 64-column block written by one TMA box with 128-byte swizzle (1024-byte
+// aligned), then the tile of ones (RowSums) and the barriers.
+template <int DT>
+struct TmaFwdLayout {
+  static constexpr int kHalves = DT / 64;                 // 64-column blocks (one swizzle row)
+  static constexpr int kBlock = kTmaFwdRows * 64;         // elements of one block
+  static constexpr int kTile = kHalves * kBlock;          // a q, k or v tile
+  static constexpr int kTileBytes = kTile * 2;
+  static constexpr int kStages = tma_fwd_stages(DT);
+};
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(kFwdWsThreads, 1)
+    fna_fwd_tma_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ TmaMaps maps) {
+  using L = TmaFwdLayout<DT>;
+  constexpr int kStages = L::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // (The swizzle atoms need 1024-byte alignment: the launch adds that much slack.)
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = Qs + L::kTile;               // [kStages][tile]
+  T* Vs = Ks + kStages * L::kTile;     // [kStages][tile]
+  T* Ones = Vs + kStages * L::kTile;   // kOnesBytes (products.cuh, RowSums)
+  uint64_t* bars = reinterpret_cast<uint64_t*>(Ones + kOnesBytes / sizeof(T));  // full, empty, q
+
+  Box qb;
+  if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
+  // The problem's one long axis (tma_tiling): its parameters and the tile's group and rows.
+  const int ax = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+  AxisParams axp = a.ax[2];
+  int g = qb.grp[2], lg = qb.lg[2], lo = qb.lo[2], hi = qb.hi[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {  // (constant indices keep the arrays out of local memory)
+    if (x == ax) {
+      axp = a.ax[x];
+      g = qb.grp[x], lg = qb.lg[x], lo = qb.lo[x], hi = qb.hi[x];
+    }
+  }
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
+  const int box_lo = window_start(lo, lg, axp.kernel, axp.stride, axp.causal);
+  const int box_hi = window_end(hi - 1, lg, axp.kernel, axp.stride, axp.causal);
+  const int steps = (box_hi - box_lo + kTmaFwdRows - 1) / kTmaFwdRows;
+  const StageRing<kStages> ring{bars, bars + kStages};
+  uint64_t* const q_full = bars + 2 * kStages;
+  if (threadIdx.x == 0) {
+    ring.init(1, 2 * kThreads);
+    mbar_init(q_full, 1);
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= 2 * kThreads) {  // the producer: one thread issues every copy
+    regs_shrink<tma_fwd_producer_regs()>();
+    if (threadIdx.x == 2 * kThreads) {
+      tma_prefetch_map(&maps.k);
+      tma_prefetch_map(&maps.v);
+      mbar_expect_tx(q_full, L::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < L::kHalves; ++c)
+        tma_load_5d(Qs + c * L::kBlock, &maps.q, q_full, 64 * c, h, g, lo, b);
+      for (int j = 0; j < steps; ++j) {
+        ring.acquire(j);
+        const int st = ring.stage(j);
+        uint64_t* full = ring.full + st;
+        mbar_expect_tx(full, 2 * L::kTileBytes);
+        const int o = box_lo + j * kTmaFwdRows;
+#pragma unroll
+        for (int c = 0; c < L::kHalves; ++c) {
+          tma_load_5d(Ks + st * L::kTile + c * L::kBlock, &maps.k, full, 64 * c, kvh, g, o, b);
+          tma_load_5d(Vs + st * L::kTile + c * L::kBlock, &maps.v, full, 64 * c, kvh, g, o, b);
+        }
+      }
+    }
+    return;
+  }
+  regs_grow<tma_fwd_consumer_regs()>();
+
+  // The computing warpgroups. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 of the tile
+  // (tile_row<1, true>); the thread holds rows r[0], r[1] (local indices) and their windows.
+  const int wg = threadIdx.x / kThreads;
+  fill_ones(Ones, threadIdx.x, 2 * kThreads);
+  fence_proxy_async();  // -> the wgmma reads (after role_sync)
+  role_sync(1, 2 * kThreads);
+
+  int ws[2], wlen[2];  // the rows' windows: keys [ws, ws + wlen); empty past the problem
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = lo + tile_row<1, true>(0, i);
+    ws[i] = r < hi ? window_start(r, lg, axp.kernel, axp.stride, axp.causal) : 0;
+    wlen[i] = r < hi ? window_end(r, lg, axp.kernel, axp.stride, axp.causal) - ws[i] : 0;
+  }
+  // The warpgroup's reach: the steps its first and last rows' windows span (windows never move
+  // back as the query grows), and the keys inside all of them.
+  const int first_row = lo + kRows * wg, last_row = imin(first_row + kRows, hi) - 1;
+  int step_lo = 0, step_hi = 0, full_lo = 0, full_hi = 0;
+  if (first_row <= last_row) {
+    const int k_lo = window_start(first_row, lg, axp.kernel, axp.stride, axp.causal);
+    const int k_hi = window_end(last_row, lg, axp.kernel, axp.stride, axp.causal);
+    step_lo = (k_lo - box_lo) / kTmaFwdRows;
+    step_hi = (k_hi - box_lo + kTmaFwdRows - 1) / kTmaFwdRows;
+    full_lo = window_start(last_row, lg, axp.kernel, axp.stride, axp.causal);
+    full_hi = window_end(first_row, lg, axp.kernel, axp.stride, axp.causal);
+  }
+
+  float acc[1][DT / 8][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}};
+  RowSums<1> l;  // the rows' sums of the weights, formed by the products
+  zero_sums<1>(l);
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
+  unsigned pa[8][4];  // P of the pending step, packed as the A operand of o += P v (k16 steps)
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+
+  const T* qs = Qs + wg * kRows * 64;  // the warpgroup's rows in each 64-column block
+  // s = q k^T of step n (128 keys: n = 128, K-major operands, k16 step kk 32 bytes in).
+  auto issue_scores = [&](float (&sc)[1][16][4], int n) {
+    const T* ks = Ks + ring.stage(n) * L::kTile;
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk) {
+      const int c = kk / 4, off = (kk % 4) * 16;
+      wgmma_ss<T, 128, 0, 0>(&sc[0][0][0], smem_desc_sw128(qs + c * L::kBlock + off, 16, 1024),
+                             smem_desc_sw128(ks + c * L::kBlock + off, 16, 1024), kk);
+    }
+  };
+  // o += P v and l += P 1 of step j (v MN-major: 16 keys a k16 step, 2048 bytes; 64-column
+  // blocks L::kBlock elements apart).
+  auto issue_values = [&](int j) {
+    const T* vs = Vs + ring.stage(j) * L::kTile;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk],
+                         smem_desc_sw128(vs + kk * 16 * 64, L::kBlock * 2, 1024), 1);
+      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], smem_desc(Ones, 128, 128), 1);
+    }
+  };
+
+  mbar_wait(q_full, 0);
+  for (int j = 0; j < step_lo; ++j) {  // tiles before the warpgroup's reach
+    ring.wait(j);
+    ring.release(j);
+  }
+  // The walk, one step ahead: step n's s = q k^T is issued with step n - 1's o += P v (P = 0
+  // on the first step, over step n's own stage), n's masking and softmax run while that product
+  // is in flight, and acc takes n's correction once it is done. Each product has one issue site
+  // (ptxas serializes wgmmas whose accumulators come from several, C7514).
+  const float mul = a.scale_log2_abs;
+  for (int n = step_lo; n < step_hi; ++n) {
+    ring.wait(n);
+    float s[1][16][4];
+    wgmma_fence();
+    issue_scores(s, n);
+    wgmma_commit();
+    issue_values(n > step_lo ? n - 1 : n);
+    wgmma_commit();
+    wgmma_wait<1>();  // step n's scores (committed first)
+    reg_fence(s);
+    const int o = box_lo + n * kTmaFwdRows;
+    // (The softmax ends each branch: ptxas would move the wait for the product in flight up to
+    // where they join.)
+    float alpha[1][2];
+    if (o >= full_lo && o + kTmaFwdRows <= full_hi) {  // inside every row's window
+      if (a.scale_sign < 0.f) {
+#pragma unroll
+        for (int nb = 0; nb < 16; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[0][nb][e] = -s[0][nb][e];
+      }
+      online_softmax<1, 16>(s, m, alpha, mul, false);
+    } else {
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          const bool in = static_cast<unsigned>(o + frag_col(nb, e) - ws[i]) <
+                          static_cast<unsigned>(wlen[i]);
+          s[0][nb][e] = in ? s[0][nb][e] * a.scale_sign : -INFINITY;
+        }
+      online_softmax<1, 16>(s, m, alpha, mul, false);
+    }
+    wgmma_wait<0>();
+    reg_fence(acc);
+    reg_fence(l);
+    if (n > step_lo) ring.release(n - 1);  // both products that read its stage have completed
+    if (warp_rescales(alpha)) {
+      rescale<DT, 1>(acc, alpha);
+      rescale<8, 1>(l, alpha);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) pack_a<T>(pa[kk], s[0], kk);
+  }
+  if (step_lo < step_hi) {  // the last step's o += P v
+    wgmma_fence();
+    issue_values(step_hi - 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc);
+    reg_fence(l);
+    ring.release(step_hi - 1);
+  }
+  for (int j = imax(step_hi, step_lo); j < steps; ++j) {  // tiles past the warpgroup's reach
+    ring.wait(j);
+    ring.release(j);
+  }
+  const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
+  store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
+}
+
+}  // namespace
+
+ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                              const FnaPtrs& p, int64_t batch, int64_t batch_total) {
+  return dispatch_tile(t, dt, [&](auto tag, auto dtc) -> ffi::Error {
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    if constexpr (DT < 64) {
+      return invalid("fused: the TMA forward serves head-dim tiles 64 and 128");
+    } else {
+      const int ax = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+      const AxisParams& x = a.ax[ax];
+      const CUtensorMapDataType type = std::is_same_v<T, __nv_bfloat16>
+                                           ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+      TmaMaps maps;
+      NATTEN_TRY(encode_token_map(maps.q, p.q, type, batch_total, x.length, a.heads, a.dim,
+                                  x.dilation, kTmaFwdRows));
+      NATTEN_TRY(encode_token_map(maps.k, p.k, type, batch_total, x.length, a.kv_heads, a.dim,
+                                  x.dilation, kTmaFwdRows));
+      NATTEN_TRY(encode_token_map(maps.v, p.v, type, batch_total, x.length, a.kv_heads, a.dim_v,
+                                  x.dilation, kTmaFwdRows));
+      const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
+      constexpr int kSmem = tma_fwd_smem(DT);
+      return launch_kernel<fna_fwd_tma_kernel<T, DT>>("fna forward (TMA)", kSmem, kSmem, grid,
+                                                       stream, a, p, kFwdWsThreads, maps);
+    }
+  });
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten

@@ -1,0 +1,80 @@
+// Host side of the TMA-fed forward (forward_tma.cu): the tensor maps that describe q, k and v to
+// the tensor memory accelerator. A map is a 128-byte descriptor the driver encodes on the host; it is
+// passed to the kernel as a __grid_constant__ parameter. The encoder comes from the driver through
+// the runtime (cudaGetDriverEntryPointByVersion), so nothing links against libcuda.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and its enums (types only)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "natten/ffi_helpers.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+
+// The maps of one forward call, and of the backward's query side (q and do).
+struct TmaMaps {
+  CUtensorMap q, k, v;
+};
+struct BwdTmaMaps {
+  CUtensorMap q, d_o, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
+};
+
+// A 1-D problem's [batch, L, heads, dim] tensor (16-bit elements, or float32) as the 5-D tensor
+// the kernel
+// reads (or reduce-adds) boxes of: (dim, heads, dilation group, local index, batch), innermost
+// first. Token
+// x = group + local * dilation, so the dilation groups are strided views and a box of `rows`
+// consecutive local indices of one group is one key or query tile. Needs L % dilation == 0 (every
+// group then has L / dilation tokens and the map's bounds are exactly the group's: rows past
+// its end are zero-filled on loads and skipped on reduces). Boxes are 128 bytes wide (64 16-bit
+// elements, 32 floats) with 128-byte swizzle, the layout the wgmma descriptors expect
+// (natten/wgmma.cuh smem_desc_sw128); a tile of more head dims is several boxes side by side.
+inline ffi::Error encode_token_map(CUtensorMap& map, const void* base, CUtensorMapDataType type,
+                                   int64_t batch, int64_t length, int64_t heads, int64_t dim,
+                                   int dilation, int rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  static cudaError_t found = cudaSuccess;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    cudaDriverEntryPointQueryResult status;
+    found = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled",
+                                             reinterpret_cast<void**>(&encode), 12000,
+                                             cudaEnableDefault, &status);
+    if (found == cudaSuccess && status != cudaDriverEntryPointSuccess)
+      found = cudaErrorNotSupported;
+  });
+  if (found != cudaSuccess || encode == nullptr)
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("natten: the driver has no cuTensorMapEncodeTiled: ") +
+                          cudaGetErrorString(found));
+  const cuuint64_t elem = type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2;
+  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(dilation),
+                              static_cast<cuuint64_t>(length / dilation),
+                              static_cast<cuuint64_t>(batch)};
+  const cuuint64_t row = static_cast<cuuint64_t>(heads * dim) * elem;  // bytes per token
+  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(dim) * elem, row,
+                                 row * static_cast<cuuint64_t>(dilation),
+                                 row * static_cast<cuuint64_t>(length)};
+  const cuuint32_t box[5] = {static_cast<cuuint32_t>(128 / elem), 1, 1,
+                             static_cast<cuuint32_t>(rows), 1};
+  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  const CUresult r = encode(&map, type, 5, const_cast<void*>(base), dims, strides, box, unit,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "natten: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
+  return ffi::Error::Success();
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten

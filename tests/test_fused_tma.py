@@ -1,0 +1,108 @@
+"""The TMA-fed Hopper forward (cuda/fna/forward_tma.cu): which 1-D problems it serves (planned on
+the host, no GPU needed), and on a Hopper GPU its outputs and the gradients through its residuals
+against the float64 oracle, on problems that walk its edges: partial query tiles, windows wider
+than a step or the whole axis, dilation groups, stride, causal, even kernels, GQA / MQA, head dims
+that pad to its 64-column blocks, a negative scale."""
+import types
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import oracle
+from cases import TOLERANCE, Case, fresh_rng, make_inputs, on_backend, rel_err, require
+import jax_natten
+
+HOPPER = types.SimpleNamespace(compute_capability="9.0")  # devices as fused_tiles reads them
+AMPERE = types.SimpleNamespace(compute_capability="8.0")
+
+CASES = [
+    Case("basic-partial-tile", (331,), (65,), dim=64),
+    Case("dil-stride-gqa-d128", (1200,), (257,), (3,), (4,), heads=4, kv_heads=2, dim=128,
+         value_dim=72, batch=1),
+    Case("causal-stride-mqa-d40", (517,), (200,), (2,), (1,), (True,), heads=3, kv_heads=1,
+         dim=40),
+    Case("causal-even-dil-d96", (300,), (128,), (1,), (2,), (True,), dim=96, value_dim=64),
+    Case("short-axis", (50,), (13,), dim=64, batch=3),
+    Case("whole-axis", (256,), (256,), dim=64),
+    Case("blocked", (385,), (32,), (32,), dim=56, value_dim=128),
+]
+
+
+def _plan(case, **kw):
+    return jax_natten.fused_tiles(case.spatial, case.kernel, stride=case.stride or 1,
+                                  dilation=case.dilation or 1, is_causal=case.causal or False,
+                                  head_dim=case.dim, value_dim=case.value_dim, device=HOPPER, **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_tma_forward_serves_these_problems(case):
+    require_extension()
+    plan = _plan(case)
+    assert plan.kernel == "wgmma_tma" and plan.q_tile == (128,) and plan.kv_tile == (128,)
+    with jax_natten.fused_config(mma="wgmma"):
+        assert _plan(case).kernel == "wgmma_tma"
+
+
+def test_tma_forward_leaves_the_rest_to_the_box_kernels():
+    require_extension()
+    base = CASES[0]
+    others = {
+        "dilation that does not divide the axis": _plan(Case("x", (331,), (65,), None, (2,),
+                                                             dim=64)),
+        "rpb": _plan(base, rpb=True),
+        "additional keys": _plan(base, additional_keys=5),
+        "head-dim tile 32": _plan(Case("x", (331,), (65,), dim=32)),
+        "2-D": _plan(Case("x", (40, 50), (9, 9), dim=64)),
+        "float32": jax_natten.fused_tiles((331,), 65, head_dim=64, dtype="float32", device=HOPPER),
+        "not Hopper": jax_natten.fused_tiles((331,), 65, head_dim=64, device=AMPERE),
+    }
+    for why, plan in others.items():
+        assert plan.kernel != "wgmma_tma", why
+    with jax_natten.fused_config(q_tile=(64,)):
+        assert _plan(base).kernel == "mma_sync"  # auto: the other 1-D forwards
+    with jax_natten.fused_config(mma="mma_sync"):
+        assert _plan(base).kernel == "mma_sync"
+
+
+def require_extension():
+    from jax_natten.backends import ffi
+    if ffi._ext is None:
+        pytest.fail(ffi._missing_extension())
+
+
+def _on_hopper():
+    require("fused")
+    if not jax.devices("gpu")[0].compute_capability.startswith("9."):
+        pytest.skip("the TMA forward runs on Hopper GPUs")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_tma_forward_and_gradients_match_reference(case, dtype):
+    _on_hopper()
+    rng, seed = fresh_rng()
+    x = make_inputs(case, dtype, rng)
+    scale = -0.3 if case.name == "short-axis" else case.dim ** -0.5  # the sign-folding path too
+    kw = dict(case.kwargs(), scale=scale, return_lse=True, backend="fused")
+    out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
+    dout = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    dlse = jnp.asarray(rng.standard_normal(out_shape[:-1]), jnp.float32)
+
+    def loss(x):
+        out, lse = jax_natten.na1d(**x, **kw)
+        return jnp.sum(out.astype(jnp.float32) * dout) + jnp.sum(lse * dlse)
+
+    out, lse = on_backend("fused", lambda x: jax_natten.na1d(**x, **kw), x)
+    grads = on_backend("fused", jax.grad(loss), x)
+    args = (x["query"], x["key"], x["value"], *case.oracle_args())
+    ref_out, ref_lse = oracle.attention(*args, scale=scale)
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref_out) < tol, f"out (seed {seed})"
+    assert rel_err(lse, ref_lse) < tol, f"lse (seed {seed})"
+    ref = oracle.attention_vjp(*args, np.asarray(dout), np.asarray(dlse), scale=scale)
+    for name in ("query", "key", "value"):
+        err = rel_err(grads[name], ref[name])
+        assert err < 2 * tol, f"d{name}: relative error {err:.2e} (seed {seed})"
