@@ -60,13 +60,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
   float acc[MT][DT / 8][4];
   float m[MT][2];
   RowSums<MT> l;  // the rows' sums of the weights, formed by the products
-  zero_sums<MT>(l);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
-    m[mt][0] = m[mt][1] = -INFINITY;
-  }
+  start_rows<DT, MT>(acc, l, m);
   // mma.sync: query fragments stay in registers for the whole walk when they fit (DT <= 64).
   constexpr bool kQInRegs = !kWg && DT <= 64;
   unsigned qf[kQInRegs ? MT : 1][kQInRegs ? DT / 16 : 1][4];

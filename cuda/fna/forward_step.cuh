@@ -215,6 +215,19 @@ __device__ __forceinline__ bool warp_rescales(const float (&alpha)[MT][2]) {
   return __any_sync(0xffffffffu, any);
 }
 
+// The walk's starting state: o = 0, the row sums l = 0, each row's running max m = -inf.
+template <int DT, int MT>
+__device__ __forceinline__ void start_rows(float (&acc)[MT][DT / 8][4], RowSums<MT>& l,
+                                           float (&m)[MT][2]) {
+  zero_sums<MT>(l);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+  }
+}
+
 // acc *= alpha per row (the online softmax's correction, once the products into acc are done);
 // DT = 8: the row sums (RowSums).
 template <int DT, int MT>

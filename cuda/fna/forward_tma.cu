@@ -122,11 +122,9 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   }
 
   float acc[1][DT / 8][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}};
+  float m[1][2];
   RowSums<1> l;  // the rows' sums of the weights, formed by the products
-  zero_sums<1>(l);
-#pragma unroll
-  for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
+  start_rows<DT, 1>(acc, l, m);
   unsigned pa[8][4];  // P of the pending step, packed as the A operand of o += P v (k16 steps)
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;

@@ -109,11 +109,9 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   role_sync(1, 2 * kThreads);
 
   float acc[1][DT / 8][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}};
+  float m[1][2];
   RowSums<1> l;  // the rows' sums of the weights, formed by the products
-  zero_sums<1>(l);
-#pragma unroll
-  for (int i = 0; i < DT / 8; ++i) acc[0][i][0] = acc[0][i][1] = acc[0][i][2] = acc[0][i][3] = 0.f;
+  start_rows<DT, 1>(acc, l, m);
   if (rpb != nullptr) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
