@@ -119,7 +119,7 @@ constexpr int fwd_ws_smem(int dt, int elem) {
 // The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): the same three
 // warpgroups, 128-query tiles and 128-key steps, every tile copied by the TMA (one producer
 // thread) as 64-column blocks with 128-byte swizzle, a ring of 4 stages at head-dim tile 64 and 3
-// at 128 (~130 / ~225 KB). The producer thread needs few registers: the computing warpgroups take
+// at 128 (~145 / ~226 KB). The producer thread needs few registers: the computing warpgroups take
 // 240 (s: 64 floats, o: up to 64, P packed: 32).
 constexpr int kTmaFwdRows = 128;  // query rows of a tile and keys of a step
 constexpr int tma_fwd_stages(int dt) { return dt <= 64 ? 4 : 3; }
