@@ -124,11 +124,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
     if constexpr (kTma) {  // one thread: q and do of the 1-D tile (t.nonempty: spatial walks)
       if (threadIdx.x == kCompute) {
-        int g = 0, lo = 0;
-#pragma unroll
-        for (int ax = 0; ax < 3; ++ax) {  // the long axis: the one of 64-token query tiles
-          if (a.qlog[ax] > 0) g = t.box.grp[ax], lo = t.box.lo[ax];
-        }
+        int g, lo;
+        tile_axis_start(a, t.box, g, lo);
         mbar_expect_tx_only(full, 2 * kRows * DT * static_cast<int>(sizeof(T)));
         tma_load_5d(Qs + buf * kRows * kLd, &maps.q, full, 0, t.h, g, lo, b);
         tma_load_5d(Os + buf * kRows * kLd, &maps.d_o, full, 0, t.h, g, lo, b);
@@ -309,7 +306,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     // A query-side tile (q or do) as the K-major B of k16 step kk (queries as N), and as the
     // MN-major B (queries as K) of k16 step kk: core matrices, or kTma's swizzled rows.
     auto q_k_major = [](const T* tile, int kk) {
-      return kTma ? smem_desc_sw128(tile + kk * 16, 16, 1024) : smem_desc(tile + kk * 128, 128, DT * 16);
+      return kTma ? smem_desc_sw128(tile + kk * 16, 16, 1024)
+                  : smem_desc(tile + kk * 128, 128, DT * 16);
     };
     [[maybe_unused]] auto q_mn_major = [](const T* tile, int kk) {
       return kTma ? smem_desc_sw128(tile + kk * 16 * 64, 8192, 1024)
@@ -515,7 +513,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
           for (int i = 0; i < 2; ++i) {
             const int r = qr + 8 * i, c = frag_col(nb, 0);
             // (kTma: 128-byte swizzle, 16-byte chunk c / 4 of row r at chunk (c / 4) ^ (r % 8).)
-            float* at = kTma ? QaccT + (wg * kRows + r) * kN + ((((c >> 2) ^ (r & 7)) << 2) | (c & 3))
+            const int swizzled = (((c >> 2) ^ (r & 7)) << 2) | (c & 3);
+            float* at = kTma ? QaccT + (wg * kRows + r) * kN + swizzled
                              : Qacc + r * kDqLd<DT> + wg * kN + c;
             *reinterpret_cast<float2*>(at) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
           }
@@ -523,11 +522,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         sync_wg();
         if constexpr (kTma) {
           if (tid == 0) {
-            int g = 0, lo = 0;
-#pragma unroll
-            for (int ax = 0; ax < 3; ++ax) {  // the long axis: the one of 64-token query tiles
-              if (a.qlog[ax] > 0) g = t.box.grp[ax], lo = t.box.lo[ax];
-            }
+            int g, lo;
+            tile_axis_start(a, t.box, g, lo);
             tma_reduce_add_5d(&maps.dq, QaccT + wg * kRows * kN, wg * kN, t.h, g, lo, b);
             bulk_commit();
           }
@@ -588,13 +584,8 @@ ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64
                   static_cast<unsigned>(batch));
   BwdTmaMaps maps = {};
   if constexpr (kTma) {
-    int ax = 0;
-    for (int x = 0; x < kMaxRank; ++x)
-      if (a.qlog[x] > 0) ax = x;
-    const AxisParams& x = a.ax[ax];
-    const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    const CUtensorMapDataType type =
-        bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    const AxisParams& x = a.ax[tile_axis(a)];
+    constexpr CUtensorMapDataType type = tma_type<T>();
     NATTEN_TRY(encode_token_map(maps.q, p.q, type, batch_total, x.length, a.heads, a.dim,
                                 x.dilation, kRows));
     NATTEN_TRY(encode_token_map(maps.d_o, p.d_o, type, batch_total, x.length, a.heads, a.dim_v,

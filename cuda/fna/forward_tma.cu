@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   // The problem's one long axis (tma_tiling): its parameters and the tile's group and rows.
-  const int ax = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+  const int ax = tile_axis(a);
   AxisParams axp = a.ax[2];
   int g = qb.grp[2], lg = qb.lg[2], lo = qb.lo[2], hi = qb.hi[2];
 #pragma unroll
@@ -234,11 +234,8 @@ ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, cons
     if constexpr (DT < 64) {
       return invalid("fused: the TMA forward serves head-dim tiles 64 and 128");
     } else {
-      const int ax = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
-      const AxisParams& x = a.ax[ax];
-      const CUtensorMapDataType type = std::is_same_v<T, __nv_bfloat16>
-                                           ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+      const AxisParams& x = a.ax[tile_axis(a)];
+      constexpr CUtensorMapDataType type = tma_type<T>();
       TmaMaps maps;
       NATTEN_TRY(encode_token_map(maps.q, p.q, type, batch_total, x.length, a.heads, a.dim,
                                   x.dilation, kTmaFwdRows));

@@ -1,16 +1,20 @@
-// Host side of the TMA-fed forward (forward_tma.cu): the tensor maps that describe q, k and v to
-// the tensor memory accelerator. A map is a 128-byte descriptor the driver encodes on the host; it is
-// passed to the kernel as a __grid_constant__ parameter. The encoder comes from the driver through
-// the runtime (cudaGetDriverEntryPointByVersion), so nothing links against libcuda.
+// Host side of the TMA-fed kernels (forward_tma.cu, backward.cu's kTma variant): the tensor maps
+// that describe their operands to the tensor memory accelerator. A map is a 128-byte descriptor
+// the driver encodes on the host; it is passed to the kernel as a __grid_constant__ parameter.
+// The encoder comes from the driver through the runtime (cudaGetDriverEntryPointByVersion), so
+// nothing links against libcuda.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (types only)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_runtime.h>
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "natten/ffi_helpers.h"
 
@@ -26,16 +30,22 @@ struct BwdTmaMaps {
   CUtensorMap q, d_o, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
 };
 
+// The map element type of the kernels' 16-bit operand type T.
+template <typename T>
+constexpr CUtensorMapDataType tma_type() {
+  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // A 1-D problem's [batch, L, heads, dim] tensor (16-bit elements, or float32) as the 5-D tensor
-// the kernel
-// reads (or reduce-adds) boxes of: (dim, heads, dilation group, local index, batch), innermost
-// first. Token
-// x = group + local * dilation, so the dilation groups are strided views and a box of `rows`
-// consecutive local indices of one group is one key or query tile. Needs L % dilation == 0 (every
-// group then has L / dilation tokens and the map's bounds are exactly the group's: rows past
-// its end are zero-filled on loads and skipped on reduces). Boxes are 128 bytes wide (64 16-bit
-// elements, 32 floats) with 128-byte swizzle, the layout the wgmma descriptors expect
-// (natten/wgmma.cuh smem_desc_sw128); a tile of more head dims is several boxes side by side.
+// the kernels read (or reduce-add) boxes of: (dim, heads, dilation group, local index, batch),
+// innermost first. Token x = group + local * dilation, so the dilation groups are strided views
+// and a box of `rows` consecutive local indices of one group is one key or query tile. Needs L %
+// dilation == 0 (every group then has L / dilation tokens and the map's bounds are exactly the
+// group's: rows past its end are zero-filled on loads and skipped on reduces). Boxes are 128
+// bytes wide (64 16-bit elements, 32 floats) with 128-byte swizzle, the layout the wgmma
+// descriptors expect (natten/wgmma.cuh smem_desc_sw128); a tile of more head dims is several
+// boxes side by side.
 inline ffi::Error encode_token_map(CUtensorMap& map, const void* base, CUtensorMapDataType type,
                                    int64_t batch, int64_t length, int64_t heads, int64_t dim,
                                    int dilation, int rows) {

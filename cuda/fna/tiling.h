@@ -279,7 +279,7 @@ inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_ti
                        /*halves=*/wgmma && !f32 && fwd_warp_specialized(dt));
 }
 
-// ---- which forward kernel ------------------------------------------------------------------------
+// ---- which forward kernel --------------------------------------------------------------------
 // The TMA forward (forward_tma.cu) serves 1-D problems (at most one axis longer than one token)
 // whose axis splits evenly into its dilation groups (the tensor maps' bounds are then every
 // group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
@@ -289,10 +289,13 @@ inline int long_axis(const Problem& p) {
     if (p.extent[ax] > 1) return ax;
   return kMaxRank - 1;
 }
-inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
+// The problems both TMA kernels serve, whatever the tiles.
+inline bool tma_problem(const Problem& p) {
   const AxisParams& x = p.axis[long_axis(p)];
-  return long_axes(p) <= 1 && dt >= 64 && !p.has_rpb && p.additional == 0 && !tiles_given &&
-         x.length % x.dilation == 0;
+  return long_axes(p) <= 1 && !p.has_rpb && p.additional == 0 && x.length % x.dilation == 0;
+}
+inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
+  return tma_problem(p) && dt >= 64 && !tiles_given;
 }
 inline Tiling tma_tiling(const Problem& p) {
   Tiling t = {};
@@ -305,10 +308,7 @@ inline Tiling tma_tiling(const Problem& p) {
 // warpgroups at head-dim tile 64): the same 1-D problems, and 64-token query tiles along the
 // axis (a TMA box of 64 rows is then exactly a tile: rows past it would be real queries).
 inline bool backward_on_tma(const Problem& p, const Tiling& t) {
-  const int ax = long_axis(p);
-  const AxisParams& x = p.axis[ax];
-  return long_axes(p) <= 1 && !p.has_rpb && p.additional == 0 && x.length % x.dilation == 0 &&
-         t.qlog[ax] == kTileLog;
+  return tma_problem(p) && t.qlog[long_axis(p)] == kTileLog;
 }
 
 enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma };
@@ -325,7 +325,9 @@ inline const char* kernel_name(ForwardKernel k) {
 struct ForwardPlan {
   ForwardKernel kernel;
   Tiling tiling;
-  bool wgmma() const { return kernel != ForwardKernel::kSimt && kernel != ForwardKernel::kMmaSync; }
+  bool wgmma() const {
+    return kernel != ForwardKernel::kSimt && kernel != ForwardKernel::kMmaSync;
+  }
 };
 
 // The forward kernel and tiles for problem p: `wgmma_ok` says whether the `mma` setting lets

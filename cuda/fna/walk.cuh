@@ -36,6 +36,21 @@ __device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMa
   return nonempty;
 }
 
+// ---- 1-D tiles (the TMA kernels: tiling.h tma_tiling, backward_on_tma) ---------------------
+// The one axis their query tiles span (the others are one token long).
+__host__ __device__ __forceinline__ int tile_axis(const FnaArgs& a) {
+  return a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
+}
+// Box b's dilation group g and first local index lo on that axis (constant indices keep b in
+// registers).
+__device__ __forceinline__ void tile_axis_start(const FnaArgs& a, const Box& b, int& g, int& lo) {
+  g = lo = 0;
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    if (a.qlog[ax] > 0) g = b.grp[ax], lo = b.lo[ax];
+  }
+}
+
 // Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
 __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank], int (&o)[3]) {
   o[2] = r & ((1 << logs[2]) - 1);
