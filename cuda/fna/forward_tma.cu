@@ -96,7 +96,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
 
   // The computing warpgroups. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 of the tile
   // (tile_row<1, true>); the thread holds rows r[0], r[1] (local indices) and their windows.
-  const int wg = threadIdx.x / kThreads;
+  // (Read through a shuffle so the compiler knows it is the same in every lane of a warp: what
+  // derives from it, the warpgroup's walk and its wgmma descriptors, can live in uniform
+  // registers, which the wgmma instructions read.)
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kThreads, 0);
   fill_ones(Ones, threadIdx.x, 2 * kThreads);
   fence_proxy_async();  // -> the wgmma reads (after role_sync)
   role_sync(1, 2 * kThreads);
@@ -129,26 +132,32 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
 
-  const T* qs = Qs + wg * kRows * 64;  // the warpgroup's rows in each 64-column block
-  // s = q k^T of step n (128 keys: n = 128, K-major operands, k16 step kk 32 bytes in).
+  // The operands' descriptors, built once: the warpgroup's q rows, stage 0's k and v (moved per
+  // stage and k16 step by desc_add), the tile of ones.
+  const uint64_t q_desc = smem_desc_sw128(Qs + wg * kRows * 64, 16, 1024);
+  const uint64_t k_desc = smem_desc_sw128(Ks, 16, 1024);
+  const uint64_t v_desc = smem_desc_sw128(Vs, L::kBlock * 2, 1024);
+  const uint64_t ones_desc = smem_desc(Ones, 128, 128);
+  constexpr int kBlockBytes = L::kBlock * 2;
+  // s = q k^T of step n (128 keys: n = 128, K-major operands, k16 step kk 32 bytes into its
+  // 64-column block).
   auto issue_scores = [&](float (&sc)[1][16][4], int n) {
-    const T* ks = Ks + ring.stage(n) * L::kTile;
+    const int stage = ring.stage(n) * L::kTileBytes;
 #pragma unroll
     for (int kk = 0; kk < DT / 16; ++kk) {
-      const int c = kk / 4, off = (kk % 4) * 16;
-      wgmma_ss<T, 128, 0, 0>(&sc[0][0][0], smem_desc_sw128(qs + c * L::kBlock + off, 16, 1024),
-                             smem_desc_sw128(ks + c * L::kBlock + off, 16, 1024), kk);
+      const int off = (kk / 4) * kBlockBytes + (kk % 4) * 32;
+      wgmma_ss<T, 128, 0, 0>(&sc[0][0][0], desc_add(q_desc, off),
+                             desc_add(k_desc, stage + off), kk);
     }
   };
   // o += P v and l += P 1 of step j (v MN-major: 16 keys a k16 step, 2048 bytes; 64-column
-  // blocks L::kBlock elements apart).
+  // blocks kBlockBytes apart, the descriptor's leading offset).
   auto issue_values = [&](int j) {
-    const T* vs = Vs + ring.stage(j) * L::kTile;
+    const int stage = ring.stage(j) * L::kTileBytes;
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
-      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk],
-                         smem_desc_sw128(vs + kk * 16 * 64, L::kBlock * 2, 1024), 1);
-      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], smem_desc(Ones, 128, 128), 1);
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], desc_add(v_desc, stage + kk * 2048), 1);
+      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], ones_desc, 1);
     }
   };
 

@@ -57,6 +57,15 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(const void* p, int lead_byte
   return smem_desc(p, lead_bytes, stride_bytes) | (uint64_t{1} << 62);
 }
 
+// A descriptor moved by `bytes` (a multiple of 16) in shared memory: its start address is in
+// 16-byte units in the low 14 bits, and shared addresses stay below 256 KB, so the move never
+// carries out of that field; adding to the low 32-bit half keeps it one integer add (a kernel
+// builds its base descriptors once and moves them per stage and k16 step).
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, int bytes) {
+  const uint32_t lo = static_cast<uint32_t>(d) + static_cast<uint32_t>(bytes >> 4);
+  return (d & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // The primitives below exist on every target so that kernels templated on the MMA path compile
 // everywhere; off sm_90a they trap (the host never launches a wgmma kernel there).
 __device__ __forceinline__ void wgmma_fence() {
