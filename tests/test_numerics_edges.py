@@ -259,10 +259,10 @@ def errors(variant, cfg, x, scale, cot):
     """{"out", "lse", "d<name>"...: (relative error, its bound)} of `variant` against the
     oracle. Bounds: the dtype's, twice that for gradients, plus what the dtype's range costs
     (`underflow`), plus for the fused kernels (and every backend in float32) what a float32
-    delta costs near one-hot rows, plus
-    for the paths that multiply P and dS in float16 / bfloat16 (`lowp_products`) what rounding
-    them costs: the model then rounds every P and dS to the dtype, not only the subnormal ones.
-    That term is ~eps(dtype) relative, except where a gradient's dS terms cancel."""
+    delta costs near one-hot rows, plus for the paths that multiply P and dS in float16 /
+    bfloat16 (`lowp_products`) what rounding them costs: the model then rounds every P and dS to
+    the dtype, not only the subnormal ones. That term is ~eps(dtype) relative, except where a
+    gradient's dS terms cancel."""
     out, lse, g = run_variant(variant, cfg, x, scale, cot)
     dtype = DTYPES[cfg.dtype]
     ref_out, ref_lse, ref_g = oracle_results(cfg, x, scale, cot)
