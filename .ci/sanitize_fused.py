@@ -18,6 +18,10 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
     # The TMA forward's 1-D problems (Hopper): head-dim tiles 64 and 128, dilation, stride, causal.
     (1, (300,), (65,), (1,), (2,), (False,), 4, 2, 64, 48, False, 0),
     (1, (200,), (40,), (3,), (1,), (True,), 2, 1, 128, 96, False, 0),
+    # The warp-specialized forward's TMA variant (Hopper): 2-D with rpb and dilation, 3-D.
+    (2, (24, 20), (5, 7), (1, 1), (2, 1), (False, False), 2, 1, 64, 64, True, 0),
+    (3, (8, 12, 12), (3, 5, 5), (1, 1, 1), (1, 1, 1), (False, True, False), 2, 2, 128, 128, False,
+     0),
     (2, (11, 13), (5, 4), (1, 2), (2, 1), (False, True), 2, 1, 64, 32, False, 70),
     (2, (12, 10), (3, 5), (1, 1), (1, 2), (False, False), 2, 2, 32, 32, True, 0),
     (3, (5, 7, 6), (3, 3, 2), (1, 2, 1), (1, 2, 1), (True, False, False), 2, 2, 128, 128, False, 2),

@@ -98,8 +98,9 @@ class FusedTiles:
 
     `mma`: "wgmma", "mma_sync" or "simt" (float32, CUDA cores); `kernel`: which forward kernel
     of that family: "simt", "mma_sync", "wgmma" (one warpgroup, 64-token query tiles), "wgmma_ws"
-    (warp-specialized, two computing warpgroups on 128-token query tiles) or "wgmma_tma" (1-D
-    problems: 128-token query tiles and 128-key steps copied by the TMA); `q_tile` / `kv_tile`:
+    (warp-specialized, two computing warpgroups on 128-token query tiles), "wgmma_ws_tma" (the
+    same fed by the TMA: 2-D and 3-D problems) or "wgmma_tma" (1-D problems: 128-token query
+    tiles and 128-key steps copied by the TMA); `q_tile` / `kv_tile`:
     the tile extents per spatial axis, in each dilation group's local coordinates;
     `computed_over_useful`: the scores the kernels compute (every query tile times every key
     tile of its walk, whole tiles, with the additional keys' tiles) over the useful ones (each

@@ -1,8 +1,10 @@
-"""The TMA-fed Hopper forward (cuda/fna/forward_tma.cu): which 1-D problems it serves (planned on
-the host, no GPU needed), and on a Hopper GPU its outputs and the gradients through its residuals
-against the float64 oracle, on problems that walk its edges: partial query tiles, windows wider
-than a step or the whole axis, dilation groups, stride, causal, even kernels, GQA / MQA, head dims
-that pad to its 64-column blocks, a negative scale."""
+"""The TMA-fed Hopper forwards (cuda/fna/forward_tma.cu for 1-D problems, forward_ws.cu's TMA
+variant for 2-D ones): which problems they serve (planned on the host, no GPU needed), and on a
+Hopper GPU their outputs and the gradients through their residuals against the float64 oracle, on
+problems that walk their edges: partial query tiles, windows wider than a step or the whole axis,
+dilation groups, stride, causal, even kernels, GQA / MQA, rpb (2-D), head dims that pad to their
+64-column blocks, a negative scale."""
+import math
 import types
 
 import numpy as np
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import oracle
-from cases import TOLERANCE, Case, fresh_rng, make_inputs, on_backend, rel_err, require
+from cases import TOLERANCE, Case, fresh_rng, make_inputs, na_fn, on_backend, rel_err, require
 import jax_natten
 
 HOPPER = types.SimpleNamespace(compute_capability="9.0")  # devices as fused_tiles reads them
@@ -28,6 +30,18 @@ CASES = [
     Case("whole-axis", (256,), (256,), dim=64),
     Case("blocked", (385,), (32,), (32,), dim=56, value_dim=128),
 ]
+BOX_CASES = [  # 2-D and 3-D: forward_ws.cu's TMA variant
+    Case("2d-rpb-gqa", (40, 48), (9, 13), rpb=True, heads=4, kv_heads=2, dim=64),
+    Case("2d-stride-dil-causal-d96", (36, 50), (7, 10), (2, 3), (2, 2), (True, False), dim=96,
+         value_dim=64),
+    Case("2d-large-window-d128", (64, 64), (31, 31), dim=128, batch=1),
+    Case("2d-dil3-mqa-d72", (30, 21), (5, 7), None, (3, 1), heads=3, kv_heads=1, dim=72),
+    Case("2d-even-causal-dv48", (24, 40), (8, 6), (1, 2), (1, 2), (False, True), dim=64,
+         value_dim=48),
+    # 3-D: batch and x share one map axis (two batch elements: no box may cross between them).
+    Case("3d-d128", (8, 12, 12), (3, 5, 5), dim=128),
+    Case("3d-stride-gqa-d96", (6, 16, 20), (3, 7, 9), (1, 2, 3), heads=4, kv_heads=2, dim=96),
+]
 
 
 def _plan(case, **kw):
@@ -43,6 +57,14 @@ def test_tma_forward_serves_these_problems(case):
     assert plan.kernel == "wgmma_tma" and plan.q_tile == (128,) and plan.kv_tile == (128,)
     with jax_natten.fused_config(mma="wgmma"):
         assert _plan(case).kernel == "wgmma_tma"
+
+
+@pytest.mark.parametrize("case", BOX_CASES, ids=[c.name for c in BOX_CASES])
+def test_box_tma_forward_serves_these_problems(case):
+    require_extension()
+    plan = _plan(case, rpb=case.rpb)
+    assert plan.kernel == "wgmma_ws_tma"
+    assert math.prod(plan.q_tile) == 128 and math.prod(plan.kv_tile) == 64
 
 
 def test_tma_forward_leaves_the_rest_to_the_box_kernels():
@@ -80,7 +102,7 @@ def _on_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES + BOX_CASES, ids=[c.name for c in CASES + BOX_CASES])
 def test_tma_forward_and_gradients_match_reference(case, dtype):
     _on_hopper()
     rng, seed = fresh_rng()
@@ -91,18 +113,21 @@ def test_tma_forward_and_gradients_match_reference(case, dtype):
     dout = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
     dlse = jnp.asarray(rng.standard_normal(out_shape[:-1]), jnp.float32)
 
+    f = na_fn(case.rank)
+
     def loss(x):
-        out, lse = jax_natten.na1d(**x, **kw)
+        out, lse = f(**x, **kw)
         return jnp.sum(out.astype(jnp.float32) * dout) + jnp.sum(lse * dlse)
 
-    out, lse = on_backend("fused", lambda x: jax_natten.na1d(**x, **kw), x)
+    out, lse = on_backend("fused", lambda x: f(**x, **kw), x)
     grads = on_backend("fused", jax.grad(loss), x)
     args = (x["query"], x["key"], x["value"], *case.oracle_args())
-    ref_out, ref_lse = oracle.attention(*args, scale=scale)
+    ref_out, ref_lse = oracle.attention(*args, scale=scale, rpb=x.get("rpb"))
     tol = TOLERANCE[dtype]
     assert rel_err(out, ref_out) < tol, f"out (seed {seed})"
     assert rel_err(lse, ref_lse) < tol, f"lse (seed {seed})"
-    ref = oracle.attention_vjp(*args, np.asarray(dout), np.asarray(dlse), scale=scale)
-    for name in ("query", "key", "value"):
+    ref = oracle.attention_vjp(*args, np.asarray(dout), np.asarray(dlse), scale=scale,
+                               rpb=x.get("rpb"))
+    for name in ref:
         err = rel_err(grads[name], ref[name])
         assert err < 2 * tol, f"d{name}: relative error {err:.2e} (seed {seed})"

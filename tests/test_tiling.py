@@ -176,6 +176,14 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
             assert plan.q_tile == plan.kv_tile == (tile if any(n > 1 for n in spatial)
                                                    else (1,) * (r - 1) + (128,))
             continue
+        if plan.kernel == "wgmma_ws_tma":  # the box TMA variant: its own checks below
+            q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=FWD_Q,
+                          kv_max_log=KV, halves=True)
+            assert device is HOPPER and dtype != "float32" and dim >= 64
+            assert sum(n > 1 for n in spatial) >= 2 and k[0] == 0
+            assert sum(q) == FWD_Q and sum(k) == KV
+            assert plan.q_tile == tuple(1 << x for x in q[3 - r:])
+            continue
         q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=q_log,
                       kv_max_log=kv_log, halves=warp_specialized)
         assert plan.mma == family
@@ -257,8 +265,9 @@ def test_computed_over_useful_counts_every_tile(problem, additional):
 @pytest.mark.parametrize("problem", [p for p in PROBLEMS if sum(x > 1 for x in p[0]) > 1], ids=str)
 @pytest.mark.parametrize("additional", [0, 70])
 def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
-    """The warp-specialized Hopper forward's ratio (head dim 128) counts what each warpgroup's
-    half of a tile computes; the one-warpgroup kernel's (head dim 64) its 64-token tiles whole."""
+    """The warp-specialized Hopper forward's ratio (head dim 128, and its TMA variant at 64)
+    counts what each warpgroup's half of a tile computes; the one-warpgroup kernel's (head dim
+    64) its 64-token tiles whole."""
     spatial, kernel, stride, dilation, causal = problem
     r = len(spatial)
     per = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * r  # noqa: E731
@@ -268,6 +277,7 @@ def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
                                       is_causal=causal, additional_keys=additional, device=HOPPER,
                                       head_dim=dim)
         assert plan.mma == "wgmma"
+        halves = halves or plan.kernel == "wgmma_ws_tma"
         assert math.prod(plan.q_tile) <= (128 if halves else 64)
         computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation),
                                     per(causal), plan.q_tile, plan.kv_tile, additional,

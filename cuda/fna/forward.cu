@@ -126,7 +126,8 @@ ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64
 ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                           const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   // Hopper at head-dim tile 128: the warp-specialized kernel (tiling.h fwd_warp_specialized).
-  if (wgmma && fwd_warp_specialized(dt)) return launch_forward_ws(stream, t, dt, a, p, batch);
+  if (wgmma && fwd_warp_specialized(dt))
+    return launch_forward_ws(stream, t, dt, false, a, p, batch, batch);
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;

@@ -4,6 +4,7 @@
 #include "forward_step.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
+#include "tensor_maps.h"
 
 namespace natten {
 namespace gpu {
@@ -43,12 +44,24 @@ __device__ __forceinline__ bool own_key_range(const FnaArgs& a, const Box& qb, i
 // on wgmma, with softmax_step's masking and online softmax between them. The computing warpgroups
 // never stage and never wait for each other: each waits until a stage is full and releases it
 // once its products have read it.
-template <typename T, int DT>
+//
+// kTma (tiling.h forward_on_box_tma: 2-D and 3-D problems, every axis divisible by its dilation,
+// at most 4 dilation groups, no additional keys, tiles that never cross a batch element along x):
+// the producer's one
+// thread copies the query tile and each key tile with the TMA, one box per 64 head dims
+// (`maps`: one map per dilation group, tensor_maps.h encode_group_map), into tiles laid out as
+// 64-column blocks with 128-byte swizzle; the products read them through swizzled descriptors.
+template <typename T, int DT, bool kTma>
 __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
-    fna_fwd_ws_kernel(const FnaArgs a, const FnaPtrs p) {
+    fna_fwd_ws_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
   constexpr int kQRows = kFwdWsQRows;
   constexpr int kStages = fwd_ws_stages(DT);
-  extern __shared__ __align__(128) unsigned char smem[];
+  // kTma: 64-column blocks of q (kQBlock elements) and of each key tile (kKBlock).
+  constexpr int kQBlock = kQRows * 64, kKBlock = kRows * 64;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // (kTma: the swizzle atoms need 1024-byte alignment: fwd_ws_smem added the slack.)
+  unsigned char* smem =
+      kTma ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
   T* Qs = reinterpret_cast<T*>(smem);     // [kQRows][DT], core matrices (natten/wgmma.cuh)
   T* Ks = Qs + kQRows * DT;               // [kStages][kRows][DT]
   T* Vs = Ks + kStages * kRows * DT;      // [kStages][kRows][DT]
@@ -64,11 +77,49 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const q_full = bars + 2 * kStages;
   if (threadIdx.x == 0) {
-    ring.init(kThreads, 2 * kThreads);
-    mbar_init(q_full, kThreads);
+    ring.init(kTma ? 1 : kThreads, 2 * kThreads);
+    mbar_init(q_full, kTma ? 1 : kThreads);
+    if (kTma) fence_mbar_init();
   }
   __syncthreads();
 
+  if (kTma && threadIdx.x >= 2 * kThreads) {  // the producer, TMA: one thread copies
+    regs_shrink<fwd_ws_producer_regs(DT)>();
+    if (threadIdx.x == 2 * kThreads) {
+      // The tile's dilation group picks the map; boxes are (64 head dims, 1 head, z, y, x) at
+      // local coordinates, batch and x folded into one (tensor_maps.h encode_group_map).
+      const int grp = (qb.grp[0] * a.ax[1].dilation + qb.grp[1]) * a.ax[2].dilation + qb.grp[2];
+      const int xb = b * (a.ax[0].length / a.ax[0].dilation);  // batch element b's first local x
+      const CUtensorMap* qmap = &maps.q[grp];
+      const CUtensorMap* kmap = &maps.k[grp];
+      const CUtensorMap* vmap = &maps.v[grp];
+      mbar_expect_tx(q_full, kQRows * DT * static_cast<int>(sizeof(T)));
+#pragma unroll
+      for (int c = 0; c < DT / 64; ++c)
+        tma_load_5d(Qs + c * kQBlock, qmap, q_full, 64 * c, h, qb.lo[2], qb.lo[1], xb + qb.lo[0]);
+      const KeyWalk walk = key_walk(a, qb);
+      TileCounter next;
+      next.reset();
+      for (int j = 0; j < walk.spatial; ++j) {
+        ring.acquire(j);
+        const int st = ring.stage(j);
+        uint64_t* full = ring.full + st;
+        mbar_expect_tx(full, 2 * kRows * DT * static_cast<int>(sizeof(T)));
+        int o[3];
+        bool inside;
+        key_tile(a, walk, next, o, inside);
+        next.next(walk.n);
+#pragma unroll
+        for (int c = 0; c < DT / 64; ++c) {
+          T* kd = Ks + st * kRows * DT + c * kKBlock;
+          T* vd = Vs + st * kRows * DT + c * kKBlock;
+          tma_load_5d(kd, kmap, full, 64 * c, kvh, o[2], o[1], xb + o[0]);
+          tma_load_5d(vd, vmap, full, 64 * c, kvh, o[2], o[1], xb + o[0]);
+        }
+      }
+    }
+    return;
+  }
   if (threadIdx.x >= 2 * kThreads) {  // the producer
     regs_shrink<fwd_ws_producer_regs(DT)>();
     Handoff handoff;
@@ -98,7 +149,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
 
   // The computing warpgroups: rows' windows (and with rpb their own-key logits) for the tile, then
   // the walk. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 (tile_row<1, true>).
-  const int wg = threadIdx.x / kThreads;
+  // (kTma: read through a shuffle, so the compiler knows it is warp-uniform and keeps the
+  // descriptor math in uniform registers, as in forward_tma.cu.)
+  const int wg =
+      kTma ? __shfl_sync(0xffffffffu, threadIdx.x / kThreads, 0) : threadIdx.x / kThreads;
   const KeyWalk walk = key_walk(a, qb);
   fill_windows(a, qb, kQRows, Win);
   fill_ones(Ones, threadIdx.x, 2 * kThreads);
@@ -116,7 +170,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
 #pragma unroll
     for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
   }
-  const T* qs = Qs + wg * kRows * DT;
+  const T* qs = Qs + wg * kRows * (kTma ? 64 : DT);  // the warpgroup's rows (in each block)
   // The warpgroup's rows are half of the query tile: the spatial key tiles of the walk (over the
   // whole tile's key box) outside its own rows' windows are released without computing, so the
   // two warpgroups share the staging of a 128-token tile but compute about what 64-token tiles
@@ -155,9 +209,17 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     const T* ks = Ks + ring.stage(j) * kRows * DT;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < DT / 16; ++kk)
-      wgmma_ss64<T>(&sc[0][0][0], smem_desc(qs + kk * 128, 128, DT * 16),
-                    smem_desc(ks + kk * 128, 128, DT * 16), kk);
+    for (int kk = 0; kk < DT / 16; ++kk) {
+      if constexpr (kTma) {  // k16 step kk: 32 bytes into 64-column block kk / 4
+        const int off = (kk / 4) * kQBlock + (kk % 4) * 16;
+        const int koff = (kk / 4) * kKBlock + (kk % 4) * 16;
+        wgmma_ss64<T>(&sc[0][0][0], smem_desc_sw128(qs + off, 16, 1024),
+                      smem_desc_sw128(ks + koff, 16, 1024), kk);
+      } else {
+        wgmma_ss64<T>(&sc[0][0][0], smem_desc(qs + kk * 128, 128, DT * 16),
+                      smem_desc(ks + kk * 128, 128, DT * 16), kk);
+      }
+    }
     wgmma_commit();
   };
 
@@ -175,7 +237,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], smem_desc(vs + kk * 16 * DT, DT * 16, 128), 1);
+      // (kTma: v MN-major in 64-column blocks kKBlock apart; 16 keys a k16 step, 2048 bytes.)
+      const uint64_t vd = kTma ? smem_desc_sw128(vs + kk * 16 * 64, kKBlock * 2, 1024)
+                               : smem_desc(vs + kk * 16 * DT, DT * 16, 128);
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], vd, 1);
       wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], smem_desc(Ones, 128, 128), 1);
     }
     wgmma_commit();
@@ -234,18 +299,45 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
 
 }  // namespace
 
-ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                             const FnaPtrs& p, int64_t batch) {
-  return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
+ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, bool tma,
+                             const FnaArgs& a, const FnaPtrs& p, int64_t batch,
+                             int64_t batch_total) {
+  return dispatch_tile(t, dt, [&](auto tag, auto dtc) -> ffi::Error {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
+    const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
+    if constexpr (DT >= 64) {
+      if (tma) {
+        BoxTmaMaps maps = {};
+        constexpr CUtensorMapDataType type = tma_type<T>();
+        const int dx = a.ax[0].dilation, dy = a.ax[1].dilation, dz = a.ax[2].dilation;
+        const int qz = 1 << a.qlog[2], qy = 1 << a.qlog[1], qx = 1 << a.qlog[0];
+        const int kz = 1 << a.kvlog[2], ky = 1 << a.kvlog[1], kx = 1 << a.kvlog[0];
+        for (int gx = 0; gx < dx; ++gx)
+          for (int gy = 0; gy < dy; ++gy)
+            for (int gz = 0; gz < dz; ++gz) {
+              const int g = (gx * dy + gy) * dz + gz;
+              NATTEN_TRY(encode_group_map(maps.q[g], p.q, type, batch_total, a, a.heads, a.dim,
+                                          gx, gy, gz, qz, qy, qx));
+              NATTEN_TRY(encode_group_map(maps.k[g], p.k, type, batch_total, a, a.kv_heads,
+                                          a.dim, gx, gy, gz, kz, ky, kx));
+              NATTEN_TRY(encode_group_map(maps.v[g], p.v, type, batch_total, a, a.kv_heads,
+                                          a.dim_v, gx, gy, gz, kz, ky, kx));
+            }
+        constexpr int kSmem = fwd_ws_smem(DT, sizeof(T)) + 1024;  // + alignment slack
+        return launch_kernel<fna_fwd_ws_kernel<T, DT, true>>("fna forward (TMA)", kSmem, kSmem,
+                                                            grid, stream, a, p, kFwdWsThreads,
+                                                            maps);
+      }
+    }
     if constexpr (fwd_warp_specialized(DT)) {
-      const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
       constexpr int kSmem = fwd_ws_smem(DT, sizeof(T));
-      return launch_kernel<fna_fwd_ws_kernel<T, DT>>("fna forward", kSmem, kSmem, grid, stream, a,
-                                                      p, kFwdWsThreads);
+      return launch_kernel<fna_fwd_ws_kernel<T, DT, false>>("fna forward", kSmem, kSmem, grid,
+                                                             stream, a, p, kFwdWsThreads,
+                                                             BoxTmaMaps{});
     } else {
-      return invalid("fused: the warp-specialized forward serves head-dim tile 128 only");
+      return invalid("fused: the warp-specialized forward serves head-dim tile 128, or 64 with "
+                     "the TMA");
     }
   });
 }

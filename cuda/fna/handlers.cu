@@ -184,6 +184,9 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     switch (plan.kernel) {
       case ForwardKernel::kSimt: NATTEN_TRY(launch_forward_f32(stream, dt, a, ptr, n)); break;
       case ForwardKernel::kTma: NATTEN_TRY(launch_forward_tma(stream, t, dt, a, ptr, n, B)); break;
+      case ForwardKernel::kWsTma:
+        NATTEN_TRY(launch_forward_ws(stream, t, dt, true, a, ptr, n, B));
+        break;
       default: NATTEN_TRY(launch_forward(stream, t, dt, plan.wgmma(), a, ptr, n));
     }
   }

@@ -96,9 +96,11 @@ ffi::Error dispatch_tile(ffi::DataType t, int dt, F&& f) {
 ffi::Error launch_forward(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                           const FnaArgs& a, const FnaPtrs& p, int64_t batch);
 // The same on the warp-specialized Hopper kernel (forward_ws.cu), which launch_forward picks where
-// fwd_warp_specialized(dt).
-ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
-                             const FnaPtrs& p, int64_t batch);
+// fwd_warp_specialized(dt); with `tma` (tiling.h forward_on_box_tma) its TMA variant, whose maps
+// span `batch_total` batch elements.
+ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, bool tma,
+                             const FnaArgs& a, const FnaPtrs& p, int64_t batch,
+                             int64_t batch_total);
 // The same on the TMA forward (forward_tma.cu), for the problems tiling.h's forward_on_tma
 // accepts, with its tiles (tma_tiling); `batch_total`: the call's batch elements (the tensor
 // maps span all of them; this launch runs `batch` from a.batch0).

@@ -311,7 +311,27 @@ inline bool backward_on_tma(const Problem& p, const Tiling& t) {
   return tma_problem(p) && t.qlog[long_axis(p)] == kTileLog;
 }
 
-enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma };
+// The warp-specialized forward's TMA variant (forward_ws.cu kTma) serves 2-D and 3-D problems
+// whose axes split evenly into their dilation groups (at most 4 groups: one tensor map each),
+// without additional keys, at head-dim tiles 64 and 128, with tiles whose TMA boxes are exactly
+// the tiles and never cross from one batch element into the next (the maps fold batch and x):
+// 128-token query tiles whose x extent divides the group's x length, 64-token key tiles one x
+// plane thick. `t`: the warp-specialized kernel's tiles.
+inline bool forward_on_box_tma(const Problem& p, int dt, const Tiling& t) {
+  int groups = 1;
+  bool even = true;
+  for (int ax = 0; ax < kMaxRank; ++ax) {
+    groups *= p.axis[ax].dilation;
+    even = even && p.axis[ax].length % p.axis[ax].dilation == 0;
+  }
+  const int x_local = p.axis[0].length / p.axis[0].dilation;
+  return dt >= 64 && long_axes(p) >= 2 && p.additional == 0 && even && groups <= 4 &&
+         t.kvlog[0] == 0 && x_local % (1 << t.qlog[0]) == 0 &&
+         t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog + 1 &&
+         t.kvlog[1] + t.kvlog[2] == kTileLog;
+}
+
+enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma, kWsTma };
 inline const char* kernel_name(ForwardKernel k) {
   switch (k) {
     case ForwardKernel::kSimt: return "simt";
@@ -319,6 +339,7 @@ inline const char* kernel_name(ForwardKernel k) {
     case ForwardKernel::kWgmma: return "wgmma";
     case ForwardKernel::kWgmmaWs: return "wgmma_ws";
     case ForwardKernel::kTma: return "wgmma_tma";
+    case ForwardKernel::kWsTma: return "wgmma_ws_tma";
   }
   return "?";
 }
@@ -344,6 +365,15 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
     return ok();
   }
   const bool wgmma = !f32 && wgmma_ok && !(mma == 0 && !auto_forward_on_wgmma(p));
+  if (wgmma && dt >= 64) {  // the box TMA variant, where its tiles come out as it needs
+    Tiling t;
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + 1, t, kTileLog, /*halves=*/true));
+    if (forward_on_box_tma(p, dt, t)) {
+      plan.kernel = ForwardKernel::kWsTma;
+      plan.tiling = t;
+      return ok();
+    }
+  }
   plan.kernel = f32 ? ForwardKernel::kSimt
                     : !wgmma ? ForwardKernel::kMmaSync
                              : fwd_warp_specialized(dt) ? ForwardKernel::kWgmmaWs
