@@ -313,27 +313,29 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       return kTma ? smem_desc_sw128(tile + kk * 16 * 64, 8192, 1024)
                   : smem_desc(tile + kk * 16 * DT, DT * 16, 128);
     };
+    // On wgmma, S^T and dP^T are two commit groups: the weights P^T (the exponentials) are
+    // formed from S^T while dP^T is still in flight, and dS^T once it lands (late_ds). With rpb
+    // the weights pass also forms dS^T and d-rpb (one pass over the bias indices), after both.
+    const bool bias_pass = rpb != nullptr;
     if constexpr (kWg) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
         wgmma_ss64<T>(&s[0][0], smem_desc(ks_wg + kk * 128, 128, DT * 16), q_k_major(qs, kk),
                       kk);
+      wgmma_commit();
       if constexpr (!kLateDp) {
 #pragma unroll
         for (int kk = 0; kk < DT / 16; ++kk)
           wgmma_ss64<T>(&dp[0][0], smem_desc(vs_wg + kk * 128, 128, DT * 16), q_k_major(os, kk),
                         kk);
+        wgmma_commit();
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(s1);
-      if constexpr (!kLateDp) reg_fence(dp1);
     } else {
       tile_scores<T, DT, 1, false>(s1, ks_wg, qs);
       if constexpr (!kLateDp) scores_dp();
     }
-    // dS^T = P^T (dP^T - delta), in dp (kLateDp: once dP^T exists).
+    // dS^T = P^T (dP^T - delta), in dp, once dP^T exists (kLateDp; wgmma without rpb).
     auto late_ds = [&]() {
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
@@ -345,7 +347,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         }
     };
     // P^T (the query's softmax weights, from its statistics: softmax_weight_exp2), 0 outside the
-    // neighborhood, into s; dS^T = P^T (dP^T - delta) into dp. Per column (query) of the
+    // neighborhood, into s; dS^T = P^T (dP^T - delta) into dp (mma.sync, or with the bias; else
+    // late_ds). Per column (query) of the
     // thread: its statistics and delta (and for masked tiles its coordinates) once, then the
     // thread's two key rows. Compiled three ways,
     // picked per tile: kMask = false for spatial tiles inside every key's inverse window (no
@@ -392,7 +395,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
             }
           }
           const float2 st = sts[c];
-          [[maybe_unused]] const float delta = ds[c];  // kLateDp: used by late_ds
+          [[maybe_unused]] const float delta = ds[c];  // (unused where late_ds forms dS^T)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             // Keys past the problem (zero rows) are never stored, but their weights must stay
@@ -422,7 +425,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
             }
             const float pr = in ? fast_exp2(x) : 0.f;
             s[nb][2 * i + e] = pr;
-            if constexpr (!kLateDp) {
+            if constexpr (!kLateDp && (kBias || !kWg)) {  // else late_ds, below
               const float dsv = pr * (dp[nb][2 * i + e] - delta);
               dp[nb][2 * i + e] = dsv;
               if constexpr (kBias) {
@@ -435,12 +438,30 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     };
     using True = std::true_type;
     using False = std::false_type;
-    if (rpb != nullptr)
+    // (Each branch waits for all it reads: ptxas serializes the MMAs where a path that has not
+    // waited meets one that reads their accumulators, C7514.)
+    if (bias_pass) {
+      if constexpr (kWg) {
+        wgmma_wait<0>();
+        reg_fence(s1);
+        if constexpr (!kLateDp) reg_fence(dp1);
+      }
       weights(True{}, True{});
-    else if (spatial && t.full)
-      weights(False{}, False{});
-    else
-      weights(True{}, False{});
+    } else {
+      if constexpr (kWg) {
+        wgmma_wait<kLateDp ? 0 : 1>();  // S^T (committed first)
+        reg_fence(s1);
+      }
+      if (spatial && t.full)
+        weights(False{}, False{});
+      else
+        weights(True{}, False{});
+      if constexpr (kWg && !kLateDp) {
+        wgmma_wait<0>();  // dP^T
+        reg_fence(dp1);
+        late_ds();
+      }
+    }
 
     if constexpr (kWg) {
       // dv += P^T do, dk += dS^T q: P^T and dS^T (packed) are the A operands, do and q the
