@@ -15,9 +15,11 @@ import jax_natten
 CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D, Dv, rpb, S_add
     (1, (77,), (9,), (2,), (2,), (True,), 4, 2, 32, 32, False, 3),
     (1, (70,), (8,), (1,), (1,), (False,), 2, 2, 64, 64, True, 0),
-    # The TMA forward's 1-D problems (Hopper): head-dim tiles 64 and 128, dilation, stride, causal.
+    # The TMA kernels' 1-D problems (Hopper): the forward at head-dim tiles 64 and 128, the
+    # backward at 64; dilation, stride, causal, GQA / MQA.
     (1, (300,), (65,), (1,), (2,), (False,), 4, 2, 64, 48, False, 0),
     (1, (200,), (40,), (3,), (1,), (True,), 2, 1, 128, 96, False, 0),
+    (1, (257,), (100,), (3,), (1,), (True,), 2, 1, 64, 64, False, 0),
     # The warp-specialized forward's TMA variant (Hopper): 2-D with rpb and dilation, 3-D.
     (2, (24, 20), (5, 7), (1, 1), (2, 1), (False, False), 2, 1, 64, 64, True, 0),
     (3, (8, 12, 12), (3, 5, 5), (1, 1, 1), (1, 1, 1), (False, True, False), 2, 2, 128, 128, False,

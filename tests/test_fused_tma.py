@@ -1,9 +1,10 @@
-"""The TMA-fed Hopper forwards (cuda/fna/forward_tma.cu for 1-D problems, forward_ws.cu's TMA
-variant for 2-D ones): which problems they serve (planned on the host, no GPU needed), and on a
-Hopper GPU their outputs and the gradients through their residuals against the float64 oracle, on
-problems that walk their edges: partial query tiles, windows wider than a step or the whole axis,
-dilation groups, stride, causal, even kernels, GQA / MQA, rpb (2-D), head dims that pad to their
-64-column blocks, a negative scale."""
+"""The TMA-fed Hopper kernels: the forwards (cuda/fna/forward_tma.cu for 1-D problems,
+forward_ws.cu's TMA variant for 2-D ones), which problems they serve (planned on the host, no GPU
+needed), and on a Hopper GPU their outputs and the gradients against the float64 oracle; the
+gradients of the 1-D cases at head-dim tile 64 come from the TMA backward (backward_tma.cu). The
+problems walk the kernels' edges: partial query tiles and key tiles, windows wider than a step or
+the whole axis, dilation groups, stride, causal, even kernels, GQA / MQA, rpb (2-D), head dims
+that pad to their 64-column blocks, a negative scale."""
 import math
 import types
 
@@ -29,6 +30,9 @@ CASES = [
     Case("short-axis", (50,), (13,), dim=64, batch=3),
     Case("whole-axis", (256,), (256,), dim=64),
     Case("blocked", (385,), (32,), (32,), dim=56, value_dim=128),
+    Case("dil-gqa-d64", (1000,), (301,), None, (2,), heads=4, kv_heads=2, dim=64, value_dim=48,
+         batch=1),
+    Case("causal-stride-d64", (643,), (130,), (3,), None, (True,), heads=2, dim=64),
 ]
 BOX_CASES = [  # 2-D and 3-D: forward_ws.cu's TMA variant
     Case("2d-rpb-gqa", (40, 48), (9, 13), rpb=True, heads=4, kv_heads=2, dim=64),

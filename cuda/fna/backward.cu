@@ -22,7 +22,6 @@
 #include "fna.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
-#include "tensor_maps.h"
 
 namespace natten {
 namespace gpu {
@@ -31,35 +30,24 @@ namespace {
 
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
-// many computing warpgroups (see above; wgmma only). kTma (kDq, head-dim tile 64, 1-D problems
-// without rpb or additional keys: tiling.h backward_on_tma): the producer's one thread copies
-// each query tile's q and do with the TMA (`maps`, 64-row boxes with 128-byte swizzle; the
-// products read them through swizzled descriptors), its threads only the rows' statistics and
-// delta, and one thread of each computing warpgroup adds its dq tile to the workspace with one
-// TMA reduce-add; other variants get empty maps.
-template <typename T, int DT, bool kWg, int kDqWgs, bool kTma>
+// many computing warpgroups (see above; wgmma only). (1-D problems on Hopper run
+// backward_tma.cu's kernel instead, where it serves them.)
+template <typename T, int DT, bool kWg, int kDqWgs>
 __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
-    fna_bwd_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BwdTmaMaps maps) {
+    fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr bool kDq = kDqWgs > 0;
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
-  static_assert(!kTma || (kDq && DT == 64), "the TMA query side: dq in the walk, 64 head dims");
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kStages = bwd_stages(kDqWgs);
   constexpr int kKeys = bwd_key_rows(kDqWgs);             // key rows: 64 per computing warpgroup
   constexpr int kCompute = bwd_compute_threads(kDqWgs);   // the computing warpgroups' threads
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  // (kTma: the swizzle atoms need 1024-byte alignment; bwd_smem added the slack.)
-  unsigned char* smem =
-      kTma ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
+  extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);   // [kKeys][kLd]
   T* Vs = Ks + kKeys * kLd;
   T* Qs = Vs + kKeys * kLd;              // [kStages][kRows][kLd]
   T* Os = Qs + kStages * kRows * kLd;    // do, [kStages][kRows][kLd]
-  // kTma: the step's dq tile for the TMA's reduce-add, [kDqWgs][kRows][kN] floats (each
-  // warpgroup's kN = 32 columns: 128-byte rows, swizzled as the map says; 1024-byte aligned).
-  float* QaccT = reinterpret_cast<float*>(Os + kStages * kRows * kLd);
   // The forward's softmax statistics (m2, log2_l) and delta per query row, [kStages][kRows].
-  float2* Sts = reinterpret_cast<float2*>(QaccT + (kTma ? kRows * DT : 0));
+  float2* Sts = reinterpret_cast<float2*>(Os + kStages * kRows * kLd);
   float* Ds = reinterpret_cast<float*>(Sts + kStages * kRows);
   // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
   // (core-matrix tiles, keys x queries, two buffers: step i writes buffer i % 2), the step's dq
@@ -112,29 +100,17 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
-  // The query-side rows of the walk's next tile (`staged`) into stage `buf`, one cp.async group
-  // (kTma: q and do by the TMA, completing on the stage's barrier `full`).
+  // The query-side rows of the walk's next tile (`staged`) into stage `buf`, one cp.async group.
   auto stage_queries = [&](const QueryWalk& walk, int buf, QueryWalk::Cursor& staged,
-                           const TileRows<DT, kRows, kWg>& qrows,
-                           [[maybe_unused]] uint64_t* full = nullptr) {
+                           const TileRows<DT, kRows, kWg>& qrows) {
     const QueryTile t = walk.tile(a, staged);
     staged.next(walk, a);
     int lim[3];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
-    if constexpr (kTma) {  // one thread: q and do of the 1-D tile (t.nonempty: spatial walks)
-      if (threadIdx.x == kCompute) {
-        int g, lo;
-        tile_axis_start(a, t.box, g, lo);
-        mbar_expect_tx_only(full, 2 * kRows * DT * static_cast<int>(sizeof(T)));
-        tma_load_5d(Qs + buf * kRows * kLd, &maps.q, full, 0, t.h, g, lo, b);
-        tma_load_5d(Os + buf * kRows * kLd, &maps.d_o, full, 0, t.h, g, lo, b);
-      }
-    } else {
-      const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
-      qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
-      qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
-    }
+    const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
+    qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
+    qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
     // (The producer's threads are kThreads..; without kDq the plain index keeps the one-warpgroup
     // kernels' register allocation as it was: the modulo alone moved spills in the DT = 128 one.)
     for (int r = kDq ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
@@ -169,18 +145,12 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       const QueryWalk walk(a, kb, spatial, kvh);
       QueryWalk::Cursor staged = walk.start();
       const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
-      if constexpr (kTma) {
-        if (threadIdx.x == kCompute) {
-          tma_prefetch_map(&maps.q);
-          tma_prefetch_map(&maps.d_o);
-        }
-      }
       Handoff handoff;
       stage_keys();
       handoff.then(keys_full);
       for (int64_t it = 0; it < walk.total; ++it) {
         ring.acquire(it);
-        stage_queries(walk, ring.stage(it), staged, qrows, ring.full + ring.stage(it));
+        stage_queries(walk, ring.stage(it), staged, qrows);
         handoff.then(ring.full + ring.stage(it));
       }
       handoff.flush();
@@ -304,14 +274,12 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       }
     };
     // A query-side tile (q or do) as the K-major B of k16 step kk (queries as N), and as the
-    // MN-major B (queries as K) of k16 step kk: core matrices, or kTma's swizzled rows.
+    // MN-major B (queries as K) of k16 step kk (core matrices).
     auto q_k_major = [](const T* tile, int kk) {
-      return kTma ? smem_desc_sw128(tile + kk * 16, 16, 1024)
-                  : smem_desc(tile + kk * 128, 128, DT * 16);
+      return smem_desc(tile + kk * 128, 128, DT * 16);
     };
     [[maybe_unused]] auto q_mn_major = [](const T* tile, int kk) {
-      return kTma ? smem_desc_sw128(tile + kk * 16 * 64, 8192, 1024)
-                  : smem_desc(tile + kk * 16 * DT, DT * 16, 128);
+      return smem_desc(tile + kk * 16 * DT, DT * 16, 128);
     };
     // On wgmma, S^T and dP^T are two commit groups: the weights P^T (the exponentials) are
     // formed from S^T while dP^T is still in flight, and dS^T once it lands (late_ds). With rpb
@@ -522,10 +490,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         reg_fence(dv1);
         ring.release(it);  // every MMA that read the stage (dv, dk) has completed
         // The step's dq columns -> Qacc (once the last step's bulk adds have read it) -> the
-        // float32 workspace: one bulk add per query row in the problem, or (kTma) one TMA
-        // reduce-add of the warpgroup's whole [64 x 32] tile (rows and columns outside the
-        // problem are skipped by the map's bounds).
-        if (kTma ? tid == 0 : tid < kRows) bulk_wait_read();
+        // float32 workspace: one bulk add per query row in the problem.
+        if (tid < kRows) bulk_wait_read();
         sync_wg();
         const int qr = (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
@@ -533,24 +499,13 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = qr + 8 * i, c = frag_col(nb, 0);
-            // (kTma: 128-byte swizzle, 16-byte chunk c / 4 of row r at chunk (c / 4) ^ (r % 8).)
-            const int swizzled = (((c >> 2) ^ (r & 7)) << 2) | (c & 3);
-            float* at = kTma ? QaccT + (wg * kRows + r) * kN + swizzled
-                             : Qacc + r * kDqLd<DT> + wg * kN + c;
-            *reinterpret_cast<float2*>(at) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+            *reinterpret_cast<float2*>(Qacc + r * kDqLd<DT> + wg * kN + c) =
+                make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
           }
         fence_proxy_async();
         sync_wg();
-        if constexpr (kTma) {
-          if (tid == 0) {
-            int g, lo;
-            tile_axis_start(a, t.box, g, lo);
-            tma_reduce_add_5d(&maps.dq, QaccT + wg * kRows * kN, wg * kN, t.h, g, lo, b);
-            bulk_commit();
-          }
-        }
         const int cols = imin(kN, a.dim - wg * kN);  // of the head dim, in this half
-        if (!kTma && tid < kRows && cols > 0 && (spatial || t.nonempty)) {
+        if (tid < kRows && cols > 0 && (spatial || t.nonempty)) {
           int qc[3];
           int64_t grow;
           if (query_row_at(a, t.box, tid, row0, t.h, qc, grow)) {
@@ -574,7 +529,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     }
   }
   if constexpr (kDq) {
-    if (kTma ? tid == 0 : tid < kRows) bulk_wait_all();
+    if (tid < kRows) bulk_wait_all();
     if (want_drpb && a.drpb_in_smem && drpb_h >= 0) drpb_flush();
   }
 
@@ -596,42 +551,25 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
                     a.dim_v);
 }
 
-template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false>
-ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch,
-                  int64_t batch_total = 0) {
-  const int smem =
-      bwd_smem(DT, sizeof(T), kWg, kDqWgs, kTma) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
+template <typename T, int DT, bool kWg, int kDqWgs>
+ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+  const int smem = bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
-  BwdTmaMaps maps = {};
-  if constexpr (kTma) {
-    const AxisParams& x = a.ax[tile_axis(a)];
-    constexpr CUtensorMapDataType type = tma_type<T>();
-    NATTEN_TRY(encode_token_map(maps.q, p.q, type, batch_total, x.length, a.heads, a.dim,
-                                x.dilation, kRows));
-    NATTEN_TRY(encode_token_map(maps.d_o, p.d_o, type, batch_total, x.length, a.heads, a.dim_v,
-                                x.dilation, kRows));
-    NATTEN_TRY(encode_token_map(maps.dq, p.dq_acc, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, batch_total,
-                                x.length, a.heads, a.dim, x.dilation, kRows));
-  }
-  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs, kTma>>(
+  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs>>(
       kDqWgs ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid,
-      stream, a, p, bwd_threads(kDqWgs), maps);
+      stream, a, p, bwd_threads(kDqWgs));
 }
 
 }  // namespace
 
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,
-                              int64_t batch, int64_t batch_total) {
+                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
     if (!wgmma) return launch<T, DT, false, 0>(stream, a, p, batch);
     if (dq_wgs == 0) return launch<T, DT, true, 0>(stream, a, p, batch);
-    if constexpr (DT == 64) {
-      if (tma && dq_wgs == 2) return launch<T, DT, true, 2, true>(stream, a, p, batch, batch_total);
-    }
     if constexpr (DT <= 64) {  // the handler's schedule: the 128 tile runs the dq kernel
       return dq_wgs == 2 ? launch<T, DT, true, 2>(stream, a, p, batch)
                          : launch<T, DT, true, 1>(stream, a, p, batch);

@@ -30,7 +30,9 @@
 //   CTA has two roles (pipeline.cuh): a producer warpgroup stages the query-side tiles into a
 //   ring of shared-memory stages handed over by mbarriers, two warpgroups compute, each on 64
 //   keys of the CTA's 128-key tile on 1-D problems (bwd_key_rows; one warpgroup of 64 keys
-//   elsewhere, tiling.h bwd_dq_warpgroups), sharing every staged tile and dq row.
+//   elsewhere, tiling.h bwd_dq_warpgroups), sharing every staged tile and dq row. 1-D problems
+//   at head-dim tile 64 (tiling.h backward_on_tma) run the same schedule on backward_tma.cu's
+//   kernel: every tile copied by the TMA, 128-query steps, dq added by TMA reduce-adds.
 //   Deterministic mode and mma.sync (sm_80): fna_dq_kernel (backward_dq.cu) walks the forward's
 //   key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk / dv only: no
 //   atomics on dq. d-rpb is summed in shared memory per CTA and added to the output with one
@@ -161,16 +163,31 @@ static_assert(kThreads * bwd_producer_regs(1) + kThreads * bwd_consumer_regs(1) 
                       64 * 1024,
               "the roles' registers fit the CTA's share of the SM's 64K");
 // k, v (bwd_key_rows), stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes),
-// two dS^T buffers (keys x 64 queries) and the float32 dq rows. `tma` (1-D problems at head-dim
-// tile 64, backward.cu kTma): q and do copied by the TMA with 128-byte swizzle, whose atoms need
-// 1024-byte alignment: 1024 bytes of slack; its dq tile (64 x 64 floats) takes fewer bytes than
-// the padded dq rows it replaces (counted above, unused).
-constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs, bool tma = false) {
+// two dS^T buffers (keys x 64 queries) and the float32 dq rows.
+constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs) {
   return 2 * bwd_key_rows(dq_wgs) * (wg ? dt : dt + 8) * elem +
          2 * bwd_stages(dq_wgs) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
          3 * bwd_stages(dq_wgs) * kRows * 4 +
-         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0) +
-         (tma ? 1024 : 0);
+         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0);
+}
+// The TMA backward (Hopper, 1-D problems, head-dim tile 64: backward_tma.cu): 128-key CTAs (two
+// computing warpgroups of 64 keys) walking 128-query steps, a producer warpgroup (one thread
+// copies by the TMA, its threads stage statistics and delta), a ring of 2 stages: with k, v,
+// the dq boxes (2 x 2 x 64 x 32 floats) and two dS^T buffers (128 x 128) it takes ~196 KB. The
+// computing warpgroups hold S^T and dP^T (64 floats each) with dk, dv (32 each).
+constexpr int kTmaBwdRows = 128;  // keys of a CTA and queries of a step
+constexpr int kTmaBwdStages = 2;
+constexpr int tma_bwd_producer_regs() { return 40; }
+constexpr int tma_bwd_consumer_regs() { return 232; }
+static_assert(kThreads * tma_bwd_producer_regs() + 2 * kThreads * tma_bwd_consumer_regs() <=
+                  64 * 1024,
+              "the roles' registers fit the SM's 64K");
+// k, v, the stages' q and do (16-bit, head-dim tile 64), the dq boxes, the dS^T buffers, the
+// stages' statistics and delta, the barriers, 1024 bytes of slack to align the swizzle atoms.
+constexpr int tma_bwd_smem() {
+  return (2 + 2 * kTmaBwdStages) * kTmaBwdRows * 64 * 2 + 4 * kRows * 32 * 4 +
+         2 * kTmaBwdRows * kTmaBwdRows * 2 + kTmaBwdStages * kTmaBwdRows * 12 +
+         8 * (2 * kTmaBwdStages + 1) + 1024;
 }
 
 }  // namespace fna

@@ -240,11 +240,15 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
   const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
   const int kv_log = f32 ? f32_tile_log(dt) : log2_exact(bwd_key_rows(dq_wgs));
+  // 1-D problems the TMA backward serves take its tiles (128 keys, 128-query steps).
+  const bool tma = single_walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile));
   Tiling dq_tiling, kv_tiling;
-  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
+  if (tma)
+    kv_tiling = tma_tiling(p);
+  else
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
-  const bool tma = dq_wgs == 2 && dt == 64 && backward_on_tma(p, kv_tiling);
   if (single_walk) {
     const int bytes = bwd_smem(dt, 2, true, dq_wgs);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
@@ -285,8 +289,12 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     if (f32) {
       NATTEN_TRY(launch_backward_f32(stream, dt, dq_args, kv_args, ptr, n));
     } else {
-      if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
-      NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, tma, kv_args, ptr, n, B));
+      if (tma) {
+        NATTEN_TRY(launch_backward_tma(stream, t, kv_args, ptr, n, B));
+      } else {
+        if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
+        NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, kv_args, ptr, n));
+      }
     }
   }
   if (single_walk) NATTEN_TRY(launch_backward_dq_convert(stream, t, kv_args, ptr, B));

@@ -115,11 +115,13 @@ ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
 // (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
-// `tma` (tiling.h backward_on_tma, with dq_wgs 2 at head-dim tile 64): q and do copied by the
-// TMA, whose maps span `batch_total` batch elements.
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,
-                              int64_t batch, int64_t batch_total);
+                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+// dk, dv and dq (into p.dq_acc, zeroed first) on the TMA backward (backward_tma.cu), for the
+// problems tiling.h's backward_on_tma accepts, with its tiles (tma_tiling); its tensor maps span
+// `batch_total` batch elements (this launch runs `batch` from a.batch0).
+ffi::Error launch_backward_tma(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
+                               const FnaPtrs& p, int64_t batch, int64_t batch_total);
 // dq = scale * dq_acc, rounded to the dtype, for all `batch` elements.
 ffi::Error launch_backward_dq_convert(cudaStream_t stream, ffi::DataType t, const FnaArgs& a,
                                       const FnaPtrs& p, int64_t batch);

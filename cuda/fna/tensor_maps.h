@@ -34,7 +34,7 @@ struct BoxTmaMaps {
   CUtensorMap q[kMaxTmaGroups], k[kMaxTmaGroups], v[kMaxTmaGroups];
 };
 struct BwdTmaMaps {
-  CUtensorMap q, d_o, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
+  CUtensorMap q, d_o, k, v, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
 };
 
 // The map element type of the kernels' 16-bit operand type T.

@@ -280,6 +280,14 @@ inline ffi::Error forward_tiling(const Problem& p, I64Span q_tile, I64Span kv_ti
 }
 
 // ---- which forward kernel --------------------------------------------------------------------
+// Whether the caller chose tiles (fused_config q_tile / kv_tile).
+inline bool tiles_given(I64Span q_tile, I64Span kv_tile) {
+  bool given = false;
+  for (I64Span s : {q_tile, kv_tile})
+    for (size_t i = 0; i < s.size(); ++i) given = given || s[i] != 0;
+  return given;
+}
+
 // The TMA forward (forward_tma.cu) serves 1-D problems (at most one axis longer than one token)
 // whose axis splits evenly into its dilation groups (the tensor maps' bounds are then every
 // group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
@@ -304,11 +312,11 @@ inline Tiling tma_tiling(const Problem& p) {
   return t;
 }
 
-// The single-walk backward's query side by the TMA (backward.cu kTma, with two computing
-// warpgroups at head-dim tile 64): the same 1-D problems, and 64-token query tiles along the
-// axis (a TMA box of 64 rows is then exactly a tile: rows past it would be real queries).
-inline bool backward_on_tma(const Problem& p, const Tiling& t) {
-  return tma_problem(p) && t.qlog[long_axis(p)] == kTileLog;
+// The TMA backward (backward_tma.cu: dq in the walk, the non-deterministic schedule): the same
+// 1-D problems at head-dim tile 64, with its own tiles (128 keys a CTA, 128 queries a step:
+// tma_tiling).
+inline bool backward_on_tma(const Problem& p, int dt, bool tiles_given) {
+  return tma_problem(p) && dt == 64 && !tiles_given;
 }
 
 // The warp-specialized forward's TMA variant (forward_ws.cu kTma) serves 2-D and 3-D problems
@@ -356,10 +364,7 @@ struct ForwardPlan {
 // 1-D problems the TMA kernel does not serve run on mma.sync (auto_forward_on_wgmma).
 inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt, bool f32,
                                int64_t mma, bool wgmma_ok, ForwardPlan& plan) {
-  bool given = false;
-  for (I64Span s : {q_tile, kv_tile})
-    for (size_t i = 0; i < s.size(); ++i) given = given || s[i] != 0;
-  if (!f32 && wgmma_ok && forward_on_tma(p, dt, given)) {
+  if (!f32 && wgmma_ok && forward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = ForwardKernel::kTma;
     plan.tiling = tma_tiling(p);
     return ok();
