@@ -60,16 +60,9 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
   Box kb;
   if (!tile_box(a, a.kvlog, a.kv_tpg, a.kv_units, blockIdx.x, kb)) return;  // whole CTA
   // The axis: its parameters, the tile's dilation group and keys [k_lo, k_hi) (local indices).
-  const int ax = tile_axis(a);
-  AxisParams axp = a.ax[2];
-  int g = kb.grp[2], lg = kb.lg[2], k_lo = kb.lo[2], k_hi = kb.hi[2];
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {  // (constant indices keep the arrays out of local memory)
-    if (x == ax) {
-      axp = a.ax[x];
-      g = kb.grp[x], lg = kb.lg[x], k_lo = kb.lo[x], k_hi = kb.hi[x];
-    }
-  }
+  const AxisSpan span = axis_span(a, kb);
+  const AxisParams& axp = span.p;
+  const int g = span.g, lg = span.lg, k_lo = span.lo, k_hi = span.hi;
   const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
   // The walk: the queries whose windows hold any key of the tile, [q_lo, q_end), in steps of

@@ -45,16 +45,9 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
   // The problem's one long axis (tma_tiling): its parameters and the tile's group and rows.
-  const int ax = tile_axis(a);
-  AxisParams axp = a.ax[2];
-  int g = qb.grp[2], lg = qb.lg[2], lo = qb.lo[2], hi = qb.hi[2];
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {  // (constant indices keep the arrays out of local memory)
-    if (x == ax) {
-      axp = a.ax[x];
-      g = qb.grp[x], lg = qb.lg[x], lo = qb.lo[x], hi = qb.hi[x];
-    }
-  }
+  const AxisSpan span = axis_span(a, qb);
+  const AxisParams& axp = span.p;
+  const int g = span.g, lg = span.lg, lo = span.lo, hi = span.hi;
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
   const int box_lo = window_start(lo, lg, axp.kernel, axp.stride, axp.causal);
   const int box_hi = window_end(hi - 1, lg, axp.kernel, axp.stride, axp.causal);

@@ -41,14 +41,20 @@ __device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMa
 __host__ __device__ __forceinline__ int tile_axis(const FnaArgs& a) {
   return a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
 }
-// Box b's dilation group g and first local index lo on that axis (constant indices keep b in
-// registers).
-__device__ __forceinline__ void tile_axis_start(const FnaArgs& a, const Box& b, int& g, int& lo) {
-  g = lo = 0;
+// A 1-D tile on that axis: the axis's parameters, the tile's dilation group g, the group's
+// length lg and the tile's local indices [lo, hi).
+struct AxisSpan {
+  AxisParams p;
+  int g, lg, lo, hi;
+};
+__device__ __forceinline__ AxisSpan axis_span(const FnaArgs& a, const Box& b) {
+  const int ax = tile_axis(a);
+  AxisSpan s{a.ax[2], b.grp[2], b.lg[2], b.lo[2], b.hi[2]};
 #pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {
-    if (a.qlog[ax] > 0) g = b.grp[ax], lo = b.lo[ax];
+  for (int x = 0; x < 2; ++x) {  // (constant indices keep the arrays out of local memory)
+    if (x == ax) s = AxisSpan{a.ax[x], b.grp[x], b.lg[x], b.lo[x], b.hi[x]};
   }
+  return s;
 }
 
 // Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
