@@ -199,6 +199,36 @@ NB_MODULE(_natten_ext, m) {
       "a padded 3-D problem, head-dim tile dt, float32 or not, the `mma` setting, whether the "
       "device is a Hopper GPU (with the sm_90a image), with rpb or not and the additional keys.");
 
+  // The backward's schedule (fna/tiling.h plan_backward), as the handler picks it, for
+  // jax_natten.fused_tiles: the dq workspace is passed where fna.py uses_dq_workspace says.
+  m.def(
+      "fna_backward_plan",
+      [](std::vector<int> extent, std::vector<int> kernel, std::vector<int> stride,
+         std::vector<int> dilation, std::vector<bool> causal, std::vector<int64_t> q_tile,
+         std::vector<int64_t> kv_tile, int dt, bool f32, int64_t mma, bool hopper, bool rpb,
+         int64_t additional, bool deterministic) {
+        namespace fna = natten::gpu::fna;
+        natten::Problem p = padded_problem(extent, kernel, stride, dilation, causal);
+        const bool wgmma = !f32 && (mma == 2 || (mma == 0 && hopper));
+        const bool have_dq_acc = !f32 && !deterministic && mma != 1;
+        p.has_rpb = rpb;
+        p.additional = additional;
+        fna::BackwardPlan plan;
+        const natten::ffi::Error e = fna::plan_backward(
+            p, natten::I64Span(q_tile.data(), q_tile.size()),
+            natten::I64Span(kv_tile.data(), kv_tile.size()), dt, f32, wgmma, deterministic,
+            have_dq_acc, plan);
+        if (e.failure()) throw nb::value_error(e.message().c_str());
+        const auto [qlog, kvlog] = tile_logs(plan.kv_tiling);
+        return std::make_tuple(fna::backward_name(plan.kernel), qlog, kvlog);
+      },
+      nb::arg("extent"), nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"),
+      nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("dt"), nb::arg("f32"),
+      nb::arg("mma"), nb::arg("hopper"), nb::arg("rpb") = false, nb::arg("additional") = 0,
+      nb::arg("deterministic") = false,
+      "(schedule, query tile log2 extents, key tile log2 extents of its key-tile walk) of the "
+      "fused backward, arguments as fna_forward_plan's, and the deterministic setting.");
+
   m.def(
       "limits",
       [] {

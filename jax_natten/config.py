@@ -104,12 +104,22 @@ class FusedTiles:
     the tile extents per spatial axis, in each dilation group's local coordinates;
     `computed_over_useful`: the scores the kernels compute (every query tile times every key
     tile of its walk, whole tiles, with the additional keys' tiles) over the useful ones (each
-    query's window and additional keys), i.e. the forward's tensor work over the useful FLOPs."""
+    query's window and additional keys), i.e. the forward's tensor work over the useful FLOPs.
+
+    The backward (float16 / bfloat16 through `jax.grad`): `backward` names its schedule: "walk"
+    (one walk over key tiles forms dk, dv and dq, dq added to a float32 workspace: Hopper, not
+    deterministic), "walk_tma" (the same fed by the TMA: 1-D problems at head dims 33-64),
+    "dq_dkdv" (a dq kernel, then the key-tile walk for dk and dv: deterministic mode, mma.sync,
+    rpb at head dims above 64) or "simt" (float32); `bwd_q_tile` / `bwd_kv_tile`: the query tiles
+    its key-tile walk steps through and the key tiles it owns."""
     mma: str
     kernel: str
     q_tile: tuple
     kv_tile: tuple
     computed_over_useful: float
+    backward: str = ""
+    bwd_q_tile: tuple = ()
+    bwd_kv_tile: tuple = ()
 
 
 _WARPGROUP_ROWS = 64  # query rows of one computing warpgroup of the Hopper forward (cuda/fna kRows)
@@ -145,7 +155,8 @@ def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog, halves=Fa
 def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, head_dim=32,
                 value_dim=None, dtype="bfloat16", additional_keys=0, rpb=False,
                 device=None) -> FusedTiles:
-    """The MMA family and tiles the fused forward picks for a problem under the current
+    """The MMA family and tiles the fused forward (and the schedule the backward) picks for a
+    problem under the current
     `fused_config` (the same host code as the kernels' handler: cuda/fna/tiling.h), and its
     computed-over-useful ratio. `device` (default: JAX's first): a Hopper GPU runs wgmma where
     `mma` allows; any other device is planned for as a non-Hopper GPU. `rpb` (a relative
@@ -188,4 +199,9 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     computed = rows * key_tile * (pairs + add_tiles * tiles)
     useful = math.prod(axes[0]) * (math.prod(axes[1]) + int(additional_keys))
     extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
-    return FusedTiles(mma, kernel, extents(qlog), extents(kvlog), computed / useful)
+    backward, bq, bkv = ffi._ext.fna_backward_plan(
+        *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
+        ffi.LIMITS["mma_codes"][settings.mma], hopper, bool(rpb), int(additional_keys),
+        bool(settings.deterministic))
+    return FusedTiles(mma, kernel, extents(qlog), extents(kvlog), computed / useful, backward,
+                      extents(bq), extents(bkv))

@@ -92,6 +92,37 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
         assert _plan(base).kernel == "mma_sync"
 
 
+def test_backward_schedules():
+    """Which backward each problem gets (cuda/fna/tiling.h plan_backward, as the handler runs it):
+    the TMA backward for the 1-D cases at head-dim tile 64 with its own 128-token tiles, the walk
+    with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the walk cannot
+    add dq and at head-dim tile 128."""
+    require_extension()
+    for case in CASES:
+        plan = _plan(case)
+        tile = max(32, 1 << (max(case.dim, case.value_dim or case.dim) - 1).bit_length())
+        if tile == 64:
+            assert (plan.backward, plan.bwd_q_tile, plan.bwd_kv_tile) == ("walk_tma", (128,),
+                                                                          (128,)), case.name
+        else:  # head-dim tile 128: the dq kernel, then the 64-key walk for dk / dv
+            assert (plan.backward, plan.bwd_kv_tile) == ("dq_dkdv", (64,)), case.name
+    base = CASES[0]
+    assert _plan(base, rpb=True).backward == "walk"  # the box walk (rpb at tile 64)
+    two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))
+    assert two_d.backward == "walk" and math.prod(two_d.bwd_kv_tile) == 64
+    two_d = _plan(Case("x", (40, 50), (9, 9), dim=128))
+    assert two_d.backward == "dq_dkdv" and math.prod(two_d.bwd_kv_tile) == 64
+    with jax_natten.fused_config(deterministic=True):
+        assert _plan(base).backward == "dq_dkdv"
+    with jax_natten.fused_config(mma="mma_sync"):
+        assert _plan(base).backward == "dq_dkdv"
+    with jax_natten.fused_config(kv_tile=(64,)):
+        assert _plan(base).backward == "walk"  # a user's tiles: the box walk
+    assert jax_natten.fused_tiles((331,), 65, head_dim=64, device=AMPERE).backward == "dq_dkdv"
+    assert jax_natten.fused_tiles((331,), 65, head_dim=64, dtype="float32",
+                                  device=HOPPER).backward == "simt"
+
+
 def require_extension():
     from jax_natten.backends import ffi
     if ffi._ext is None:

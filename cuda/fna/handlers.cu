@@ -226,34 +226,31 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(head_dim_tile(p, dt));
   bool wgmma = false;
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
-  // Schedule (fna.cuh): on Hopper one walk over key tiles forms dk, dv and dq (float32 adds in
-  // any order); deterministic mode, mma.sync and float32 run a dq kernel and a dk/dv kernel. So
-  // does the 128 head-dim tile: there the single walk's shared memory (140 KB) leaves one CTA
-  // per SM and it measured slower (H200, 3d-video fwd+bwd: 62.9 vs 55.0 ms; BENCHMARKS.md).
-  // Without a dq workspace (the caller's choice where it cannot be used; B * N * H = 0 too)
-  // the two-kernel schedule runs.
-  const bool single_walk = wgmma && deterministic == 0 && dt <= 64 && have_dq_acc;
-  const int dq_wgs = single_walk ? bwd_dq_warpgroups(p) : 0;  // its computing warpgroups
-  // The dq kernel takes 64 * dq_m_tiles(dt)-token query tiles, the key-side kernel 64-token ones
-  // and key tiles of bwd_key_rows (float32: both 2^f32_tile_log(dt)). A user's key tile (at most
-  // 64 tokens) is grown along the first axis to a two-warpgroup walk's 128 (fill_tile).
+  // Schedule (fna.cuh, tiling.h plan_backward): on Hopper one walk over key tiles forms dk, dv
+  // and dq (float32 adds in any order); deterministic mode, mma.sync and float32 run a dq kernel
+  // and a dk/dv kernel. So does a problem without a dq workspace (the caller's choice where it
+  // cannot be used; B * N * H = 0 too), and the 128 head-dim tile: there the single walk's
+  // shared memory leaves one CTA per SM and it measured slower (H200, 3d-video fwd+bwd: 62.9 vs
+  // 55.0 ms; BENCHMARKS.md).
+  BackwardPlan plan;
+  NATTEN_TRY(plan_backward(p, q_tile, kv_tile, dt, f32, wgmma, deterministic != 0, have_dq_acc,
+                           plan));
+  const bool tma = plan.kernel == BackwardKernel::kWalkTma;
+  const bool single_walk = tma || plan.kernel == BackwardKernel::kWalk;
+  const int dq_wgs = plan.dq_wgs;
+  const Tiling& kv_tiling = plan.kv_tiling;
+  // The dq kernel walks 64 * dq_m_tiles(dt)-token query tiles over 64-token key tiles (float32:
+  // both 2^f32_tile_log(dt)).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
-  const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
-  const int kv_log = f32 ? f32_tile_log(dt) : log2_exact(bwd_key_rows(dq_wgs));
-  // 1-D problems the TMA backward serves take its tiles (128 keys, 128-query steps).
-  const bool tma = single_walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile));
-  Tiling dq_tiling, kv_tiling;
-  if (tma)
-    kv_tiling = tma_tiling(p);
-  else
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, kv_tiling, kv_log));
+  const int dq_kv_log = f32 ? f32_tile_log(dt) : kTileLog;
+  Tiling dq_tiling;
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
   if (single_walk) {
     const int bytes = bwd_smem(dt, 2, true, dq_wgs);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
   } else {
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, q_log));
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, dq_kv_log));
     NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
     const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
     dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;

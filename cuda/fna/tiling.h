@@ -386,6 +386,48 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
   return forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, plan.tiling);
 }
 
+// ---- which backward schedule ----------------------------------------------------------------
+// kWalkTma: backward_tma.cu (1-D problems, backward_on_tma); kWalk: backward.cu with dq formed in
+// the key-tile walk (Hopper, float16 / bfloat16, non-deterministic, with the dq workspace,
+// head-dim tile 64 at most), on bwd_dq_warpgroups computing warpgroups; kDqDkdv: the dq kernel,
+// then the key-tile walk for dk / dv only (deterministic mode, mma.sync, head-dim tile 128);
+// kSimt: float32's pair of kernels. The handler runs what this says; jax_natten.fused_tiles reports it.
+enum class BackwardKernel { kSimt, kDqDkdv, kWalk, kWalkTma };
+inline const char* backward_name(BackwardKernel k) {
+  switch (k) {
+    case BackwardKernel::kSimt: return "simt";
+    case BackwardKernel::kDqDkdv: return "dq_dkdv";
+    case BackwardKernel::kWalk: return "walk";
+    case BackwardKernel::kWalkTma: return "walk_tma";
+  }
+  return "?";
+}
+struct BackwardPlan {
+  BackwardKernel kernel;
+  int dq_wgs;         // kWalk: its computing warpgroups (64 keys each); else 0
+  Tiling kv_tiling;   // the key-tile walk's tiles (query tiles it walks, key tiles it owns)
+};
+// `wgmma`: the handler's pick_wgmma; `have_dq_acc`: the caller passed the dq workspace
+// (fna.py uses_dq_workspace). The dq kernel's own tiles (kDqDkdv) are the handler's.
+inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
+                                bool f32, bool wgmma, bool deterministic, bool have_dq_acc,
+                                BackwardPlan& plan) {
+  const bool walk = !f32 && wgmma && !deterministic && have_dq_acc && dt <= 64;
+  plan.dq_wgs = walk ? bwd_dq_warpgroups(p) : 0;
+  if (walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
+    plan.kernel = BackwardKernel::kWalkTma;
+    plan.kv_tiling = tma_tiling(p);  // 128 keys a CTA, 128 queries a step
+    return ok();
+  }
+  plan.kernel = f32 ? BackwardKernel::kSimt : walk ? BackwardKernel::kWalk : BackwardKernel::kDqDkdv;
+  // Query tiles of 64 tokens, key tiles of 64 per computing warpgroup (float32: both
+  // 2^f32_tile_log). A user's key tile (at most 64 tokens) grows along its first axis to a
+  // two-warpgroup walk's 128 (fill_tile).
+  const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
+  const int kv_log = f32 ? f32_tile_log(dt) : (plan.dq_wgs == 2 ? kTileLog + 1 : kTileLog);
+  return choose_tiling(p, q_tile, kv_tile, q_log, plan.kv_tiling, kv_log);
+}
+
 }  // namespace fna
 }  // namespace gpu
 }  // namespace natten

@@ -44,13 +44,17 @@ def _mib(r: dict, field: str) -> str:
     return "-" if not m else f"{m[field] / 2**20:.1f}"
 
 
-def _fmt_tiles(t) -> str:
-    """The fused forward's plan: family, query / key tile extents, computed-over-useful scores."""
+def _fmt_tiles(t, pass_: str = "fwd") -> str:
+    """The fused forward's plan: family, query / key tile extents, computed-over-useful scores;
+    for forward+backward also the backward's schedule and its key-tile walk's tiles."""
     if not t:
         return "-"
     ext = lambda e: "x".join(map(str, e))  # noqa: E731
-    return (f"{t.get('kernel', t['mma'])} {ext(t['q_tile'])}/{ext(t['kv_tile'])} "
-            f"{t['computed_over_useful']:.2f}x")
+    out = (f"{t.get('kernel', t['mma'])} {ext(t['q_tile'])}/{ext(t['kv_tile'])} "
+           f"{t['computed_over_useful']:.2f}x")
+    if pass_ == "fwdbwd" and t.get("backward"):
+        out += f"; bwd {t['backward']} {ext(t['bwd_q_tile'])}/{ext(t['bwd_kv_tile'])}"
+    return out
 
 
 def _aligned(cols: list, rows: list, left: set, indent: str = ""):
@@ -82,7 +86,7 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
         cols += ["temp MiB", "args MiB", "out MiB"]
     tiles = any(r.get("fused_tiles") for r in records)
     if tiles:
-        cols.append("fwd tiles q/kv")
+        cols.append("tiles q/kv")
     cols.append("note")
     notes: list = []
     rows = []
@@ -102,11 +106,11 @@ def table(records: list, *, memory: bool = False, title: str = "") -> str:
         if memory:
             row += [_mib(r, "temp_bytes"), _mib(r, "argument_bytes"), _mib(r, "output_bytes")]
         if tiles:
-            row.append(_fmt_tiles(r.get("fused_tiles")))
+            row.append(_fmt_tiles(r.get("fused_tiles"), r["pass"]))
         row.append(note)
         rows.append(row)
     head, rule, body = _aligned(cols, rows, {"problem", "op", "pass", "backend", "dtype",
-                                             "fwd tiles q/kv", "note"})
+                                             "tiles q/kv", "note"})
     out = [title] if title else []
     shapes = {}
     for r in records:
