@@ -96,7 +96,8 @@ def test_backward_schedules():
     """Which backward each problem gets (cuda/fna/tiling.h plan_backward, as the handler runs it):
     the TMA backward for the 1-D cases at head-dim tile 64 with its own 128-token tiles, the walk
     with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the walk cannot
-    add dq and at head-dim tile 128."""
+    add dq and at head-dim tile 128 (its dq kernel fed by the TMA on the box TMA forward's
+    problems without rpb)."""
     require_extension()
     for case in CASES:
         plan = _plan(case)
@@ -110,8 +111,19 @@ def test_backward_schedules():
     assert _plan(base, rpb=True).backward == "walk"  # the box walk (rpb at tile 64)
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))
     assert two_d.backward == "walk" and math.prod(two_d.bwd_kv_tile) == 64
+    # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles), then
+    # the 64-key walk for dk / dv; with rpb (d-rpb is the dq kernel's) the other dq kernel.
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=128))
-    assert two_d.backward == "dq_dkdv" and math.prod(two_d.bwd_kv_tile) == 64
+    assert two_d.backward == "dq_tma_dkdv" and math.prod(two_d.bwd_kv_tile) == 64
+    assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_dkdv"
+    for case in BOX_CASES:
+        plan = _plan(case, rpb=case.rpb)
+        want = "walk" if max(case.dim, case.value_dim or 0) <= 64 else (
+            "dq_dkdv" if case.rpb else "dq_tma_dkdv")
+        assert plan.backward == want, case.name
+        with jax_natten.fused_config(deterministic=True):  # no dq workspace: the dq kernels
+            want = "dq_dkdv" if case.rpb else "dq_tma_dkdv"
+            assert _plan(case, rpb=case.rpb).backward == want, case.name
     with jax_natten.fused_config(deterministic=True):
         assert _plan(base).backward == "dq_dkdv"
     with jax_natten.fused_config(mma="mma_sync"):
@@ -166,3 +178,37 @@ def test_tma_forward_and_gradients_match_reference(case, dtype):
     for name in ref:
         err = rel_err(grads[name], ref[name])
         assert err < 2 * tol, f"d{name}: relative error {err:.2e} (seed {seed})"
+
+
+DETERMINISTIC_BOX_CASES = [c for c in BOX_CASES if c.name in ("2d-even-causal-dv48", "3d-d128")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DETERMINISTIC_BOX_CASES,
+                         ids=[c.name for c in DETERMINISTIC_BOX_CASES])
+def test_tma_dq_kernel_deterministic(case):
+    """fused_config(deterministic=True) on box problems: the TMA dq kernel (head-dim tile 64
+    here too) and the dk / dv walk; gradients against the oracle, bit-equal across two runs."""
+    _on_hopper()
+    rng, seed = fresh_rng()
+    x = make_inputs(case, jnp.bfloat16, rng)
+    out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
+    dout = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    f = na_fn(case.rank)
+    kw = dict(case.kwargs(), backend="fused")
+
+    def loss(x):
+        return jnp.sum(f(**x, **kw).astype(jnp.float32) * dout)
+
+    with jax_natten.fused_config(deterministic=True):
+        assert _plan(case).backward == "dq_tma_dkdv"
+        grad = jax.jit(jax.grad(loss))
+        first = on_backend("fused", grad, x)
+        again = on_backend("fused", grad, x)
+    args = (x["query"], x["key"], x["value"], *case.oracle_args())
+    ref = oracle.attention_vjp(*args, np.asarray(dout), np.zeros(out_shape[:-1]),
+                               scale=case.dim ** -0.5)
+    for name in ref:
+        err = rel_err(first[name], ref[name])
+        assert err < 2 * TOLERANCE[jnp.bfloat16], f"d{name}: {err:.2e} (seed {seed})"
+        assert np.array_equal(np.asarray(first[name]), np.asarray(again[name])), name

@@ -33,9 +33,11 @@
 //   elsewhere, tiling.h bwd_dq_warpgroups), sharing every staged tile and dq row. 1-D problems
 //   at head-dim tile 64 (tiling.h backward_on_tma) run the same schedule on backward_tma.cu's
 //   kernel: every tile copied by the TMA, 128-query steps, dq added by TMA reduce-adds.
-//   Deterministic mode and mma.sync (sm_80): fna_dq_kernel (backward_dq.cu) walks the forward's
-//   key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk / dv only: no
-//   atomics on dq. d-rpb is summed in shared memory per CTA and added to the output with one
+//   Deterministic mode, mma.sync (sm_80) and head-dim tile 128: fna_dq_kernel (backward_dq.cu)
+//   walks the forward's key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk /
+//   dv only: no atomics on dq. On Hopper the box TMA forward's problems without rpb run
+//   fna_dq_tma_kernel (backward_dq_tma.cu) for dq instead: the warp-specialized forward's roles
+//   and 128-token query tiles, q, do, k and v copied by the TMA. d-rpb is summed in shared memory per CTA and added to the output with one
 //   atomic per entry and CTA, so its last bits depend on the order the CTAs run in; in
 //   deterministic mode the kernels skip it and the Python layer computes it from the unfused
 //   kernels' fixed-order reductions (ops.py).
@@ -69,10 +71,11 @@
 // roles, Hopper), launch.h (tiles per warp, CTAs per SM, the one launcher), tiling.h (host: tile
 // shapes); the kernels: forward.cu (synchronous) and forward_ws.cu (warp-specialized, Hopper),
 // sharing forward_step.cuh (masking, online softmax, epilogue); backward.cu (key side, and dq in
-// the same walk on Hopper),
-// backward_dq.cu, backward_rows.cu (delta, dq conversion), simt_f32.cu (float32); handlers.cu
-// (the FFI handlers); forward_tma.cu (the TMA-fed Hopper forward of 1-D problems: one producer
-// thread copies 128-token tiles with the tensor memory accelerator, tensor_maps.h its maps).
+// the same walk on Hopper), backward_dq.cu, backward_rows.cu (delta, dq conversion), simt_f32.cu
+// (float32); handlers.cu (the FFI handlers); fed by the tensor memory accelerator (Hopper: one
+// producer thread copies each tile; tensor_maps.h their maps): forward_tma.cu and backward_tma.cu
+// (1-D problems, 128-token tiles), forward_ws.cu's TMA variant and backward_dq_tma.cu (2-D / 3-D
+// boxes, sharing box_roles.cuh).
 #pragma once
 
 #include "args.cuh"
@@ -117,6 +120,15 @@ static_assert(kThreads * fwd_ws_producer_regs(128) + 2 * kThreads * fwd_ws_consu
 constexpr int fwd_ws_smem(int dt, int elem) {
   return (kFwdWsQRows + 2 * fwd_ws_stages(dt) * kRows) * dt * elem + kFwdWsQRows * 7 * 4 +
          kOnesBytes + 8 * (2 * fwd_ws_stages(dt) + 1);
+}
+// The dq kernel fed by the TMA (Hopper, backward_dq_tma.cu fna_dq_tma_kernel): the warp-
+// specialized forward's roles, tiles and registers; shared memory for q and do (128 rows each),
+// the stages' k and v, the rows' windows, barriers, and the swizzle's alignment slack (~164 KB at
+// head-dim tile 128).
+constexpr int kDqTmaStages = 3;
+constexpr int dq_tma_smem(int dt, int elem) {
+  return (2 * kFwdWsQRows + 2 * kDqTmaStages * kRows) * dt * elem + kFwdWsQRows * 6 * 4 +
+         8 * (2 * kDqTmaStages + 1) + 1024;
 }
 // The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): the same three
 // warpgroups, 128-query tiles and 128-key steps, every tile copied by the TMA (one producer

@@ -115,21 +115,11 @@ __device__ __forceinline__ void softmax_step(const FnaArgs& a, const KeyWalk& wa
         // element.
         constexpr bool kBits = kWg && std::is_same_v<decltype(bias), std::false_type>;
         if constexpr (kBits) {
-          const int first_col = frag_col(0, 0);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              int w[6];
-              read_windows(mt, i, w);
-              int lo[3], hi[3];
-#pragma unroll
-              for (int ax = 0; ax < 3; ++ax) {
-                const int extent = 1 << a.kvlog[ax];
-                lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
-                hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
-              }
-              const uint64_t bits = tile_mask(a.kvlog, a.kv_rep, lo, hi) >> first_col;
+              const uint64_t bits = window_bits(a, Win + frag_row(mt, i) * 6, o);
               const unsigned half[2] = {static_cast<unsigned>(bits),
                                         static_cast<unsigned>(bits >> 32)};
 #pragma unroll

@@ -1,42 +1,14 @@
 // FNA forward on Hopper, warp-specialized (fna.cuh, "warp-specialized forward"; launch.h
 // launch_forward_ws): a producer warpgroup stages, two computing warpgroups of 64 query rows share
 // its stages. The steps it shares with the synchronous kernel are in forward_step.cuh.
+#include "box_roles.cuh"
 #include "forward_step.cuh"
 #include "launch.h"
-#include "pipeline.cuh"
-#include "tensor_maps.h"
 
 namespace natten {
 namespace gpu {
 namespace fna {
 namespace {
-
-// Which keys warpgroup wg's rows of query tile qb reach, in the warp-specialized forward: rows
-// 64 wg .. 64 wg + 63 of a 128-token tile are one half of it along its first axis of more than
-// one token (the row index is row-major over the axes: its bit 6 belongs to that axis), so on
-// every other axis they reach the whole tile's key range, and on that one (`axis`) the local
-// keys [lo, hi). A tile of 64 tokens or fewer is all warpgroup 0's (axis = -1: no limit). False
-// when the warpgroup has no row inside the problem.
-__device__ __forceinline__ bool own_key_range(const FnaArgs& a, const Box& qb, int wg, int& axis,
-                                              int& lo, int& hi) {
-  axis = -1;
-  lo = hi = 0;
-  if (a.qlog[0] + a.qlog[1] + a.qlog[2] <= kTileLog) return wg == 0;
-  axis = a.qlog[0] > 0 ? 0 : (a.qlog[1] > 0 ? 1 : 2);
-  bool any = true;
-#pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {  // (constant indices keep qb in registers)
-    if (ax != axis) continue;
-    const int half = 1 << (a.qlog[ax] - 1);
-    const int first = qb.lo[ax] + wg * half, last = imin(first + half, qb.hi[ax]);
-    any = first < last;
-    if (any) {
-      lo = win_start(a.ax[ax], qb.lg[ax], first);
-      hi = win_end(a.ax[ax], qb.lg[ax], last - 1);
-    }
-  }
-  return any;
-}
 
 // Hopper, warp-specialized (fna.cuh, "warp-specialized forward"): warpgroup 2, the producer, stages
 // the 128-token query tile, then each key tile of the walk into a ring of stages (pipeline.cuh);
@@ -47,10 +19,10 @@ __device__ __forceinline__ bool own_key_range(const FnaArgs& a, const Box& qb, i
 //
 // kTma (tiling.h forward_on_box_tma: 2-D and 3-D problems, every axis divisible by its dilation,
 // at most 4 dilation groups, no additional keys, tiles that never cross a batch element along x):
-// the producer's one
-// thread copies the query tile and each key tile with the TMA, one box per 64 head dims
-// (`maps`: one map per dilation group, tensor_maps.h encode_group_map), into tiles laid out as
-// 64-column blocks with 128-byte swizzle; the products read them through swizzled descriptors.
+// the producer's one thread copies the query tile and each key tile with the TMA, one box per 64
+// head dims (box_roles.cuh produce_box_tiles; `maps`: one map per dilation group, tensor_maps.h
+// encode_box_maps), into tiles laid out as 64-column blocks with 128-byte swizzle; the products
+// read them through swizzled descriptors.
 template <typename T, int DT, bool kTma>
 __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     fna_fwd_ws_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
@@ -86,37 +58,9 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   if (kTma && threadIdx.x >= 2 * kThreads) {  // the producer, TMA: one thread copies
     regs_shrink<fwd_ws_producer_regs(DT)>();
     if (threadIdx.x == 2 * kThreads) {
-      // The tile's dilation group picks the map; boxes are (64 head dims, 1 head, z, y, x) at
-      // local coordinates, batch and x folded into one (tensor_maps.h encode_group_map).
-      const int grp = (qb.grp[0] * a.ax[1].dilation + qb.grp[1]) * a.ax[2].dilation + qb.grp[2];
-      const int xb = b * (a.ax[0].length / a.ax[0].dilation);  // batch element b's first local x
-      const CUtensorMap* qmap = &maps.q[grp];
-      const CUtensorMap* kmap = &maps.k[grp];
-      const CUtensorMap* vmap = &maps.v[grp];
-      mbar_expect_tx(q_full, kQRows * DT * static_cast<int>(sizeof(T)));
-#pragma unroll
-      for (int c = 0; c < DT / 64; ++c)
-        tma_load_5d(Qs + c * kQBlock, qmap, q_full, 64 * c, h, qb.lo[2], qb.lo[1], xb + qb.lo[0]);
-      const KeyWalk walk = key_walk(a, qb);
-      TileCounter next;
-      next.reset();
-      for (int j = 0; j < walk.spatial; ++j) {
-        ring.acquire(j);
-        const int st = ring.stage(j);
-        uint64_t* full = ring.full + st;
-        mbar_expect_tx(full, 2 * kRows * DT * static_cast<int>(sizeof(T)));
-        int o[3];
-        bool inside;
-        key_tile(a, walk, next, o, inside);
-        next.next(walk.n);
-#pragma unroll
-        for (int c = 0; c < DT / 64; ++c) {
-          T* kd = Ks + st * kRows * DT + c * kKBlock;
-          T* vd = Vs + st * kRows * DT + c * kKBlock;
-          tma_load_5d(kd, kmap, full, 64 * c, kvh, o[2], o[1], xb + o[0]);
-          tma_load_5d(vd, vmap, full, 64 * c, kvh, o[2], o[1], xb + o[0]);
-        }
-      }
+      T* const q_dst[2] = {Qs, nullptr};
+      produce_box_tiles<T, DT, kQRows, kStages, false>(a, maps, qb, b, h, kvh, q_dst, q_full, Ks,
+                                                      Vs, ring);
     }
     return;
   }
@@ -171,34 +115,14 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     for (int i = 0; i < 2; ++i) m[0][i] = SelfLogit[tile_row<1, true>(0, i)];
   }
   const T* qs = Qs + wg * kRows * (kTma ? 64 : DT);  // the warpgroup's rows (in each block)
-  // The warpgroup's rows are half of the query tile: the spatial key tiles of the walk (over the
-  // whole tile's key box) outside its own rows' windows are released without computing, so the
-  // two warpgroups share the staging of a 128-token tile but compute about what 64-token tiles
-  // would.
-  int own_axis, own_lo, own_hi;
-  const bool own_rows = own_key_range(a, qb, wg, own_axis, own_lo, own_hi);
+  const OwnKeys own(a, qb, wg);  // the steps the warpgroup's rows need (box_roles.cuh)
   TileCounter current;  // the spatial key tile whose softmax comes next
   current.reset();
-  // Whether step j is computed: a warpgroup with rows computes every tile of additional keys and
-  // the spatial tiles that meet its rows' windows on the split axis (own_key_range).
-  auto computed = [&](int j) {
-    if (!own_rows) return false;
-    if (j >= walk.spatial || own_axis < 0) return true;
-    int o = 0, t = 0;  // the tile's keys on that axis (constant indices keep arrays in registers)
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      if (ax == own_axis) {
-        o = walk.box_lo[ax] + (current.j[ax] << a.kvlog[ax]);
-        t = 1 << a.kvlog[ax];
-      }
-    }
-    return o < own_hi && o + t > own_lo;
-  };
   // The first computed step in [j, end) (its stage full), releasing the skipped ones; end if none.
   auto next_step = [&](int j, int end) {
     for (; j < end; ++j) {
       ring.wait(j);
-      if (computed(j)) break;
+      if (own.computed(a, walk, current, j)) break;
       if (j < walk.spatial) current.next(walk.n);
       ring.release(j);
     }
@@ -309,21 +233,7 @@ ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, bool 
     if constexpr (DT >= 64) {
       if (tma) {
         BoxTmaMaps maps = {};
-        constexpr CUtensorMapDataType type = tma_type<T>();
-        const int dx = a.ax[0].dilation, dy = a.ax[1].dilation, dz = a.ax[2].dilation;
-        const int qz = 1 << a.qlog[2], qy = 1 << a.qlog[1], qx = 1 << a.qlog[0];
-        const int kz = 1 << a.kvlog[2], ky = 1 << a.kvlog[1], kx = 1 << a.kvlog[0];
-        for (int gx = 0; gx < dx; ++gx)
-          for (int gy = 0; gy < dy; ++gy)
-            for (int gz = 0; gz < dz; ++gz) {
-              const int g = (gx * dy + gy) * dz + gz;
-              NATTEN_TRY(encode_group_map(maps.q[g], p.q, type, batch_total, a, a.heads, a.dim,
-                                          gx, gy, gz, qz, qy, qx));
-              NATTEN_TRY(encode_group_map(maps.k[g], p.k, type, batch_total, a, a.kv_heads,
-                                          a.dim, gx, gy, gz, kz, ky, kx));
-              NATTEN_TRY(encode_group_map(maps.v[g], p.v, type, batch_total, a, a.kv_heads,
-                                          a.dim_v, gx, gy, gz, kz, ky, kx));
-            }
+        NATTEN_TRY(encode_box_maps(maps, p, tma_type<T>(), batch_total, a, /*grad=*/false));
         constexpr int kSmem = fwd_ws_smem(DT, sizeof(T)) + 1024;  // + alignment slack
         return launch_kernel<fna_fwd_ws_kernel<T, DT, true>>("fna forward (TMA)", kSmem, kSmem,
                                                             grid, stream, a, p, kFwdWsThreads,

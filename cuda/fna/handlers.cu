@@ -236,11 +236,12 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(plan_backward(p, q_tile, kv_tile, dt, f32, wgmma, deterministic != 0, have_dq_acc,
                            plan));
   const bool tma = plan.kernel == BackwardKernel::kWalkTma;
+  const bool dq_tma = plan.kernel == BackwardKernel::kDqTmaDkdv;
   const bool single_walk = tma || plan.kernel == BackwardKernel::kWalk;
   const int dq_wgs = plan.dq_wgs;
   const Tiling& kv_tiling = plan.kv_tiling;
   // The dq kernel walks 64 * dq_m_tiles(dt)-token query tiles over 64-token key tiles (float32:
-  // both 2^f32_tile_log(dt)).
+  // both 2^f32_tile_log(dt)); the TMA one, the box TMA forward's tiles (plan.dq_tiling).
   const int dq_log = f32 ? f32_tile_log(dt) : kTileLog + dq_m_tiles_log(dt, wgmma);
   const int dq_kv_log = f32 ? f32_tile_log(dt) : kTileLog;
   Tiling dq_tiling;
@@ -250,7 +251,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     const int bytes = bwd_smem(dt, 2, true, dq_wgs);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
   } else {
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, dq_kv_log));
+    if (dq_tma)
+      dq_tiling = plan.dq_tiling;
+    else
+      NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, dq_kv_log));
     NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
     const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
     dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
@@ -289,7 +293,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
       if (tma) {
         NATTEN_TRY(launch_backward_tma(stream, t, kv_args, ptr, n, B));
       } else {
-        if (!single_walk) NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
+        if (dq_tma)
+          NATTEN_TRY(launch_backward_dq_tma(stream, t, dt, dq_args, ptr, n, B));
+        else if (!single_walk)
+          NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
         NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, kv_args, ptr, n));
       }
     }

@@ -112,6 +112,10 @@ ffi::Error launch_backward_delta(cudaStream_t stream, ffi::DataType t, const Fna
 // dq (+ d-rpb) of batch elements [a.batch0, a.batch0 + batch). Grid: (a.q_tiles, heads, batch).
 ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                               const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+// The same on the TMA dq kernel (backward_dq_tma.cu), for the problems tiling.h's dq_on_box_tma
+// accepts, with the box TMA forward's tiles; its tensor maps span `batch_total` batch elements.
+ffi::Error launch_backward_dq_tma(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                                  const FnaPtrs& p, int64_t batch, int64_t batch_total);
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
 // (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).

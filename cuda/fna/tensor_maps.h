@@ -27,11 +27,11 @@ namespace fna {
 struct TmaMaps {
   CUtensorMap q, k, v;
 };
-// The warp-specialized box forward's (forward_ws.cu kTma): q, k, v of each dilation group
-// (x, y, z) of the problem, group (gx dy + gy) dz + gz.
+// The warp-specialized box kernels' (forward_ws.cu kTma, backward_dq_tma.cu): q, k, v (and for
+// the dq kernel do) of each dilation group (x, y, z) of the problem, group (gx dy + gy) dz + gz.
 constexpr int kMaxTmaGroups = 4;
 struct BoxTmaMaps {
-  CUtensorMap q[kMaxTmaGroups], k[kMaxTmaGroups], v[kMaxTmaGroups];
+  CUtensorMap q[kMaxTmaGroups], k[kMaxTmaGroups], v[kMaxTmaGroups], d_o[kMaxTmaGroups];
 };
 struct BwdTmaMaps {
   CUtensorMap q, d_o, k, v, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
@@ -129,6 +129,30 @@ inline ffi::Error encode_group_map(CUtensorMap& map, const void* base, CUtensorM
                              static_cast<cuuint32_t>(box_z), static_cast<cuuint32_t>(box_y),
                              static_cast<cuuint32_t>(box_x)};
   return encode_map(map, first, type, dims, strides, box);
+}
+
+// Every dilation group's maps of a box kernel's call: q (and with `grad` do) in boxes of the
+// query tile (a.qlog), k and v in boxes of the key tile (a.kvlog); batch_total elements.
+inline ffi::Error encode_box_maps(BoxTmaMaps& maps, const FnaPtrs& p, CUtensorMapDataType type,
+                                  int64_t batch_total, const FnaArgs& a, bool grad) {
+  const int dx = a.ax[0].dilation, dy = a.ax[1].dilation, dz = a.ax[2].dilation;
+  const int qz = 1 << a.qlog[2], qy = 1 << a.qlog[1], qx = 1 << a.qlog[0];
+  const int kz = 1 << a.kvlog[2], ky = 1 << a.kvlog[1], kx = 1 << a.kvlog[0];
+  for (int gx = 0; gx < dx; ++gx)
+    for (int gy = 0; gy < dy; ++gy)
+      for (int gz = 0; gz < dz; ++gz) {
+        const int g = (gx * dy + gy) * dz + gz;
+        NATTEN_TRY(encode_group_map(maps.q[g], p.q, type, batch_total, a, a.heads, a.dim, gx, gy,
+                                    gz, qz, qy, qx));
+        if (grad)
+          NATTEN_TRY(encode_group_map(maps.d_o[g], p.d_o, type, batch_total, a, a.heads,
+                                      a.dim_v, gx, gy, gz, qz, qy, qx));
+        NATTEN_TRY(encode_group_map(maps.k[g], p.k, type, batch_total, a, a.kv_heads, a.dim, gx,
+                                    gy, gz, kz, ky, kx));
+        NATTEN_TRY(encode_group_map(maps.v[g], p.v, type, batch_total, a, a.kv_heads, a.dim_v,
+                                    gx, gy, gz, kz, ky, kx));
+      }
+  return ok();
 }
 
 }  // namespace fna

@@ -391,12 +391,15 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
 // the key-tile walk (Hopper, float16 / bfloat16, non-deterministic, with the dq workspace,
 // head-dim tile 64 at most), on bwd_dq_warpgroups computing warpgroups; kDqDkdv: the dq kernel,
 // then the key-tile walk for dk / dv only (deterministic mode, mma.sync, head-dim tile 128);
-// kSimt: float32's pair of kernels. The handler runs what this says; jax_natten.fused_tiles reports it.
-enum class BackwardKernel { kSimt, kDqDkdv, kWalk, kWalkTma };
+// kDqTmaDkdv: the same with the dq kernel fed by the TMA (backward_dq_tma.cu: Hopper, the box
+// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. The handler
+// runs what this says; jax_natten.fused_tiles reports it.
+enum class BackwardKernel { kSimt, kDqDkdv, kDqTmaDkdv, kWalk, kWalkTma };
 inline const char* backward_name(BackwardKernel k) {
   switch (k) {
     case BackwardKernel::kSimt: return "simt";
     case BackwardKernel::kDqDkdv: return "dq_dkdv";
+    case BackwardKernel::kDqTmaDkdv: return "dq_tma_dkdv";
     case BackwardKernel::kWalk: return "walk";
     case BackwardKernel::kWalkTma: return "walk_tma";
   }
@@ -406,6 +409,7 @@ struct BackwardPlan {
   BackwardKernel kernel;
   int dq_wgs;         // kWalk: its computing warpgroups (64 keys each); else 0
   Tiling kv_tiling;   // the key-tile walk's tiles (query tiles it walks, key tiles it owns)
+  Tiling dq_tiling;   // kDqTmaDkdv: the dq kernel's (the box TMA forward's)
 };
 // `wgmma`: the handler's pick_wgmma; `have_dq_acc`: the caller passed the dq workspace
 // (fna.py uses_dq_workspace). The dq kernel's own tiles (kDqDkdv) are the handler's.
@@ -420,6 +424,15 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
     return ok();
   }
   plan.kernel = f32 ? BackwardKernel::kSimt : walk ? BackwardKernel::kWalk : BackwardKernel::kDqDkdv;
+  if (plan.kernel == BackwardKernel::kDqDkdv && wgmma && dt >= 64 && !p.has_rpb) {
+    // The box TMA forward's tiles (plan_forward), where they come out as its kernels need.
+    Tiling t;
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + 1, t, kTileLog, /*halves=*/true));
+    if (forward_on_box_tma(p, dt, t)) {
+      plan.kernel = BackwardKernel::kDqTmaDkdv;
+      plan.dq_tiling = t;
+    }
+  }
   // Query tiles of 64 tokens, key tiles of 64 per computing warpgroup (float32: both
   // 2^f32_tile_log). A user's key tile (at most 64 tokens) grows along its first axis to a
   // two-warpgroup walk's 128 (fill_tile).

@@ -7,6 +7,7 @@
 
 #include "args.cuh"
 #include "natten/window.h"
+#include "products.cuh"  // frag_col
 
 namespace natten {
 namespace gpu {
@@ -262,6 +263,22 @@ __device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int
     qn[ax] = ok ? imax(0, qr.last + 1 - qr.first) : 0;
   }
   return ok;
+}
+
+// The keys of the key tile at local origin o inside one query row's window w (fill_windows'
+// [start, length) per axis) as a bit set (tile_mask), shifted to the thread's first C-fragment
+// column: element (nb, c) of the row in the thread's fragment is bit 8 nb + c (wgmma's two rows
+// a thread; a test per element would cost one per axis).
+__device__ __forceinline__ uint64_t window_bits(const FnaArgs& a, const int* w,
+                                                const int (&o)[3]) {
+  int lo[3], hi[3];
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) {
+    const int extent = 1 << a.kvlog[ax];
+    lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
+    hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
+  }
+  return tile_mask(a.kvlog, a.kv_rep, lo, hi) >> frag_col(0, 0);
 }
 
 // Per row r < rows of query tile qb, its window per axis into win[r * 6 ..]: (start, length)

@@ -1,0 +1,197 @@
+// FNA backward, query side, on Hopper for the problems the box TMA forward serves (tiling.h
+// forward_on_box_tma, without rpb): the dq kernel of the two-kernel schedule (backward_dq.cu's
+// walk: per query tile, every key tile of its window box, P recomputed from the forward's softmax
+// statistics, dS = P (dP - delta), dq = scale * dS k) in the warp-specialized forward's shape
+// (box_roles.cuh): one producer thread copies q and do of the 128-token query tile once, then k
+// and v of each 64-key tile, by the TMA into a ring of stages; two computing warpgroups of 64
+// query rows each compute on every stage their rows need. dq is written once per row, so the
+// kernel is deterministic (it also serves fused_config(deterministic=True)).
+#include "box_roles.cuh"
+#include "launch.h"
+
+namespace natten {
+namespace gpu {
+namespace fna {
+namespace {
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(kFwdWsThreads, 1)
+    fna_dq_tma_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
+  constexpr int kQRows = kFwdWsQRows;
+  constexpr int kStages = kDqTmaStages;
+  // 64-column blocks of the query-side tiles (kQBlock elements) and of each key tile (kKBlock),
+  // 128-byte swizzle: the layout the TMA writes (tensor_maps.h).
+  constexpr int kQBlock = kQRows * 64, kKBlock = kRows * 64;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // (The swizzle atoms need 1024-byte alignment: dq_tma_smem added the slack.)
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(smem);  // [DT / 64][kQRows][64]
+  T* Os = Qs + kQRows * DT;            // do, the same
+  T* Ks = Os + kQRows * DT;            // [kStages][DT / 64][kRows][64]
+  T* Vs = Ks + kStages * kRows * DT;
+  int* Win = reinterpret_cast<int*>(Vs + kStages * kRows * DT);  // [kQRows][3 axes][start, length]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(Win + kQRows * 6);  // full, empty, q
+
+  Box qb;
+  if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
+  const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
+  const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
+  const StageRing<kStages> ring{bars, bars + kStages};
+  uint64_t* const q_full = bars + 2 * kStages;
+  if (threadIdx.x == 0) {
+    ring.init(1, 2 * kThreads);
+    mbar_init(q_full, 1);
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= 2 * kThreads) {  // the producer: one thread copies
+    regs_shrink<fwd_ws_producer_regs(DT)>();
+    if (threadIdx.x == 2 * kThreads) {
+      T* const q_dst[2] = {Qs, Os};
+      produce_box_tiles<T, DT, kQRows, kStages, true>(a, maps, qb, b, h, kvh, q_dst, q_full, Ks,
+                                                     Vs, ring);
+    }
+    return;
+  }
+  regs_grow<fwd_ws_consumer_regs(DT)>();
+
+  // The computing warpgroups. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 (tile_row<1,
+  // true>); read through a shuffle, so the compiler knows it is warp-uniform and keeps the
+  // descriptor math in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kThreads, 0);
+  const KeyWalk walk = key_walk(a, qb);
+  fill_windows(a, qb, kQRows, Win);
+  role_sync(1, 2 * kThreads);
+  // The thread's two rows: global row (-1 outside the problem), the forward's statistics, delta.
+  // A row outside the problem gets log2_l = +inf: its weights are 0 on every path.
+  int64_t grow[2];
+  float2 stats[2];
+  float delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    int qc[3];
+    const bool ok = query_row_at(a, qb, tile_row<1, true>(0, i), row0, h, qc, grow[i]);
+    stats[i] = ok ? p.stats[grow[i]] : make_float2(0.f, INFINITY);
+    delta[i] = ok ? p.delta[grow[i]] : 0.f;
+  }
+  float acc[1][DT / 8][4];
+#pragma unroll
+  for (int nb = 0; nb < DT / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][nb][e] = 0.f;
+  const T* qs = Qs + wg * kRows * 64;  // the warpgroup's rows (in each 64-column block)
+  const T* os = Os + wg * kRows * 64;
+  const OwnKeys own(a, qb, wg);  // the steps the warpgroup's rows need
+  TileCounter current;
+  current.reset();
+  mbar_wait(q_full, 0);
+  for (int j = 0; j < walk.spatial; ++j) {  // (the TMA problems have no additional keys)
+    ring.wait(j);
+    if (!own.computed(a, walk, current, j)) {
+      current.next(walk.n);
+      ring.release(j);
+      continue;
+    }
+    int o[3];
+    bool full;
+    key_tile(a, walk, current, o, full);
+    current.next(walk.n);
+    const T* ks = Ks + ring.stage(j) * kRows * DT;
+    const T* vs = Vs + ring.stage(j) * kRows * DT;
+
+    // s = q k^T and dP = do v^T, two commit groups: the weights are formed from s while dP is
+    // in flight. (k16 step kk: 32 bytes into 64-column block kk / 4.)
+    float s[1][8][4], dp[1][8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk) {
+      const int off = (kk / 4) * kQBlock + (kk % 4) * 16, koff = (kk / 4) * kKBlock + (kk % 4) * 16;
+      wgmma_ss64<T>(&s[0][0][0], smem_desc_sw128(qs + off, 16, 1024),
+                    smem_desc_sw128(ks + koff, 16, 1024), kk);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < DT / 16; ++kk) {
+      const int off = (kk / 4) * kQBlock + (kk % 4) * 16, koff = (kk / 4) * kKBlock + (kk % 4) * 16;
+      wgmma_ss64<T>(&dp[0][0][0], smem_desc_sw128(os + off, 16, 1024),
+                    smem_desc_sw128(vs + koff, 16, 1024), kk);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // s (committed first)
+    reg_fence(s);
+    // P (softmax.cuh softmax_weight_exp2), 0 outside the rows' windows: tiles inside every
+    // window of the query tile (`full`) test nothing; the others test each row's window as a
+    // bit set (walk.cuh window_bits).
+    if (full) {
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[0][nb][e] = fast_exp2(softmax_weight_exp2(s[0][nb][e], a.scale_log2, stats[e >> 1]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint64_t bits = window_bits(a, Win + tile_row<1, true>(0, i) * 6, o);
+        const unsigned half[2] = {static_cast<unsigned>(bits), static_cast<unsigned>(bits >> 32)};
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const bool in = (half[nb >> 2] >> (8 * (nb & 3) + c)) & 1u;
+            const float x = softmax_weight_exp2(s[0][nb][2 * i + c], a.scale_log2, stats[i]);
+            s[0][nb][2 * i + c] = in ? fast_exp2(x) : 0.f;
+          }
+      }
+    }
+    wgmma_wait<0>();  // dP
+    reg_fence(dp);
+    // dS = P (dP - delta), packed as the A operand of dq += dS k (k MN-major: 16 keys a k16
+    // step, 2048 bytes into each 64-column block).
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nb][e] *= dp[0][nb][e] - delta[e >> 1];
+    unsigned da[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) pack_a<T>(da[kk], s[0], kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], da[kk], smem_desc_sw128(ks + kk * 16 * 64, kKBlock * 2, 1024),
+                         1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc);
+    ring.release(j);  // every product that read the stage has completed
+  }
+
+  T* dq = static_cast<T*>(p.dq);
+  store_rows<T, DT>(acc[0], a.scale, a.scale,
+                    [&](int i) -> T* { return grow[i] < 0 ? nullptr : dq + grow[i] * a.dim; },
+                    a.dim);
+}
+
+}  // namespace
+
+ffi::Error launch_backward_dq_tma(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
+                                  const FnaPtrs& p, int64_t batch, int64_t batch_total) {
+  return dispatch_tile(t, dt, [&](auto tag, auto dtc) -> ffi::Error {
+    using T = typename decltype(tag)::type;
+    constexpr int DT = decltype(dtc)::value;
+    if constexpr (DT >= 64) {
+      BoxTmaMaps maps = {};
+      NATTEN_TRY(encode_box_maps(maps, p, tma_type<T>(), batch_total, a, /*grad=*/true));
+      constexpr int kSmem = dq_tma_smem(DT, sizeof(T));
+      const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
+      return launch_kernel<fna_dq_tma_kernel<T, DT>>("fna backward dq (TMA)", kSmem, kSmem, grid,
+                                                    stream, a, p, kFwdWsThreads, maps);
+    } else {
+      return invalid("fused: the TMA dq kernel serves head-dim tiles 64 and 128");
+    }
+  });
+}
+
+}  // namespace fna
+}  // namespace gpu
+}  // namespace natten
