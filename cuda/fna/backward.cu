@@ -135,11 +135,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const keys_full = bars + 2 * kStages;
   if constexpr (kDq) {
-    if (threadIdx.x == 0) {
-      ring.init(kThreads, kCompute);
-      mbar_init(keys_full, kThreads);
-    }
-    __syncthreads();
+    ring.setup(kThreads, kCompute, keys_full, kThreads, /*tma=*/false);
     if (threadIdx.x >= kCompute) {  // the producer
       regs_shrink<bwd_producer_regs(kDqWgs)>();
       const QueryWalk walk(a, kb, spatial, kvh);

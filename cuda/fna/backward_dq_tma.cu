@@ -38,12 +38,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const q_full = bars + 2 * kStages;
-  if (threadIdx.x == 0) {
-    ring.init(1, 2 * kThreads);
-    mbar_init(q_full, 1);
-    fence_mbar_init();
-  }
-  __syncthreads();
+  ring.setup(1, 2 * kThreads, q_full, 1, /*tma=*/true);
 
   if (threadIdx.x >= 2 * kThreads) {  // the producer: one thread copies
     regs_shrink<fwd_ws_producer_regs(DT)>();

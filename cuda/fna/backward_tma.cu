@@ -78,12 +78,7 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
 
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const keys_full = bars + 2 * kStages;
-  if (threadIdx.x == 0) {
-    ring.init(kThreads, 2 * kThreads);
-    mbar_init(keys_full, 1);
-    fence_mbar_init();
-  }
-  __syncthreads();
+  ring.setup(kThreads, 2 * kThreads, keys_full, 1, /*tma=*/true);
 
   if (threadIdx.x >= 2 * kThreads) {  // the producer
     regs_shrink<tma_bwd_producer_regs()>();

@@ -48,12 +48,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const q_full = bars + 2 * kStages;
-  if (threadIdx.x == 0) {
-    ring.init(kTma ? 1 : kThreads, 2 * kThreads);
-    mbar_init(q_full, kTma ? 1 : kThreads);
-    if (kTma) fence_mbar_init();
-  }
-  __syncthreads();
+  ring.setup(kTma ? 1 : kThreads, 2 * kThreads, q_full, kTma ? 1 : kThreads, kTma);
 
   if (kTma && threadIdx.x >= 2 * kThreads) {  // the producer, TMA: one thread copies
     regs_shrink<fwd_ws_producer_regs(DT)>();

@@ -182,6 +182,18 @@ struct StageRing {
       mbar_init(empty + s, consumers);
     }
   }
+  // The whole CTA, before the role split: one thread initializes the ring and the barrier of the
+  // tiles copied once (`once`, with `once_producers` arrivals), fenced for the TMA's complete_tx
+  // where a TMA copies (`tma`); then the CTA barrier.
+  __device__ __forceinline__ void setup(int producers, int consumers, uint64_t* once,
+                                        int once_producers, bool tma) const {
+    if (threadIdx.x == 0) {
+      init(producers, consumers);
+      mbar_init(once, once_producers);
+      if (tma) fence_mbar_init();
+    }
+    __syncthreads();
+  }
   __device__ __forceinline__ static int stage(int64_t step) {
     return static_cast<int>(step % kStages);
   }
