@@ -15,7 +15,8 @@ namespace {
 // MT m16 tiles per warp: the query tile holds 64 * MT tokens (as in the forward). kWg: wgmma on
 // core-matrix tiles (Hopper), else mma.sync (forward.cu explains both).
 template <typename T, int DT, int MT, bool kWg>
-__global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg))
+    fna_dq_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -76,7 +77,9 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    for (int i = 0; i < DT / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
 
   TileCounter current;  // the spatial key tile being computed
   current.reset();
@@ -173,7 +176,9 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg)) fna_dq_kernel(
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
     store_rows<T, DT>(acc[mt], a.scale, a.scale,
-                      [&](int i) -> T* { return grow[mt][i] < 0 ? nullptr : dq + grow[mt][i] * a.dim; },
+                      [&](int i) -> T* {
+                        return grow[mt][i] < 0 ? nullptr : dq + grow[mt][i] * a.dim;
+                      },
                       a.dim);
   if (want_drpb && a.drpb_in_smem) {
     __syncthreads();
@@ -198,7 +203,8 @@ ffi::Error launch_backward_dq(cudaStream_t stream, ffi::DataType t, int dt, bool
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
-    return wgmma ? launch<T, DT, true>(stream, a, p, batch) : launch<T, DT, false>(stream, a, p, batch);
+    return wgmma ? launch<T, DT, true>(stream, a, p, batch)
+                 : launch<T, DT, false>(stream, a, p, batch);
   });
 }
 

@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_rs<T, DT, 1>(&acc[0][0][0], da[kk], smem_desc_sw128(ks + kk * 16 * 64, kKBlock * 2, 1024),
-                         1);
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], da[kk],
+                         smem_desc_sw128(ks + kk * 16 * 64, kKBlock * 2, 1024), 1);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(acc);

@@ -16,7 +16,8 @@ namespace {
 // from padded tiles; warp w owns rows 16 MT w ..). Masking and softmax are the same code: both
 // leave a warp's scores in the mma.m16n8k16 C layout.
 template <typename T, int DT, int MT, bool kWg>
-__global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
+__global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg))
+    fna_fwd_kernel(const FnaArgs a, const FnaPtrs p) {
   constexpr int kLd = kWg ? DT : DT + 8;  // elements per tile row (core matrices: no padding)
   constexpr int kQRows = kRows * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -93,7 +94,9 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg)) fna_fwd_k
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nb][e] = 0.f;
       scores_regs<T, DT, MT>(s, qf, ks);
     } else {
       tile_scores<T, DT, MT, kWg>(s, Qs, ks);

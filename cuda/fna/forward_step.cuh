@@ -213,7 +213,9 @@ __device__ __forceinline__ void start_rows(float (&acc)[MT][DT / 8][4], RowSums<
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    for (int i = 0; i < DT / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
     m[mt][0] = m[mt][1] = -INFINITY;
   }
 }

@@ -138,7 +138,9 @@ using RowSums = float[MT][1][4];
 template <int MT>
 __device__ __forceinline__ void zero_sums(RowSums<MT>& sums) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) sums[mt][0][0] = sums[mt][0][1] = sums[mt][0][2] = sums[mt][0][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sums[mt][0][e] = 0.f;
 }
 // Row i of the thread's m16 tile mt.
 template <int MT>
@@ -229,7 +231,9 @@ __device__ __forceinline__ void tile_scores(float (&acc)[MT][8][4], const T* As,
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) acc[mt][nb][0] = acc[mt][nb][1] = acc[mt][nb][2] = acc[mt][nb][3] = 0.f;
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nb][e] = 0.f;
     scores<T, DT, MT>(acc, As, (threadIdx.x >> 5) * 16 * MT, Bs);
   }
 }
@@ -264,7 +268,8 @@ __device__ __forceinline__ void scores(float (&acc)[8][4], const T* As, int row0
   scores<T, DT, 1>(reinterpret_cast<float (&)[1][8][4]>(acc), As, row0, Bs);
 }
 template <typename T, int DT>
-__device__ __forceinline__ void apply(float (&acc)[DT / 8][4], const float (&p)[8][4], const T* Bs) {
+__device__ __forceinline__ void apply(float (&acc)[DT / 8][4], const float (&p)[8][4],
+                                      const T* Bs) {
   apply<T, DT, 1>(reinterpret_cast<float (&)[1][DT / 8][4]>(acc),
                   reinterpret_cast<const float (&)[1][8][4]>(p), Bs);
 }

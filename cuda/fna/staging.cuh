@@ -117,9 +117,9 @@ struct KeyStager {
     next_tile.reset();
   }
   // Step j of query tile qb's walk, for batch element b (its first token row0) and kv head kvh.
-  __device__ __forceinline__ void operator()(const FnaArgs& a, const FnaPtrs& p, const KeyWalk& walk,
-                                             const Box& qb, int b, int64_t row0, int kvh, int j,
-                                             T* ks, T* vs) {
+  __device__ __forceinline__ void operator()(const FnaArgs& a, const FnaPtrs& p,
+                                             const KeyWalk& walk, const Box& qb, int b,
+                                             int64_t row0, int kvh, int j, T* ks, T* vs) {
     if (j < walk.spatial) {
       int o[3];
       bool full;

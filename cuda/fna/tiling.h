@@ -423,7 +423,9 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
     plan.kv_tiling = tma_tiling(p);  // 128 keys a CTA, 128 queries a step
     return ok();
   }
-  plan.kernel = f32 ? BackwardKernel::kSimt : walk ? BackwardKernel::kWalk : BackwardKernel::kDqDkdv;
+  plan.kernel = f32    ? BackwardKernel::kSimt
+                : walk ? BackwardKernel::kWalk
+                       : BackwardKernel::kDqDkdv;
   if (plan.kernel == BackwardKernel::kDqDkdv && wgmma && dt >= 64 && !p.has_rpb) {
     // The box TMA forward's tiles (plan_forward), where they come out as its kernels need.
     Tiling t;

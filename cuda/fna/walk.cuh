@@ -66,7 +66,8 @@ __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank],
 }
 
 // Token index of local coordinates l in dilation groups grp.
-__device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3], const int (&l)[3]) {
+__device__ __forceinline__ int64_t token_of(const FnaArgs& a, const int (&grp)[3],
+                                            const int (&l)[3]) {
   const int x = grp[0] + l[0] * a.ax[0].dilation;
   const int y = grp[1] + l[1] * a.ax[1].dilation;
   const int z = grp[2] + l[2] * a.ax[2].dilation;
@@ -212,7 +213,8 @@ struct QueryWalk {
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax) {
         const AxisParams& ap = a.ax[ax];
-        const QueryRange first = inverse_window(kb.lo[ax], kb.lg[ax], ap.kernel, ap.stride, ap.causal);
+        const QueryRange first =
+            inverse_window(kb.lo[ax], kb.lg[ax], ap.kernel, ap.stride, ap.causal);
         const QueryRange last =
             inverse_window(kb.hi[ax] - 1, kb.lg[ax], ap.kernel, ap.stride, ap.causal);
         const int t = 1 << a.qlog[ax];
