@@ -96,22 +96,12 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     const T* vs = Vs + ring.stage(j) * kRows * DT;
 
     // s = q k^T and dP = do v^T, two commit groups: the weights are formed from s while dP is
-    // in flight. (k16 step kk: 32 bytes into 64-column block kk / 4.)
+    // in flight.
     float s[1][8][4], dp[1][8][4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < DT / 16; ++kk) {
-      const int off = (kk / 4) * kQBlock + (kk % 4) * 16, koff = (kk / 4) * kKBlock + (kk % 4) * 16;
-      wgmma_ss64<T>(&s[0][0][0], smem_desc_sw128(qs + off, 16, 1024),
-                    smem_desc_sw128(ks + koff, 16, 1024), kk);
-    }
+    wg_issue_scores_sw128<T, DT>(s[0], qs, kQBlock, ks, kKBlock);
     wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < DT / 16; ++kk) {
-      const int off = (kk / 4) * kQBlock + (kk % 4) * 16, koff = (kk / 4) * kKBlock + (kk % 4) * 16;
-      wgmma_ss64<T>(&dp[0][0][0], smem_desc_sw128(os + off, 16, 1024),
-                    smem_desc_sw128(vs + koff, 16, 1024), kk);
-    }
+    wg_issue_scores_sw128<T, DT>(dp[0], os, kQBlock, vs, kKBlock);
     wgmma_commit();
     wgmma_wait<1>();  // s (committed first)
     reg_fence(s);

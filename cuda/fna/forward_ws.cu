@@ -127,17 +127,13 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
   auto issue_scores = [&](float (&sc)[1][8][4], int j) {
     const T* ks = Ks + ring.stage(j) * kRows * DT;
     wgmma_fence();
+    if constexpr (kTma) {
+      wg_issue_scores_sw128<T, DT>(sc[0], qs, kQBlock, ks, kKBlock);
+    } else {
 #pragma unroll
-    for (int kk = 0; kk < DT / 16; ++kk) {
-      if constexpr (kTma) {  // k16 step kk: 32 bytes into 64-column block kk / 4
-        const int off = (kk / 4) * kQBlock + (kk % 4) * 16;
-        const int koff = (kk / 4) * kKBlock + (kk % 4) * 16;
-        wgmma_ss64<T>(&sc[0][0][0], smem_desc_sw128(qs + off, 16, 1024),
-                      smem_desc_sw128(ks + koff, 16, 1024), kk);
-      } else {
+      for (int kk = 0; kk < DT / 16; ++kk)
         wgmma_ss64<T>(&sc[0][0][0], smem_desc(qs + kk * 128, 128, DT * 16),
                       smem_desc(ks + kk * 128, 128, DT * 16), kk);
-      }
     }
     wgmma_commit();
   };

@@ -339,6 +339,15 @@ inline bool forward_on_box_tma(const Problem& p, int dt, const Tiling& t) {
          t.kvlog[1] + t.kvlog[2] == kTileLog;
 }
 
+// The box TMA kernels' tiles for p (the user's, or the chooser's 128-token query tiles over
+// 64-key tiles) into t, and whether they are tiles those kernels serve (`fits`).
+inline ffi::Error box_tma_tiling(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
+                                 Tiling& t, bool& fits) {
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + 1, t, kTileLog, /*halves=*/true));
+  fits = forward_on_box_tma(p, dt, t);
+  return ok();
+}
+
 enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma, kWsTma };
 inline const char* kernel_name(ForwardKernel k) {
   switch (k) {
@@ -372,8 +381,9 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
   const bool wgmma = !f32 && wgmma_ok && !(mma == 0 && !auto_forward_on_wgmma(p));
   if (wgmma && dt >= 64) {  // the box TMA variant, where its tiles come out as it needs
     Tiling t;
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + 1, t, kTileLog, /*halves=*/true));
-    if (forward_on_box_tma(p, dt, t)) {
+    bool fits = false;
+    NATTEN_TRY(box_tma_tiling(p, q_tile, kv_tile, dt, t, fits));
+    if (fits) {
       plan.kernel = ForwardKernel::kWsTma;
       plan.tiling = t;
       return ok();
@@ -429,8 +439,9 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
   if (plan.kernel == BackwardKernel::kDqDkdv && wgmma && dt >= 64 && !p.has_rpb) {
     // The box TMA forward's tiles (plan_forward), where they come out as its kernels need.
     Tiling t;
-    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, kTileLog + 1, t, kTileLog, /*halves=*/true));
-    if (forward_on_box_tma(p, dt, t)) {
+    bool fits = false;
+    NATTEN_TRY(box_tma_tiling(p, q_tile, kv_tile, dt, t, fits));
+    if (fits) {
       plan.kernel = BackwardKernel::kDqTmaDkdv;
       plan.dq_tiling = t;
     }
