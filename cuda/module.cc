@@ -220,7 +220,7 @@ NB_MODULE(_natten_ext, m) {
             have_dq_acc, plan);
         if (e.failure()) throw nb::value_error(e.message().c_str());
         const auto [qlog, kvlog] = tile_logs(plan.kv_tiling);
-        return std::make_tuple(fna::backward_name(plan.kernel), qlog, kvlog);
+        return std::make_tuple(fna::backward_name(plan), qlog, kvlog);
       },
       nb::arg("extent"), nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"),
       nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("dt"), nb::arg("f32"),

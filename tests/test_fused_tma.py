@@ -96,8 +96,8 @@ def test_backward_schedules():
     """Which backward each problem gets (cuda/fna/tiling.h plan_backward, as the handler runs it):
     the TMA backward for the 1-D cases at head-dim tile 64 with its own 128-token tiles, the walk
     with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the walk cannot
-    add dq and at head-dim tile 128 (its dq kernel fed by the TMA on the box TMA forward's
-    problems without rpb)."""
+    add dq and at head-dim tile 128 (on the box problems its dq kernel fed by the TMA without rpb,
+    and its dk / dv walk with or without)."""
     require_extension()
     for case in CASES:
         plan = _plan(case)
@@ -112,17 +112,20 @@ def test_backward_schedules():
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))
     assert two_d.backward == "walk" and math.prod(two_d.bwd_kv_tile) == 64
     # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles), then
-    # the 64-key walk for dk / dv; with rpb (d-rpb is the dq kernel's) the other dq kernel.
+    # the 64-key walk for dk / dv, q and do copied by the TMA too; with rpb (d-rpb is the dq
+    # kernel's) the other dq kernel. A 3-D problem whose x axis (5) the walks' query tiles do not
+    # divide (their boxes would cross into the next batch element): neither is fed by the TMA.
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=128))
-    assert two_d.backward == "dq_tma_dkdv" and math.prod(two_d.bwd_kv_tile) == 64
-    assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_dkdv"
+    assert two_d.backward == "dq_tma_dkdv_tma" and math.prod(two_d.bwd_kv_tile) == 64
+    assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_dkdv_tma"
+    assert _plan(Case("x", (5, 16, 16), (3, 5, 5), dim=128)).backward == "dq_dkdv"
     for case in BOX_CASES:
         plan = _plan(case, rpb=case.rpb)
         want = "walk" if max(case.dim, case.value_dim or 0) <= 64 else (
-            "dq_dkdv" if case.rpb else "dq_tma_dkdv")
+            "dq_dkdv_tma" if case.rpb else "dq_tma_dkdv_tma")
         assert plan.backward == want, case.name
         with jax_natten.fused_config(deterministic=True):  # no dq workspace: the dq kernels
-            want = "dq_dkdv" if case.rpb else "dq_tma_dkdv"
+            want = "dq_dkdv_tma" if case.rpb else "dq_tma_dkdv_tma"
             assert _plan(case, rpb=case.rpb).backward == want, case.name
     with jax_natten.fused_config(deterministic=True):
         assert _plan(base).backward == "dq_dkdv"
@@ -188,7 +191,8 @@ DETERMINISTIC_BOX_CASES = [c for c in BOX_CASES if c.name in ("2d-even-causal-dv
                          ids=[c.name for c in DETERMINISTIC_BOX_CASES])
 def test_tma_dq_kernel_deterministic(case):
     """fused_config(deterministic=True) on box problems: the TMA dq kernel (head-dim tile 64
-    here too) and the dk / dv walk; gradients against the oracle, bit-equal across two runs."""
+    here too) and the TMA-fed dk / dv walk; gradients against the oracle, bit-equal across two
+    runs."""
     _on_hopper()
     rng, seed = fresh_rng()
     x = make_inputs(case, jnp.bfloat16, rng)
@@ -201,7 +205,7 @@ def test_tma_dq_kernel_deterministic(case):
         return jnp.sum(f(**x, **kw).astype(jnp.float32) * dout)
 
     with jax_natten.fused_config(deterministic=True):
-        assert _plan(case).backward == "dq_tma_dkdv"
+        assert _plan(case).backward == "dq_tma_dkdv_tma"
         grad = jax.jit(jax.grad(loss))
         first = on_backend("fused", grad, x)
         again = on_backend("fused", grad, x)

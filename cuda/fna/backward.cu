@@ -22,6 +22,7 @@
 #include "fna.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
+#include "tensor_maps.h"
 
 namespace natten {
 namespace gpu {
@@ -31,17 +32,25 @@ namespace {
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
 // many computing warpgroups (see above; wgmma only). (1-D problems on Hopper run
-// backward_tma.cu's kernel instead, where it serves them.)
-template <typename T, int DT, bool kWg, int kDqWgs>
+// backward_tma.cu's kernel instead, where it serves them.) kTma (wgmma, kDqWgs = 0; tiling.h
+// dkdv_on_box_tma): thread 0 copies each query tile's q and do by the TMA (`maps`: one box per 64
+// head dims and dilation group, tensor_maps.h encode_box_maps) as 64-column blocks with 128-byte
+// swizzle, read through swizzled descriptors; the statistics and delta stay cp.async copies.
+template <typename T, int DT, bool kWg, int kDqWgs, bool kTma>
 __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
-    fna_bwd_kernel(const FnaArgs a, const FnaPtrs p) {
+    fna_bwd_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
   constexpr bool kDq = kDqWgs > 0;
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
+  static_assert(!kTma || (kWg && !kDq && DT >= 64), "the TMA variant: one warpgroup, wgmma");
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kStages = bwd_stages(kDqWgs);
   constexpr int kKeys = bwd_key_rows(kDqWgs);             // key rows: 64 per computing warpgroup
   constexpr int kCompute = bwd_compute_threads(kDqWgs);   // the computing warpgroups' threads
-  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int kQBlock = kRows * 64;  // kTma: a 64-column block of a query-side tile
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // (kTma: the swizzle atoms need 1024-byte alignment: the launch added the slack.)
+  unsigned char* smem =
+      kTma ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
   T* Ks = reinterpret_cast<T*>(smem);   // [kKeys][kLd]
   T* Vs = Ks + kKeys * kLd;
   T* Qs = Vs + kKeys * kLd;              // [kStages][kRows][kLd]
@@ -49,7 +58,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // The forward's softmax statistics (m2, log2_l) and delta per query row, [kStages][kRows].
   float2* Sts = reinterpret_cast<float2*>(Os + kStages * kRows * kLd);
   float* Ds = reinterpret_cast<float*>(Sts + kStages * kRows);
-  // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes), dS^T of the step
+  // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes; kTma: the two
+  // query-side buffers' TMA barriers), dS^T of the step
   // (core-matrix tiles, keys x queries, two buffers: step i writes buffer i % 2), the step's dq
   // rows (float32, padded rows: conflict-free fragment stores, 16-byte aligned for the bulk
   // copies; warpgroup g writes and adds columns [g kN, (g + 1) kN), kN = DT / kDqWgs), then d-rpb.
@@ -108,9 +118,32 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     int lim[3];
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
-    const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
-    qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
-    qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) {
+        // The box at the tile's local origin in its dilation group's maps (batch and x folded:
+        // tiling.h keeps boxes inside one batch element); an empty tile's box starts past the z
+        // extent, so all of it is zero-filled.
+        const int grp = t.nonempty ? (t.box.grp[0] * a.ax[1].dilation + t.box.grp[1]) *
+                                             a.ax[2].dilation +
+                                         t.box.grp[2]
+                                   : 0;
+        const int xb = b * (a.ax[0].length / a.ax[0].dilation);
+        const int z = t.nonempty ? t.box.lo[2] : a.ax[2].length / a.ax[2].dilation;
+        uint64_t* bar = bars + buf;
+        mbar_expect_tx(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
+#pragma unroll
+        for (int c = 0; c < DT / 64; ++c) {
+          tma_load_5d(Qs + buf * kRows * kLd + c * kQBlock, &maps.q[grp], bar, 64 * c, t.h, z,
+                      t.box.lo[1], xb + t.box.lo[0]);
+          tma_load_5d(Os + buf * kRows * kLd + c * kQBlock, &maps.d_o[grp], bar, 64 * c, t.h, z,
+                      t.box.lo[1], xb + t.box.lo[0]);
+        }
+      }
+    } else {
+      const int64_t tok0 = t.nonempty ? token_of(a, t.box.grp, t.box.lo) : 0;
+      qrows.stage(Qs + buf * kRows * kLd, q, row0, tok0, lim, a.heads, t.h, a.dim);
+      qrows.stage(Os + buf * kRows * kLd, d_o, row0, tok0, lim, a.heads, t.h, a.dim_v);
+    }
     // (The producer's threads are kThreads..; without kDq the plain index keeps the one-warpgroup
     // kernels' register allocation as it was: the modulo alone moved spills in the DT = 128 one.)
     for (int r = kDq ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
@@ -154,6 +187,14 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     }
     regs_grow<bwd_consumer_regs(kDqWgs)>();
   } else {
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) {
+        mbar_init(bars, 1);
+        mbar_init(bars + 1, 1);
+        fence_mbar_init();
+      }
+      __syncthreads();
+    }
     stage_keys();
   }
 
@@ -230,6 +271,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       ring.wait(it);
     } else {
       cp_async_wait<0>();
+      if constexpr (kTma) mbar_wait(bars + (it & 1), static_cast<unsigned>((it >> 1) & 1));
       if constexpr (kWg) fence_proxy_async();  // cp.async writes -> wgmma reads
       __syncthreads();
       if (it + 1 < walk.total) stage_queries(walk, (it + 1) & 1, staged, qrows);
@@ -262,20 +304,37 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     float s1[1][8][4], dp1[1][8][4];
     auto& s = s1[0];
     auto& dp = dp1[0];
-    auto scores_dp = [&]() {
-      if constexpr (kWg) {
+    // A query-side tile (q or do) as the K-major B of k16 step kk (queries as N), and as the
+    // MN-major B (queries as K) of k16 step kk: core matrices, or with kTma 64-column blocks with
+    // 128-byte swizzle (k16 step kk: 32 bytes into block kk / 4; 16 query rows, 2048 bytes, into
+    // each block).
+    auto q_k_major = [](const T* tile, int kk) {
+      if constexpr (kTma)
+        return smem_desc_sw128(tile + (kk / 4) * kQBlock + (kk % 4) * 16, 16, 1024);
+      else
+        return smem_desc(tile + kk * 128, 128, DT * 16);
+    };
+    [[maybe_unused]] auto q_mn_major = [](const T* tile, int kk) {
+      if constexpr (kTma)
+        return smem_desc_sw128(tile + kk * 16 * 64, kQBlock * 2, 1024);
+      else
+        return smem_desc(tile + kk * 16 * DT, DT * 16, 128);
+    };
+    auto scores_dp = [&]() {  // dP^T = v do^T, waited for
+      if constexpr (kTma) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DT / 16; ++kk)
+          wgmma_ss64<T>(&dp[0][0], smem_desc(vs_wg + kk * 128, 128, DT * 16), q_k_major(os, kk),
+                        kk);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dp1);
+      } else if constexpr (kWg) {
         wg_scores<T, DT, 1>(dp1, vs_wg, os);
       } else {
         tile_scores<T, DT, 1, false>(dp1, vs_wg, os);
       }
-    };
-    // A query-side tile (q or do) as the K-major B of k16 step kk (queries as N), and as the
-    // MN-major B (queries as K) of k16 step kk (core matrices).
-    auto q_k_major = [](const T* tile, int kk) {
-      return smem_desc(tile + kk * 128, 128, DT * 16);
-    };
-    [[maybe_unused]] auto q_mn_major = [](const T* tile, int kk) {
-      return smem_desc(tile + kk * 16 * DT, DT * 16, 128);
     };
     // On wgmma, S^T and dP^T are two commit groups: the weights P^T (the exponentials) are
     // formed from S^T while dP^T is still in flight, and dS^T once it lands (late_ds). With rpb
@@ -547,25 +606,38 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
                     a.dim_v);
 }
 
-template <typename T, int DT, bool kWg, int kDqWgs>
-ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
-  const int smem = bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
+template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false>
+ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch,
+                  int64_t batch_total = 0) {
+  // (kTma: the TMA barriers, 16 bytes where the ring's would be, and the alignment slack.)
+  const int smem = bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0) +
+                   (kTma ? 16 + 1024 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
-  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs>>(
-      kDqWgs ? "fna backward (dk, dv, dq)" : "fna backward (dk, dv)", kMaxBwdSmem, smem, grid,
-      stream, a, p, bwd_threads(kDqWgs));
+  BoxTmaMaps maps = {};
+  if constexpr (kTma)
+    NATTEN_TRY(encode_box_maps(maps, p, tma_type<T>(), batch_total, a, /*grad=*/true));
+  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs, kTma>>(
+      kDqWgs ? "fna backward (dk, dv, dq)"
+             : (kTma ? "fna backward (dk, dv; TMA)" : "fna backward (dk, dv)"),
+      kMaxBwdSmem, smem, grid, stream, a, p, bwd_threads(kDqWgs), maps);
 }
 
 }  // namespace
 
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch) {
+                              int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,
+                              int64_t batch, int64_t batch_total) {
   return dispatch_tile(t, dt, [&](auto tag, auto dtc) {
     using T = typename decltype(tag)::type;
     constexpr int DT = decltype(dtc)::value;
     if (!wgmma) return launch<T, DT, false, 0>(stream, a, p, batch);
-    if (dq_wgs == 0) return launch<T, DT, true, 0>(stream, a, p, batch);
+    if (dq_wgs == 0) {
+      if constexpr (DT >= 64) {
+        if (tma) return launch<T, DT, true, 0, true>(stream, a, p, batch, batch_total);
+      }
+      return launch<T, DT, true, 0>(stream, a, p, batch);
+    }
     if constexpr (DT <= 64) {  // the handler's schedule: the 128 tile runs the dq kernel
       return dq_wgs == 2 ? launch<T, DT, true, 2>(stream, a, p, batch)
                          : launch<T, DT, true, 1>(stream, a, p, batch);

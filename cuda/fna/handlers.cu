@@ -297,7 +297,8 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
           NATTEN_TRY(launch_backward_dq_tma(stream, t, dt, dq_args, ptr, n, B));
         else if (!single_walk)
           NATTEN_TRY(launch_backward_dq(stream, t, dt, wgmma, dq_args, ptr, n));
-        NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, kv_args, ptr, n));
+        NATTEN_TRY(launch_backward_kv(stream, t, dt, wgmma, dq_wgs, plan.kv_tma, kv_args, ptr, n,
+                                      B));
       }
     }
   }

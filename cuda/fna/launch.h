@@ -118,9 +118,12 @@ ffi::Error launch_backward_dq_tma(cudaStream_t stream, ffi::DataType t, int dt, 
                                   const FnaPtrs& p, int64_t batch, int64_t batch_total);
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
-// (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch).
+// (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch). With
+// `tma` (dq_wgs 0, tiling.h dkdv_on_box_tma) q and do come by the TMA, whose maps span
+// `batch_total` batch elements.
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
-                              int dq_wgs, const FnaArgs& a, const FnaPtrs& p, int64_t batch);
+                              int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,
+                              int64_t batch, int64_t batch_total);
 // dk, dv and dq (into p.dq_acc, zeroed first) on the TMA backward (backward_tma.cu), for the
 // problems tiling.h's backward_on_tma accepts, with its tiles (tma_tiling); its tensor maps span
 // `batch_total` batch elements (this launch runs `batch` from a.batch0).

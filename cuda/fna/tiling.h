@@ -396,31 +396,53 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
   return forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, plan.tiling);
 }
 
+// The dk / dv walk of the two-kernel schedule with q and do copied by the TMA (backward.cu kTma:
+// Hopper, one warpgroup): the 2-D and 3-D problems whose axes split evenly into at most 4
+// dilation groups, without additional keys, at head-dim tiles 64 and 128, whose walk's 64-token
+// query tiles (`t`) never cross from one batch element into the next along x (the maps fold
+// batch and x).
+inline bool dkdv_on_box_tma(const Problem& p, int dt, const Tiling& t) {
+  int groups = 1;
+  bool even = true;
+  for (int ax = 0; ax < kMaxRank; ++ax) {
+    groups *= p.axis[ax].dilation;
+    even = even && p.axis[ax].length % p.axis[ax].dilation == 0;
+  }
+  const int x_local = p.axis[0].length / p.axis[0].dilation;
+  return dt >= 64 && long_axes(p) >= 2 && p.additional == 0 && even && groups <= 4 &&
+         t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog && x_local % (1 << t.qlog[0]) == 0;
+}
+
 // ---- which backward schedule ----------------------------------------------------------------
 // kWalkTma: backward_tma.cu (1-D problems, backward_on_tma); kWalk: backward.cu with dq formed in
 // the key-tile walk (Hopper, float16 / bfloat16, non-deterministic, with the dq workspace,
 // head-dim tile 64 at most), on bwd_dq_warpgroups computing warpgroups; kDqDkdv: the dq kernel,
 // then the key-tile walk for dk / dv only (deterministic mode, mma.sync, head-dim tile 128);
 // kDqTmaDkdv: the same with the dq kernel fed by the TMA (backward_dq_tma.cu: Hopper, the box
-// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. The handler
-// runs what this says; jax_natten.fused_tiles reports it.
+// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. In both
+// two-kernel schedules on Hopper the dk / dv walk may be fed by the TMA too (kv_tma:
+// dkdv_on_box_tma). The handler runs what this says; jax_natten.fused_tiles reports it
+// (backward_name).
 enum class BackwardKernel { kSimt, kDqDkdv, kDqTmaDkdv, kWalk, kWalkTma };
-inline const char* backward_name(BackwardKernel k) {
-  switch (k) {
-    case BackwardKernel::kSimt: return "simt";
-    case BackwardKernel::kDqDkdv: return "dq_dkdv";
-    case BackwardKernel::kDqTmaDkdv: return "dq_tma_dkdv";
-    case BackwardKernel::kWalk: return "walk";
-    case BackwardKernel::kWalkTma: return "walk_tma";
-  }
-  return "?";
-}
 struct BackwardPlan {
   BackwardKernel kernel;
   int dq_wgs;         // kWalk: its computing warpgroups (64 keys each); else 0
   Tiling kv_tiling;   // the key-tile walk's tiles (query tiles it walks, key tiles it owns)
   Tiling dq_tiling;   // kDqTmaDkdv: the dq kernel's (the box TMA forward's)
+  bool kv_tma;        // kDqDkdv / kDqTmaDkdv: the dk / dv walk fed by the TMA
 };
+// The schedule's name: "walk_tma", "walk", "simt", or for the two-kernel schedules "dq", then
+// "_tma" where the TMA feeds the dq kernel, "_dkdv", then "_tma" where it feeds that walk.
+inline const char* backward_name(const BackwardPlan& plan) {
+  switch (plan.kernel) {
+    case BackwardKernel::kSimt: return "simt";
+    case BackwardKernel::kDqDkdv: return plan.kv_tma ? "dq_dkdv_tma" : "dq_dkdv";
+    case BackwardKernel::kDqTmaDkdv: return plan.kv_tma ? "dq_tma_dkdv_tma" : "dq_tma_dkdv";
+    case BackwardKernel::kWalk: return "walk";
+    case BackwardKernel::kWalkTma: return "walk_tma";
+  }
+  return "?";
+}
 // `wgmma`: the handler's pick_wgmma; `have_dq_acc`: the caller passed the dq workspace
 // (fna.py uses_dq_workspace). The dq kernel's own tiles (kDqDkdv) are the handler's.
 inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt,
@@ -428,6 +450,7 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
                                 BackwardPlan& plan) {
   const bool walk = !f32 && wgmma && !deterministic && have_dq_acc && dt <= 64;
   plan.dq_wgs = walk ? bwd_dq_warpgroups(p) : 0;
+  plan.kv_tma = false;
   if (walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = BackwardKernel::kWalkTma;
     plan.kv_tiling = tma_tiling(p);  // 128 keys a CTA, 128 queries a step
@@ -451,7 +474,11 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
   // two-warpgroup walk's 128 (fill_tile).
   const int q_log = f32 ? f32_tile_log(dt) : kTileLog;
   const int kv_log = f32 ? f32_tile_log(dt) : (plan.dq_wgs == 2 ? kTileLog + 1 : kTileLog);
-  return choose_tiling(p, q_tile, kv_tile, q_log, plan.kv_tiling, kv_log);
+  NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, plan.kv_tiling, kv_log));
+  plan.kv_tma = (plan.kernel == BackwardKernel::kDqDkdv ||
+                 plan.kernel == BackwardKernel::kDqTmaDkdv) &&
+                wgmma && dkdv_on_box_tma(p, dt, plan.kv_tiling);
+  return ok();
 }
 
 }  // namespace fna
