@@ -83,24 +83,18 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg))
 
   TileCounter current;  // the spatial key tile being computed
   current.reset();
-  stage_keys(0, 0);
-  for (int j = 0; j < walk.total; ++j) {
-    key_step_ready<kWg>(j, walk.total, stage_keys);
-    const T* ks = Ks + (j & 1) * kRows * kLd;
-    const T* vs = Vs + (j & 1) * kRows * kLd;
+  double_buffered_walk<kWg>(walk.total, stage_keys, [&](int j, int buf) {
+    const T* ks = Ks + buf * kRows * kLd;
+    const T* vs = Vs + buf * kRows * kLd;
 
     float s[MT][8][4], dp[MT][8][4];
     tile_scores<T, DT, MT, kWg>(s, Qs, ks);
     tile_scores<T, DT, MT, kWg>(dp, Os, vs);
 
-    const bool spatial = j < walk.spatial;
-    int o[3] = {0, 0, 0};
-    bool full = false;
-    if (spatial) {
-      key_tile(a, walk, current, o, full);
-      current.next(walk.n);
-    }
-    const int s0 = (j - walk.spatial) * kRows;
+    const KeyStep step = key_step(a, walk, current, j, kRows);
+    const bool spatial = step.spatial, full = step.full;
+    const int (&o)[3] = step.o;
+    const int s0 = step.s0;
     // dS = P (dP - delta), P = softmax_weight_exp2; 0 outside the neighborhood. Compiled three
     // ways, picked per tile: kMask = false for spatial tiles inside every window of the query
     // tile (no per-element test), kBias for rpb / d-rpb.
@@ -169,8 +163,7 @@ __global__ void __launch_bounds__(kThreads, dq_min_ctas(DT, kWg))
     else
       weights(std::true_type{}, std::false_type{});
     tile_apply<T, DT, MT, kWg>(acc, s, ks);
-    __syncthreads();  // the next iteration overwrites this buffer
-  }
+  });
 
   T* dq = static_cast<T*>(p.dq);
 #pragma unroll

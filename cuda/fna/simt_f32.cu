@@ -163,19 +163,13 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
   float acc[C], m = -INFINITY, l = 0.f;
 #pragma unroll
   for (int c = 0; c < C; ++c) acc[c] = 0.f;
-  stage(0, 0);
-  for (int j = 0; j < walk.total; ++j) {
-    key_step_ready<false>(j, walk.total, stage);
-    const float* ks = Ks + (j & 1) * S::kTile + c0;
-    const float* vs = Vs + (j & 1) * S::kTile + c0;
-    const bool spatial = j < walk.spatial;
-    int o[3] = {0, 0, 0};
-    bool full = false;
-    if (spatial) {
-      key_tile(a, walk, current, o, full);
-      current.next(walk.n);
-    }
-    const int s0 = (j - walk.spatial) * S::kRowsTile;
+  double_buffered_walk<false>(walk.total, stage, [&](int j, int buf) {
+    const float* ks = Ks + buf * S::kTile + c0;
+    const float* vs = Vs + buf * S::kTile + c0;
+    const KeyStep step = key_step(a, walk, current, j, S::kRowsTile);
+    const bool spatial = step.spatial, full = step.full;
+    const int (&o)[3] = step.o;
+    const int s0 = step.s0;
     // Online softmax over chunks of 8 keys (one rescale per chunk). Key u's base-2 logit is
     // s[u] * scale_log2 + bias[u] (bias -inf outside the neighborhood); its rounded value only
     // picks the max, the weight is exp2(fma(s, scale_log2, -base) + bias).
@@ -206,8 +200,7 @@ __global__ void __launch_bounds__(kThreads) fna_fwd_f32_kernel(const FnaArgs a, 
         axpy_cols<C>(acc, pu, vs + (k0 + u) * S::kLd);
       }
     }
-    __syncthreads();  // the next iteration overwrites this buffer
-  }
+  });
   if (qr.grow < 0) return;
   store_cols<C>(static_cast<float*>(p.out) + qr.grow * a.dim_v, acc, c0, a.dim_v,
                 l > 0.f ? 1.f / l : 0.f);
@@ -259,19 +252,13 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
   };
   TileCounter current;
   current.reset();
-  stage(0, 0);
-  for (int j = 0; j < walk.total; ++j) {
-    key_step_ready<false>(j, walk.total, stage);
-    const float* ks = Ks + (j & 1) * S::kTile + c0;
-    const float* vs = Vs + (j & 1) * S::kTile + c0;
-    const bool spatial = j < walk.spatial;
-    int o[3] = {0, 0, 0};
-    bool full = false;
-    if (spatial) {
-      key_tile(a, walk, current, o, full);
-      current.next(walk.n);
-    }
-    const int s0 = (j - walk.spatial) * S::kRowsTile;
+  double_buffered_walk<false>(walk.total, stage, [&](int j, int buf) {
+    const float* ks = Ks + buf * S::kTile + c0;
+    const float* vs = Vs + buf * S::kTile + c0;
+    const KeyStep step = key_step(a, walk, current, j, S::kRowsTile);
+    const bool spatial = step.spatial, full = step.full;
+    const int (&o)[3] = step.o;
+    const int s0 = step.s0;
     for (int jj = 0; jj < S::kRowsTile; ++jj) {
       const float x = row_sum<S::kLanes>(dot_cols<C>(q, ks + jj * S::kLd));
       const float dp = row_sum<S::kLanes>(dot_cols<C>(d_o, vs + jj * S::kLd));
@@ -283,8 +270,7 @@ __global__ void __launch_bounds__(kThreads) fna_dq_f32_kernel(const FnaArgs a, c
       axpy_cols<C>(dq, ds, ks + jj * S::kLd);
       if (want_drpb && ri >= 0 && c0 == 0) atomicAdd(drpb + ri, ds);
     }
-    __syncthreads();  // the next iteration overwrites this buffer
-  }
+  });
   if (ok) store_cols<C>(static_cast<float*>(p.dq) + qr.grow * a.dim, dq, c0, a.dim, a.scale);
   if (want_drpb && a.drpb_in_smem) {
     __syncthreads();

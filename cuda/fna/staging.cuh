@@ -157,6 +157,43 @@ __device__ __forceinline__ void key_step_ready(int j, int total, Stage&& stage) 
   __syncthreads();
 }
 
+// The synchronous kernels' walk over a query tile's key tiles (backward_dq.cu, simt_f32.cu;
+// forward.cu writes it out: through this its mma.sync kernel at head-dim tile 128 spilled more):
+// stage(j, buf) copies step j's tiles into buffer buf (one cp.async group),
+// body(j, buf) computes on them; step j + 1's copies are in flight while step j computes
+// (key_step_ready), and the barrier after each step lets the next overwrite the buffer it read.
+template <bool kWgmma, typename Stage, typename Body>
+__device__ __forceinline__ void double_buffered_walk(int total, Stage&& stage, Body&& body) {
+  stage(0, 0);
+  for (int j = 0; j < total; ++j) {
+    key_step_ready<kWgmma>(j, total, stage);
+    body(j, j & 1);
+    __syncthreads();  // the next step overwrites this buffer
+  }
+}
+
+// Step j of a key walk: a spatial tile (the one at `current`, which advances: its local origin o
+// and whether it lies inside every window of the query tile) or a tile of additional keys (its
+// first key s0; tiles of `rows` keys).
+struct KeyStep {
+  bool spatial, full;
+  int o[3];
+  int s0;
+};
+__device__ __forceinline__ KeyStep key_step(const FnaArgs& a, const KeyWalk& walk,
+                                            TileCounter& current, int j, int rows) {
+  KeyStep k;
+  k.spatial = j < walk.spatial;
+  k.full = false;
+  k.o[0] = k.o[1] = k.o[2] = 0;
+  if (k.spatial) {
+    key_tile(a, walk, current, k.o, k.full);
+    current.next(walk.n);
+  }
+  k.s0 = (j - walk.spatial) * rows;
+  return k;
+}
+
 }  // namespace fna
 }  // namespace gpu
 }  // namespace natten

@@ -319,22 +319,28 @@ inline bool backward_on_tma(const Problem& p, int dt, bool tiles_given) {
   return tma_problem(p) && dt == 64 && !tiles_given;
 }
 
-// The warp-specialized forward's TMA variant (forward_ws.cu kTma) serves 2-D and 3-D problems
-// whose axes split evenly into their dilation groups (at most 4 groups: one tensor map each),
-// without additional keys, at head-dim tiles 64 and 128, with tiles whose TMA boxes are exactly
-// the tiles and never cross from one batch element into the next (the maps fold batch and x):
-// 128-token query tiles whose x extent divides the group's x length, 64-token key tiles one x
-// plane thick. `t`: the warp-specialized kernel's tiles.
-inline bool forward_on_box_tma(const Problem& p, int dt, const Tiling& t) {
+// The problems the box TMA kernels serve, whatever the tiles: 2-D and 3-D, every axis split
+// evenly into its dilation groups (at most 4: one tensor map each), no additional keys.
+inline bool box_tma_problem(const Problem& p) {
   int groups = 1;
   bool even = true;
   for (int ax = 0; ax < kMaxRank; ++ax) {
     groups *= p.axis[ax].dilation;
     even = even && p.axis[ax].length % p.axis[ax].dilation == 0;
   }
-  const int x_local = p.axis[0].length / p.axis[0].dilation;
-  return dt >= 64 && long_axes(p) >= 2 && p.additional == 0 && even && groups <= 4 &&
-         t.kvlog[0] == 0 && x_local % (1 << t.qlog[0]) == 0 &&
+  return long_axes(p) >= 2 && p.additional == 0 && even && groups <= 4;
+}
+// Whether query tiles of 2^qlog[0] tokens along x stay inside one batch element (the maps fold
+// batch and x).
+inline bool box_tiles_in_batch(const Problem& p, const Tiling& t) {
+  return (p.axis[0].length / p.axis[0].dilation) % (1 << t.qlog[0]) == 0;
+}
+// The warp-specialized forward's TMA variant (forward_ws.cu kTma) serves those problems at
+// head-dim tiles 64 and 128 with tiles whose TMA boxes are exactly the tiles and stay inside one
+// batch element: 128-token query tiles whose x extent divides the group's x length, 64-token key
+// tiles one x plane thick. `t`: the warp-specialized kernel's tiles.
+inline bool forward_on_box_tma(const Problem& p, int dt, const Tiling& t) {
+  return dt >= 64 && box_tma_problem(p) && t.kvlog[0] == 0 && box_tiles_in_batch(p, t) &&
          t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog + 1 &&
          t.kvlog[1] + t.kvlog[2] == kTileLog;
 }
@@ -397,20 +403,11 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
 }
 
 // The dk / dv walk of the two-kernel schedule with q and do copied by the TMA (backward.cu kTma:
-// Hopper, one warpgroup): the 2-D and 3-D problems whose axes split evenly into at most 4
-// dilation groups, without additional keys, at head-dim tiles 64 and 128, whose walk's 64-token
-// query tiles (`t`) never cross from one batch element into the next along x (the maps fold
-// batch and x).
+// Hopper, one warpgroup): the box TMA problems at head-dim tiles 64 and 128, whose walk's
+// 64-token query tiles (`t`) stay inside one batch element.
 inline bool dkdv_on_box_tma(const Problem& p, int dt, const Tiling& t) {
-  int groups = 1;
-  bool even = true;
-  for (int ax = 0; ax < kMaxRank; ++ax) {
-    groups *= p.axis[ax].dilation;
-    even = even && p.axis[ax].length % p.axis[ax].dilation == 0;
-  }
-  const int x_local = p.axis[0].length / p.axis[0].dilation;
-  return dt >= 64 && long_axes(p) >= 2 && p.additional == 0 && even && groups <= 4 &&
-         t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog && x_local % (1 << t.qlog[0]) == 0;
+  return dt >= 64 && box_tma_problem(p) && t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog &&
+         box_tiles_in_batch(p, t);
 }
 
 // ---- which backward schedule ----------------------------------------------------------------
