@@ -109,8 +109,9 @@ def test_backward_schedules():
             assert (plan.backward, plan.bwd_kv_tile) == ("dq_dkdv", (64,)), case.name
     base = CASES[0]
     assert _plan(base, rpb=True).backward == "walk"  # the box walk (rpb at tile 64)
-    two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))
-    assert two_d.backward == "walk" and math.prod(two_d.bwd_kv_tile) == 64
+    two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))  # the box walk, fed by the TMA
+    assert two_d.backward == "walk_box_tma" and math.prod(two_d.bwd_kv_tile) == 64
+    assert _plan(Case("x", (40, 50), (9, 9), dim=32)).backward == "walk"  # tile 32: cp.async
     # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles), then
     # the 64-key walk for dk / dv, q and do copied by the TMA too; with rpb (d-rpb is the dq
     # kernel's) the other dq kernel. A 3-D problem whose x axis (5) the walks' query tiles do not
@@ -121,7 +122,7 @@ def test_backward_schedules():
     assert _plan(Case("x", (5, 16, 16), (3, 5, 5), dim=128)).backward == "dq_dkdv"
     for case in BOX_CASES:
         plan = _plan(case, rpb=case.rpb)
-        want = "walk" if max(case.dim, case.value_dim or 0) <= 64 else (
+        want = "walk_box_tma" if max(case.dim, case.value_dim or 0) <= 64 else (
             "dq_dkdv_tma" if case.rpb else "dq_tma_dkdv_tma")
         assert plan.backward == want, case.name
         with jax_natten.fused_config(deterministic=True):  # no dq workspace: the dq kernels

@@ -32,16 +32,20 @@ namespace {
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
 // row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
 // many computing warpgroups (see above; wgmma only). (1-D problems on Hopper run
-// backward_tma.cu's kernel instead, where it serves them.) kTma (wgmma, kDqWgs = 0; tiling.h
-// dkdv_on_box_tma): thread 0 copies each query tile's q and do by the TMA (`maps`: one box per 64
-// head dims and dilation group, tensor_maps.h encode_box_maps) as 64-column blocks with 128-byte
-// swizzle, read through swizzled descriptors; the statistics and delta stay cp.async copies.
+// backward_tma.cu's kernel instead, where it serves them.) kTma (wgmma, head-dim tiles 64 and
+// 128 without dq, 64 with; tiling.h key_walk_on_box_tma): one thread (the producer's first with kDq)
+// copies each query tile's q and do by the TMA (`maps`: one box per 64 head dims and dilation
+// group, tensor_maps.h encode_box_maps) as 64-column blocks with 128-byte swizzle, read through
+// swizzled descriptors; the statistics and delta stay cp.async copies. With kDq, each
+// warpgroup's dq columns are added to the workspace as 32-float boxes of the query tile by TMA
+// reduce-adds (one instruction per box instead of one bulk add per row).
 template <typename T, int DT, bool kWg, int kDqWgs, bool kTma>
 __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     fna_bwd_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
   constexpr bool kDq = kDqWgs > 0;
   static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
-  static_assert(!kTma || (kWg && !kDq && DT >= 64), "the TMA variant: one warpgroup, wgmma");
+  static_assert(!kTma || (kWg && DT >= 64 && (!kDq || DT == 64)),
+                "the TMA variant: wgmma, head-dim tile 64 or 128 (64 with dq)");
   constexpr int kLd = kWg ? DT : DT + 8;
   constexpr int kStages = bwd_stages(kDqWgs);
   constexpr int kKeys = bwd_key_rows(kDqWgs);             // key rows: 64 per computing warpgroup
@@ -58,14 +62,16 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // The forward's softmax statistics (m2, log2_l) and delta per query row, [kStages][kRows].
   float2* Sts = reinterpret_cast<float2*>(Os + kStages * kRows * kLd);
   float* Ds = reinterpret_cast<float*>(Sts + kStages * kRows);
-  // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes; kTma: the two
-  // query-side buffers' TMA barriers), dS^T of the step
-  // (core-matrix tiles, keys x queries, two buffers: step i writes buffer i % 2), the step's dq
-  // rows (float32, padded rows: conflict-free fragment stores, 16-byte aligned for the bulk
-  // copies; warpgroup g writes and adds columns [g kN, (g + 1) kN), kN = DT / kDqWgs), then d-rpb.
+  // kDq: the stage ring's barriers (full, empty, then the key tile's; 64 bytes; kTma without kDq:
+  // the two query-side buffers' TMA barriers), dS^T of the step (core-matrix tiles, keys x
+  // queries, two buffers: step i writes buffer i % 2), the step's dq rows (float32, padded rows:
+  // conflict-free fragment stores, 16-byte aligned for the bulk copies; warpgroup g writes and
+  // adds columns [g kN, (g + 1) kN), kN = DT / kDqWgs; kTma: 32-column boxes [DT / 32][kRows][32]
+  // with 128-byte swizzle, 1024-byte aligned), then d-rpb.
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
   T* Ss = reinterpret_cast<T*>(bars + 8);
   float* Qacc = reinterpret_cast<float*>(Ss + 2 * kKeys * kRows);
+  if constexpr (kTma) Qacc += ((1024 - (smem_addr(Qacc) & 1023)) & 1023) / 4;
   float* drpb_s = Qacc + kRows * kDqLd<DT>;
   static_assert(2 * kStages + 1 <= 8, "barriers fit their 64 bytes");
 
@@ -110,6 +116,12 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 
   const T* q = static_cast<const T*>(p.q);
   const T* d_o = static_cast<const T*>(p.d_o);
+  // kTma: the map index of query tile t's dilation group, and batch element b's first local x
+  // (the maps fold batch and x).
+  [[maybe_unused]] auto map_group = [&](const QueryTile& t) {
+    return (t.box.grp[0] * a.ax[1].dilation + t.box.grp[1]) * a.ax[2].dilation + t.box.grp[2];
+  };
+  [[maybe_unused]] const int xb = b * (a.ax[0].length / a.ax[0].dilation);
   // The query-side rows of the walk's next tile (`staged`) into stage `buf`, one cp.async group.
   auto stage_queries = [&](const QueryWalk& walk, int buf, QueryWalk::Cursor& staged,
                            const TileRows<DT, kRows, kWg>& qrows) {
@@ -119,18 +131,20 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
     if constexpr (kTma) {
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == (kDq ? kCompute : 0)) {
         // The box at the tile's local origin in its dilation group's maps (batch and x folded:
         // tiling.h keeps boxes inside one batch element); an empty tile's box starts past the z
-        // extent, so all of it is zero-filled.
-        const int grp = t.nonempty ? (t.box.grp[0] * a.ax[1].dilation + t.box.grp[1]) *
-                                             a.ax[2].dilation +
-                                         t.box.grp[2]
-                                   : 0;
-        const int xb = b * (a.ax[0].length / a.ax[0].dilation);
+        // extent, so all of it is zero-filled. Barrier bars[buf]: with kDq the ring's full
+        // barrier of stage buf (ring.full is bars), on which the producer's threads arrive
+        // (Handoff) once their statistics have landed; else the buffer's own, this thread's
+        // arrival the only one.
+        const int grp = t.nonempty ? map_group(t) : 0;
         const int z = t.nonempty ? t.box.lo[2] : a.ax[2].length / a.ax[2].dilation;
         uint64_t* bar = bars + buf;
-        mbar_expect_tx(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
+        if constexpr (kDq)
+          mbar_expect_tx_only(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
+        else
+          mbar_expect_tx(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
 #pragma unroll
         for (int c = 0; c < DT / 64; ++c) {
           tma_load_5d(Qs + buf * kRows * kLd + c * kQBlock, &maps.q[grp], bar, 64 * c, t.h, z,
@@ -160,15 +174,15 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     cp_async_commit();
   };
 
-  // Feeding the walk. kDq (Hopper): the last warpgroup is the producer (pipeline.cuh) that stages the
-  // key tile, then each query tile into a ring of kStages stages; the others compute. Else the
+  // Feeding the walk. kDq (Hopper): the last warpgroup is the producer (pipeline.cuh) that stages
+  // the key tile, then each query tile into a ring of kStages stages; the others compute. Else the
   // CTA's one warpgroup stages the next query tile itself while it computes on the current one.
   // Each role builds its own walk (QueryWalk) after the split: values live across it would be
   // held in the launch's 128 registers per thread.
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const keys_full = bars + 2 * kStages;
   if constexpr (kDq) {
-    ring.setup(kThreads, kCompute, keys_full, kThreads, /*tma=*/false);
+    ring.setup(kThreads, kCompute, keys_full, kThreads, kTma);
     if (threadIdx.x >= kCompute) {  // the producer
       regs_shrink<bwd_producer_regs(kDqWgs)>();
       const QueryWalk walk(a, kb, spatial, kvh);
@@ -544,23 +558,39 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         reg_fence(dk1);
         reg_fence(dv1);
         ring.release(it);  // every MMA that read the stage (dv, dk) has completed
-        // The step's dq columns -> Qacc (once the last step's bulk adds have read it) -> the
-        // float32 workspace: one bulk add per query row in the problem.
-        if (tid < kRows) bulk_wait_read();
+        // The step's dq columns -> Qacc (once the last step's adds have read it) -> the float32
+        // workspace. kTma: as 32-column boxes of the query tile (box c: columns 32 c ..; 128-byte
+        // swizzle: 16-byte chunk k of row r lands at chunk k ^ (r % 8)), one TMA reduce-add each
+        // (rows and columns outside the problem skipped); else one bulk add per query row in the
+        // problem.
+        if (tid < (kTma ? 1 : kRows)) bulk_wait_read();
         sync_wg();
         const int qr = (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
         for (int nb = 0; nb < kN / 8; ++nb)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const int r = qr + 8 * i, c = frag_col(nb, 0);
-            *reinterpret_cast<float2*>(Qacc + r * kDqLd<DT> + wg * kN + c) =
-                make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+            const int r = qr + 8 * i, c = wg * kN + frag_col(nb, 0);
+            float* dst = Qacc + r * kDqLd<DT> + c;
+            if constexpr (kTma) {
+              const int cc = c & 31, swizzled = (((cc >> 2) ^ (r & 7)) << 2) | (cc & 3);
+              dst = Qacc + (c >> 5) * kRows * 32 + r * 32 + swizzled;
+            }
+            *reinterpret_cast<float2*>(dst) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
           }
         fence_proxy_async();
         sync_wg();
         const int cols = imin(kN, a.dim - wg * kN);  // of the head dim, in this half
-        if (tid < kRows && cols > 0 && (spatial || t.nonempty)) {
+        if constexpr (kTma) {
+          if (tid == 0 && cols > 0 && t.nonempty) {
+#pragma unroll
+            for (int box = wg * kN / 32; box < (wg + 1) * kN / 32; ++box)
+              if (32 * box < a.dim)
+                tma_reduce_add_5d(&maps.dq[map_group(t)], Qacc + box * kRows * 32, 32 * box, t.h,
+                                  t.box.lo[2], t.box.lo[1], xb + t.box.lo[0]);
+            bulk_commit();
+          }
+        } else if (tid < kRows && cols > 0 && (spatial || t.nonempty)) {
           int qc[3];
           int64_t grow;
           if (query_row_at(a, t.box, tid, row0, t.h, qc, grow)) {
@@ -584,7 +614,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     }
   }
   if constexpr (kDq) {
-    if (tid < kRows) bulk_wait_all();
+    if (tid < (kTma ? 1 : kRows)) bulk_wait_all();
     if (want_drpb && a.drpb_in_smem && drpb_h >= 0) drpb_flush();
   }
 
@@ -609,9 +639,10 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch,
                   int64_t batch_total = 0) {
-  // (kTma: the TMA barriers, 16 bytes where the ring's would be, and the alignment slack.)
+  // (kTma: the TMA barriers, 16 bytes where the ring's would be, and the alignment slack of the
+  // tiles and, with dq, of its boxes.)
   const int smem = bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0) +
-                   (kTma ? 16 + 1024 : 0);
+                   (kTma ? 16 + 1024 + (kDqWgs ? 1024 : 0) : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
   BoxTmaMaps maps = {};
@@ -639,6 +670,11 @@ ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool
       return launch<T, DT, true, 0>(stream, a, p, batch);
     }
     if constexpr (DT <= 64) {  // the handler's schedule: the 128 tile runs the dq kernel
+      if constexpr (DT == 64) {
+        if (tma)
+          return dq_wgs == 2 ? launch<T, DT, true, 2, true>(stream, a, p, batch, batch_total)
+                             : launch<T, DT, true, 1, true>(stream, a, p, batch, batch_total);
+      }
       return dq_wgs == 2 ? launch<T, DT, true, 2>(stream, a, p, batch)
                          : launch<T, DT, true, 1>(stream, a, p, batch);
     } else {

@@ -119,7 +119,7 @@ ffi::Error launch_backward_dq_tma(cudaStream_t stream, ffi::DataType t, int dt, 
 // dk, dv, dadd_k, dadd_v of batch elements [a.batch0, ...), and with dq_wgs > 0 (wgmma only) dq
 // into the float32 workspace p.dq_acc (zeroed first) and d-rpb, on dq_wgs computing warpgroups
 // (key tiles of bwd_key_rows(dq_wgs)). Grid: (a.kv_tiles + a.add_tiles, kv_heads, batch). With
-// `tma` (dq_wgs 0, tiling.h dkdv_on_box_tma) q and do come by the TMA, whose maps span
+// `tma` (dq_wgs 0, tiling.h key_walk_on_box_tma) q and do come by the TMA, whose maps span
 // `batch_total` batch elements.
 ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool wgmma,
                               int dq_wgs, bool tma, const FnaArgs& a, const FnaPtrs& p,

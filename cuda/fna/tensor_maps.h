@@ -27,11 +27,13 @@ namespace fna {
 struct TmaMaps {
   CUtensorMap q, k, v;
 };
-// The warp-specialized box kernels' (forward_ws.cu kTma, backward_dq_tma.cu): q, k, v (and for
-// the dq kernel do) of each dilation group (x, y, z) of the problem, group (gx dy + gy) dz + gz.
+// The box kernels' (forward_ws.cu kTma, backward_dq_tma.cu, backward.cu kTma): q, k, v (and for
+// the backward do, and the float32 dq workspace the single walk reduce-adds to) of each dilation
+// group (x, y, z) of the problem, group (gx dy + gy) dz + gz.
 constexpr int kMaxTmaGroups = 4;
 struct BoxTmaMaps {
-  CUtensorMap q[kMaxTmaGroups], k[kMaxTmaGroups], v[kMaxTmaGroups], d_o[kMaxTmaGroups];
+  CUtensorMap q[kMaxTmaGroups], k[kMaxTmaGroups], v[kMaxTmaGroups], d_o[kMaxTmaGroups],
+      dq[kMaxTmaGroups];
 };
 struct BwdTmaMaps {
   CUtensorMap q, d_o, k, v, dq;  // dq: the float32 workspace the dq tiles are reduce-added to
@@ -131,8 +133,9 @@ inline ffi::Error encode_group_map(CUtensorMap& map, const void* base, CUtensorM
   return encode_map(map, first, type, dims, strides, box);
 }
 
-// Every dilation group's maps of a box kernel's call: q (and with `grad` do) in boxes of the
-// query tile (a.qlog), k and v in boxes of the key tile (a.kvlog); batch_total elements.
+// Every dilation group's maps of a box kernel's call: q (and with `grad` do, and the dq workspace
+// where p.dq_acc is set: 32-float boxes) in boxes of the query tile (a.qlog), k and v in boxes of
+// the key tile (a.kvlog); batch_total elements.
 inline ffi::Error encode_box_maps(BoxTmaMaps& maps, const FnaPtrs& p, CUtensorMapDataType type,
                                   int64_t batch_total, const FnaArgs& a, bool grad) {
   const int dx = a.ax[0].dilation, dy = a.ax[1].dilation, dz = a.ax[2].dilation;
@@ -147,6 +150,9 @@ inline ffi::Error encode_box_maps(BoxTmaMaps& maps, const FnaPtrs& p, CUtensorMa
         if (grad)
           NATTEN_TRY(encode_group_map(maps.d_o[g], p.d_o, type, batch_total, a, a.heads,
                                       a.dim_v, gx, gy, gz, qz, qy, qx));
+        if (grad && p.dq_acc != nullptr)
+          NATTEN_TRY(encode_group_map(maps.dq[g], p.dq_acc, CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                                      batch_total, a, a.heads, a.dim, gx, gy, gz, qz, qy, qx));
         NATTEN_TRY(encode_group_map(maps.k[g], p.k, type, batch_total, a, a.kv_heads, a.dim, gx,
                                     gy, gz, kz, ky, kx));
         NATTEN_TRY(encode_group_map(maps.v[g], p.v, type, batch_total, a, a.kv_heads, a.dim_v,

@@ -402,10 +402,10 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
   return forward_tiling(p, q_tile, kv_tile, dt, f32, wgmma, plan.tiling);
 }
 
-// The dk / dv walk of the two-kernel schedule with q and do copied by the TMA (backward.cu kTma:
-// Hopper, one warpgroup): the box TMA problems at head-dim tiles 64 and 128, whose walk's
-// 64-token query tiles (`t`) stay inside one batch element.
-inline bool dkdv_on_box_tma(const Problem& p, int dt, const Tiling& t) {
+// The key-tile walk with q and do copied by the TMA (backward.cu kTma, Hopper; with dq formed in
+// it, the dq tiles added by TMA reduce-adds): the box TMA problems at head-dim tiles 64 and 128,
+// whose walk's 64-token query tiles (`t`) stay inside one batch element.
+inline bool key_walk_on_box_tma(const Problem& p, int dt, const Tiling& t) {
   return dt >= 64 && box_tma_problem(p) && t.qlog[0] + t.qlog[1] + t.qlog[2] == kTileLog &&
          box_tiles_in_batch(p, t);
 }
@@ -416,26 +416,28 @@ inline bool dkdv_on_box_tma(const Problem& p, int dt, const Tiling& t) {
 // head-dim tile 64 at most), on bwd_dq_warpgroups computing warpgroups; kDqDkdv: the dq kernel,
 // then the key-tile walk for dk / dv only (deterministic mode, mma.sync, head-dim tile 128);
 // kDqTmaDkdv: the same with the dq kernel fed by the TMA (backward_dq_tma.cu: Hopper, the box
-// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. In both
-// two-kernel schedules on Hopper the dk / dv walk may be fed by the TMA too (kv_tma:
-// dkdv_on_box_tma). The handler runs what this says; jax_natten.fused_tiles reports it
-// (backward_name).
+// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. In kWalk (at
+// head-dim tile 64) and both two-kernel schedules on Hopper the key-tile walk may be fed by the
+// TMA too (kv_tma: key_walk_on_box_tma). The handler runs what this says;
+// jax_natten.fused_tiles reports it (backward_name).
 enum class BackwardKernel { kSimt, kDqDkdv, kDqTmaDkdv, kWalk, kWalkTma };
 struct BackwardPlan {
   BackwardKernel kernel;
   int dq_wgs;         // kWalk: its computing warpgroups (64 keys each); else 0
   Tiling kv_tiling;   // the key-tile walk's tiles (query tiles it walks, key tiles it owns)
   Tiling dq_tiling;   // kDqTmaDkdv: the dq kernel's (the box TMA forward's)
-  bool kv_tma;        // kDqDkdv / kDqTmaDkdv: the dk / dv walk fed by the TMA
+  bool kv_tma;        // kWalk (head-dim tile 64), kDqDkdv, kDqTmaDkdv: the key-tile walk fed by
+                      // the TMA (key_walk_on_box_tma)
 };
-// The schedule's name: "walk_tma", "walk", "simt", or for the two-kernel schedules "dq", then
-// "_tma" where the TMA feeds the dq kernel, "_dkdv", then "_tma" where it feeds that walk.
+// The schedule's name: "walk_tma" (the 1-D kernel), "walk", "walk_box_tma" (the walk fed by the
+// TMA), "simt", or for the two-kernel schedules "dq", then "_tma" where the TMA feeds the dq
+// kernel, "_dkdv", then "_tma" where it feeds the dk / dv walk.
 inline const char* backward_name(const BackwardPlan& plan) {
   switch (plan.kernel) {
     case BackwardKernel::kSimt: return "simt";
     case BackwardKernel::kDqDkdv: return plan.kv_tma ? "dq_dkdv_tma" : "dq_dkdv";
     case BackwardKernel::kDqTmaDkdv: return plan.kv_tma ? "dq_tma_dkdv_tma" : "dq_tma_dkdv";
-    case BackwardKernel::kWalk: return "walk";
+    case BackwardKernel::kWalk: return plan.kv_tma ? "walk_box_tma" : "walk";
     case BackwardKernel::kWalkTma: return "walk_tma";
   }
   return "?";
@@ -473,8 +475,9 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
   const int kv_log = f32 ? f32_tile_log(dt) : (plan.dq_wgs == 2 ? kTileLog + 1 : kTileLog);
   NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, plan.kv_tiling, kv_log));
   plan.kv_tma = (plan.kernel == BackwardKernel::kDqDkdv ||
-                 plan.kernel == BackwardKernel::kDqTmaDkdv) &&
-                wgmma && dkdv_on_box_tma(p, dt, plan.kv_tiling);
+                 plan.kernel == BackwardKernel::kDqTmaDkdv ||
+                 (plan.kernel == BackwardKernel::kWalk && dt == 64)) &&
+                wgmma && key_walk_on_box_tma(p, dt, plan.kv_tiling);
   return ok();
 }
 
