@@ -112,10 +112,10 @@ class FusedTiles:
     added by the TMA: 2-D and 3-D problems at head dims 33-64), "walk_tma" (a kernel of its own
     for 1-D problems at head dims 33-64, fed by the TMA), "dq_dkdv" (a dq kernel, then the
     key-tile walk for dk and dv: deterministic mode, mma.sync, head dims above 64), "dq_tma_dkdv"
-    (the same with the TMA feeding the dq kernel: Hopper, the "wgmma_ws_tma" forward's problems
-    without rpb), either with a "_tma" suffix where the TMA feeds the dk / dv walk (Hopper, 2-D
-    and 3-D problems at head dims above 32), or "simt" (float32); `bwd_q_tile` / `bwd_kv_tile`:
-    the query tiles its key-tile walk steps through and the key tiles it owns."""
+    (the same with the TMA feeding the dq kernel: Hopper, the "wgmma_ws_tma" forward's
+    problems), either with a "_tma" suffix where the TMA feeds the dk / dv walk (Hopper, 2-D and
+    3-D problems at head dims above 32), or "simt" (float32); `bwd_q_tile` / `bwd_kv_tile`: the
+    query tiles its key-tile walk steps through and the key tiles it owns."""
     mma: str
     kernel: str
     q_tile: tuple

@@ -39,6 +39,7 @@ BOX_CASES = [  # 2-D and 3-D: forward_ws.cu's TMA variant
     Case("2d-stride-dil-causal-d96", (36, 50), (7, 10), (2, 3), (2, 2), (True, False), dim=96,
          value_dim=64),
     Case("2d-large-window-d128", (64, 64), (31, 31), dim=128, batch=1),
+    Case("2d-rpb-d128", (20, 26), (5, 7), rpb=True, heads=3, dim=128),
     Case("2d-dil3-mqa-d72", (30, 21), (5, 7), None, (3, 1), heads=3, kv_heads=1, dim=72),
     Case("2d-even-causal-dv48", (24, 40), (8, 6), (1, 2), (1, 2), (False, True), dim=64,
          value_dim=48),
@@ -112,22 +113,20 @@ def test_backward_schedules():
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=64))  # the box walk, fed by the TMA
     assert two_d.backward == "walk_box_tma" and math.prod(two_d.bwd_kv_tile) == 64
     assert _plan(Case("x", (40, 50), (9, 9), dim=32)).backward == "walk"  # tile 32: cp.async
-    # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles), then
-    # the 64-key walk for dk / dv, q and do copied by the TMA too; with rpb (d-rpb is the dq
-    # kernel's) the other dq kernel. A 3-D problem whose x axis (5) the walks' query tiles do not
-    # divide (their boxes would cross into the next batch element): neither is fed by the TMA.
+    # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles; with rpb
+    # it sums d-rpb), then the 64-key walk for dk / dv, q and do copied by the TMA too. A 3-D
+    # problem whose x axis (5) the walks' query tiles do not divide (their boxes would cross into
+    # the next batch element): neither is fed by the TMA.
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=128))
     assert two_d.backward == "dq_tma_dkdv_tma" and math.prod(two_d.bwd_kv_tile) == 64
-    assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_dkdv_tma"
+    assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_tma_dkdv_tma"
     assert _plan(Case("x", (5, 16, 16), (3, 5, 5), dim=128)).backward == "dq_dkdv"
     for case in BOX_CASES:
         plan = _plan(case, rpb=case.rpb)
-        want = "walk_box_tma" if max(case.dim, case.value_dim or 0) <= 64 else (
-            "dq_dkdv_tma" if case.rpb else "dq_tma_dkdv_tma")
+        want = "walk_box_tma" if max(case.dim, case.value_dim or 0) <= 64 else "dq_tma_dkdv_tma"
         assert plan.backward == want, case.name
         with jax_natten.fused_config(deterministic=True):  # no dq workspace: the dq kernels
-            want = "dq_dkdv_tma" if case.rpb else "dq_tma_dkdv_tma"
-            assert _plan(case, rpb=case.rpb).backward == want, case.name
+            assert _plan(case, rpb=case.rpb).backward == "dq_tma_dkdv_tma", case.name
     with jax_natten.fused_config(deterministic=True):
         assert _plan(base).backward == "dq_dkdv"
     with jax_natten.fused_config(mma="mma_sync"):
@@ -184,7 +183,8 @@ def test_tma_forward_and_gradients_match_reference(case, dtype):
         assert err < 2 * tol, f"d{name}: relative error {err:.2e} (seed {seed})"
 
 
-DETERMINISTIC_BOX_CASES = [c for c in BOX_CASES if c.name in ("2d-even-causal-dv48", "3d-d128")]
+DETERMINISTIC_BOX_CASES = [c for c in BOX_CASES
+                           if c.name in ("2d-even-causal-dv48", "3d-d128", "2d-rpb-gqa")]
 
 
 @pytest.mark.gpu
@@ -206,13 +206,13 @@ def test_tma_dq_kernel_deterministic(case):
         return jnp.sum(f(**x, **kw).astype(jnp.float32) * dout)
 
     with jax_natten.fused_config(deterministic=True):
-        assert _plan(case).backward == "dq_tma_dkdv_tma"
+        assert _plan(case, rpb=case.rpb).backward == "dq_tma_dkdv_tma"
         grad = jax.jit(jax.grad(loss))
         first = on_backend("fused", grad, x)
         again = on_backend("fused", grad, x)
     args = (x["query"], x["key"], x["value"], *case.oracle_args())
     ref = oracle.attention_vjp(*args, np.asarray(dout), np.zeros(out_shape[:-1]),
-                               scale=case.dim ** -0.5)
+                               scale=case.dim ** -0.5, rpb=x.get("rpb"))
     for name in ref:
         err = rel_err(first[name], ref[name])
         assert err < 2 * TOLERANCE[jnp.bfloat16], f"d{name}: {err:.2e} (seed {seed})"

@@ -1,11 +1,14 @@
 // FNA backward, query side, on Hopper for the problems the box TMA forward serves (tiling.h
-// forward_on_box_tma, without rpb): the dq kernel of the two-kernel schedule (backward_dq.cu's
-// walk: per query tile, every key tile of its window box, P recomputed from the forward's softmax
-// statistics, dS = P (dP - delta), dq = scale * dS k) in the warp-specialized forward's shape
+// forward_on_box_tma): the dq kernel of the two-kernel schedule (backward_dq.cu's walk: per query
+// tile, every key tile of its window box, P recomputed from the forward's softmax statistics,
+// dS = P (dP - delta), dq = scale * dS k, d-rpb = the sum of dS per relative offset) in the
+// warp-specialized forward's shape
 // (box_roles.cuh): one producer thread copies q and do of the 128-token query tile once, then k
 // and v of each 64-key tile, by the TMA into a ring of stages; two computing warpgroups of 64
 // query rows each compute on every stage their rows need. dq is written once per row, so the
-// kernel is deterministic (it also serves fused_config(deterministic=True)).
+// kernel is deterministic (it also serves fused_config(deterministic=True), where the caller
+// sums d-rpb in a fixed order: skip_drpb). d-rpb is summed per CTA in shared memory when it fits
+// (drpb_in_smem), then added with one atomic per entry; else atomics on the output.
 #include "box_roles.cuh"
 #include "launch.h"
 
@@ -31,6 +34,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   T* Vs = Ks + kStages * kRows * DT;
   int* Win = reinterpret_cast<int*>(Vs + kStages * kRows * DT);  // [kQRows][3 axes][start, length]
   uint64_t* bars = reinterpret_cast<uint64_t*>(Win + kQRows * 6);  // full, empty, q
+  float* drpb_s = reinterpret_cast<float*>(bars + 2 * kStages + 1);  // [R] when drpb_in_smem
 
   Box qb;
   if (!tile_box(a, a.qlog, a.q_tpg, a.q_units, blockIdx.x, qb)) return;  // whole CTA
@@ -57,16 +61,23 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kThreads, 0);
   const KeyWalk walk = key_walk(a, qb);
   fill_windows(a, qb, kQRows, Win);
+  const float* rpb = a.R ? p.rpb + static_cast<int64_t>(h) * a.R : nullptr;
+  const bool want_drpb = rpb != nullptr && !a.skip_drpb;
+  float* drpb_g = want_drpb ? p.drpb + (static_cast<int64_t>(b) * a.heads + h) * a.R : nullptr;
+  if (want_drpb && a.drpb_in_smem)
+    for (int i = threadIdx.x; i < a.R; i += 2 * kThreads) drpb_s[i] = 0.f;
+  float* drpb = a.drpb_in_smem ? drpb_s : drpb_g;
   role_sync(1, 2 * kThreads);
-  // The thread's two rows: global row (-1 outside the problem), the forward's statistics, delta.
-  // A row outside the problem gets log2_l = +inf: its weights are 0 on every path.
+  // The thread's two rows: global row (-1 outside the problem), local coordinates (rpb), the
+  // forward's statistics, delta. A row outside the problem gets log2_l = +inf: its weights are 0
+  // on every path.
   int64_t grow[2];
+  int qc[2][3];
   float2 stats[2];
   float delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    int qc[3];
-    const bool ok = query_row_at(a, qb, tile_row<1, true>(0, i), row0, h, qc, grow[i]);
+    const bool ok = query_row_at(a, qb, tile_row<1, true>(0, i), row0, h, qc[i], grow[i]);
     stats[i] = ok ? p.stats[grow[i]] : make_float2(0.f, INFINITY);
     delta[i] = ok ? p.delta[grow[i]] : 0.f;
   }
@@ -107,8 +118,32 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     reg_fence(s);
     // P (softmax.cuh softmax_weight_exp2), 0 outside the rows' windows: tiles inside every
     // window of the query tile (`full`) test nothing; the others test each row's window as a
-    // bit set (walk.cuh window_bits).
-    if (full) {
+    // bit set (walk.cuh window_bits). With rpb each weight takes its bias (rpb_index of the
+    // row's and the key's local coordinates), and d-rpb its dS below.
+    auto bias_index = [&](int i, int nb, int c) {
+      int off[3], kl[3];
+      tile_offsets(frag_col(nb, c), a.kvlog, off);
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) kl[ax] = o[ax] + off[ax];
+      return rpb_index(a, qc[i], kl);
+    };
+    if (rpb != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint64_t bits = full ? ~uint64_t{0} : window_bits(a, Win + tile_row<1, true>(0, i) * 6, o);
+        const unsigned half[2] = {static_cast<unsigned>(bits), static_cast<unsigned>(bits >> 32)};
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const bool in = grow[i] >= 0 && ((half[nb >> 2] >> (8 * (nb & 3) + c)) & 1u);
+            const float bias2 = in ? __ldg(rpb + bias_index(i, nb, c)) * kLog2e : 0.f;
+            const float x =
+                softmax_weight_exp2(s[0][nb][2 * i + c], a.scale_log2, stats[i], bias2);
+            s[0][nb][2 * i + c] = in ? fast_exp2(x) : 0.f;
+          }
+      }
+    } else if (full) {
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -137,6 +172,13 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][nb][e] *= dp[0][nb][e] - delta[e >> 1];
+    if (want_drpb) {  // (dS is 0 outside the neighborhood: those adds are skipped)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (s[0][nb][e] != 0.f) atomicAdd(drpb + bias_index(e >> 1, nb, e & 1), s[0][nb][e]);
+    }
     unsigned da[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) pack_a<T>(da[kk], s[0], kk);
@@ -155,6 +197,11 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   store_rows<T, DT>(acc[0], a.scale, a.scale,
                     [&](int i) -> T* { return grow[i] < 0 ? nullptr : dq + grow[i] * a.dim; },
                     a.dim);
+  if (want_drpb && a.drpb_in_smem) {
+    role_sync(1, 2 * kThreads);
+    for (int i = threadIdx.x; i < a.R; i += 2 * kThreads)
+      if (drpb_s[i] != 0.f) atomicAdd(drpb_g + i, drpb_s[i]);
+  }
 }
 
 }  // namespace
@@ -167,10 +214,11 @@ ffi::Error launch_backward_dq_tma(cudaStream_t stream, ffi::DataType t, int dt, 
     if constexpr (DT >= 64) {
       BoxTmaMaps maps = {};
       NATTEN_TRY(encode_box_maps(maps, p, tma_type<T>(), batch_total, a, /*grad=*/true));
-      constexpr int kSmem = dq_tma_smem(DT, sizeof(T));
+      const int smem = dq_tma_smem(DT, sizeof(T)) + (a.drpb_in_smem ? a.R * 4 : 0);
       const dim3 grid(static_cast<unsigned>(a.q_tiles), a.heads, static_cast<unsigned>(batch));
-      return launch_kernel<fna_dq_tma_kernel<T, DT>>("fna backward dq (TMA)", kSmem, kSmem, grid,
-                                                    stream, a, p, kFwdWsThreads, maps);
+      return launch_kernel<fna_dq_tma_kernel<T, DT>>("fna backward dq (TMA)", kMaxDqTmaSmem,
+                                                    smem, grid, stream, a, p, kFwdWsThreads,
+                                                    maps);
     } else {
       return invalid("fused: the TMA dq kernel serves head-dim tiles 64 and 128");
     }

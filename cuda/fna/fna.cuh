@@ -35,10 +35,11 @@
 //   kernel: every tile copied by the TMA, 128-query steps, dq added by TMA reduce-adds.
 //   Deterministic mode, mma.sync (sm_80) and head-dim tile 128: fna_dq_kernel (backward_dq.cu)
 //   walks the forward's key tiles and recomputes P for dq and d-rpb, fna_bwd_kernel computes dk /
-//   dv only: no atomics on dq. On Hopper the box TMA forward's problems without rpb run
-//   fna_dq_tma_kernel (backward_dq_tma.cu) for dq instead: the warp-specialized forward's roles
-//   and 128-token query tiles, q, do, k and v copied by the TMA; and on 2-D / 3-D problems there
-//   fna_bwd_kernel's one warpgroup gets each query tile's q and do from the TMA (kTma). d-rpb is summed in shared
+//   dv only: no atomics on dq. On Hopper the box TMA forward's problems run fna_dq_tma_kernel
+//   (backward_dq_tma.cu) for dq instead: the warp-specialized forward's roles and 128-token
+//   query tiles, q, do, k and v copied by the TMA; and on 2-D / 3-D problems there
+//   fna_bwd_kernel gets each query tile's q and do from the TMA (kTma; in the single walk too,
+//   whose dq tiles then go by TMA reduce-adds). d-rpb is summed in shared
 //   memory per CTA and added to the output with one atomic per entry and CTA, so its last bits
 //   depend on the order the CTAs run in; in deterministic mode the kernels skip it and the
 //   Python layer computes it from the unfused kernels' fixed-order reductions (ops.py).

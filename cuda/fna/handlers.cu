@@ -257,8 +257,11 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     else
       NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, dq_log, dq_tiling, dq_kv_log));
     NATTEN_TRY(make_args(p, dq_tiling, scale, dq_args));
-    const int dq_bytes = f32 ? f32_dq_smem(dt) : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
-    dq_args.drpb_in_smem = dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= kMaxDqSmem;
+    const int dq_bytes = f32      ? f32_dq_smem(dt)
+                         : dq_tma ? dq_tma_smem(dt, 2)
+                                  : dq_smem(dt, 2, dq_m_tiles(dt, wgmma), wgmma);
+    dq_args.drpb_in_smem =
+        dq_args.R > 0 && dq_bytes + dq_args.R * 4 <= (dq_tma ? kMaxDqTmaSmem : kMaxDqSmem);
     dq_args.skip_drpb = deterministic != 0;
   }
   NATTEN_TRY(poison_outputs(stream, *dq, *dk, *dv, *drpb, *dadd_k, *dadd_v, *delta, *dq_acc));

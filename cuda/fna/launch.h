@@ -24,6 +24,8 @@ constexpr int kHeadDimTiles[] = {32, 64, 128};
 constexpr int kMaxHeadDim = 128;
 // Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
 constexpr int kMaxDqSmem = 160 * 1024;
+// The same for the TMA dq kernel (sm_90 only: its opt-in maximum, 227 KB).
+constexpr int kMaxDqTmaSmem = 227 * 1024;
 // The same for the key-side backward kernel (its dq variant keeps a d-rpb table too; sm_90 only).
 constexpr int kMaxBwdSmem = 200 * 1024;
 

@@ -416,7 +416,7 @@ inline bool key_walk_on_box_tma(const Problem& p, int dt, const Tiling& t) {
 // head-dim tile 64 at most), on bwd_dq_warpgroups computing warpgroups; kDqDkdv: the dq kernel,
 // then the key-tile walk for dk / dv only (deterministic mode, mma.sync, head-dim tile 128);
 // kDqTmaDkdv: the same with the dq kernel fed by the TMA (backward_dq_tma.cu: Hopper, the box
-// TMA forward's problems and tiles, without rpb); kSimt: float32's pair of kernels. In kWalk (at
+// TMA forward's problems and tiles); kSimt: float32's pair of kernels. In kWalk (at
 // head-dim tile 64) and both two-kernel schedules on Hopper the key-tile walk may be fed by the
 // TMA too (kv_tma: key_walk_on_box_tma). The handler runs what this says;
 // jax_natten.fused_tiles reports it (backward_name).
@@ -458,7 +458,7 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
   plan.kernel = f32    ? BackwardKernel::kSimt
                 : walk ? BackwardKernel::kWalk
                        : BackwardKernel::kDqDkdv;
-  if (plan.kernel == BackwardKernel::kDqDkdv && wgmma && dt >= 64 && !p.has_rpb) {
+  if (plan.kernel == BackwardKernel::kDqDkdv && wgmma && dt >= 64) {
     // The box TMA forward's tiles (plan_forward), where they come out as its kernels need.
     Tiling t;
     bool fits = false;
