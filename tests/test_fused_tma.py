@@ -39,7 +39,7 @@ BOX_CASES = [  # 2-D and 3-D: forward_ws.cu's TMA variant
     Case("2d-stride-dil-causal-d96", (36, 50), (7, 10), (2, 3), (2, 2), (True, False), dim=96,
          value_dim=64),
     Case("2d-large-window-d128", (64, 64), (31, 31), dim=128, batch=1),
-    Case("2d-rpb-d128", (20, 26), (5, 7), rpb=True, heads=3, dim=128),
+    Case("2d-rpb-d128", (20, 26), (5, 7), rpb=True, heads=4, dim=128),
     Case("2d-dil3-mqa-d72", (30, 21), (5, 7), None, (3, 1), heads=3, kv_heads=1, dim=72),
     Case("2d-even-causal-dv48", (24, 40), (8, 6), (1, 2), (1, 2), (False, True), dim=64,
          value_dim=48),
