@@ -334,13 +334,18 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       else
         return smem_desc(tile + kk * 16 * DT, DT * 16, 128);
     };
+    // acc = A B^T issued on wgmma (not committed): A the warpgroup's k or v rows (core matrices),
+    // B the query-side tile (q or do).
+    [[maybe_unused]] auto issue_scores = [&](float (&acc)[8][4], const T* a_rows, const T* b) {
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk)
+        wgmma_ss64<T>(&acc[0][0], smem_desc(a_rows + kk * 128, 128, DT * 16), q_k_major(b, kk),
+                      kk);
+    };
     auto scores_dp = [&]() {  // dP^T = v do^T, waited for
       if constexpr (kTma) {
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < DT / 16; ++kk)
-          wgmma_ss64<T>(&dp[0][0], smem_desc(vs_wg + kk * 128, 128, DT * 16), q_k_major(os, kk),
-                        kk);
+        issue_scores(dp, vs_wg, os);
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence(dp1);
@@ -356,16 +361,10 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     const bool bias_pass = rpb != nullptr;
     if constexpr (kWg) {
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_ss64<T>(&s[0][0], smem_desc(ks_wg + kk * 128, 128, DT * 16), q_k_major(qs, kk),
-                      kk);
+      issue_scores(s, ks_wg, qs);
       wgmma_commit();
       if constexpr (!kLateDp) {
-#pragma unroll
-        for (int kk = 0; kk < DT / 16; ++kk)
-          wgmma_ss64<T>(&dp[0][0], smem_desc(vs_wg + kk * 128, 128, DT * 16), q_k_major(os, kk),
-                        kk);
+        issue_scores(dp, vs_wg, os);
         wgmma_commit();
       }
     } else {
