@@ -33,8 +33,8 @@ namespace {
 // row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
 // many computing warpgroups (see above; wgmma only). (1-D problems on Hopper run
 // backward_tma.cu's kernel instead, where it serves them.) kTma (wgmma, head-dim tiles 64 and
-// 128 without dq, 64 with; tiling.h key_walk_on_box_tma): one thread (the producer's first with kDq)
-// copies each query tile's q and do by the TMA (`maps`: one box per 64 head dims and dilation
+// 128 without dq, 64 with; tiling.h key_walk_on_box_tma): one thread (the producer's first with
+// kDq) copies each query tile's q and do by the TMA (`maps`: one box per 64 head dims and dilation
 // group, tensor_maps.h encode_box_maps) as 64-column blocks with 128-byte swizzle, read through
 // swizzled descriptors; the statistics and delta stay cp.async copies. With kDq, each
 // warpgroup's dq columns are added to the workspace as 32-float boxes of the query tile by TMA
