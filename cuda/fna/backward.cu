@@ -638,10 +638,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch,
                   int64_t batch_total = 0) {
-  // (kTma: the TMA barriers, 16 bytes where the ring's would be, and the alignment slack of the
-  // tiles and, with dq, of its boxes.)
-  const int smem = bwd_smem(DT, sizeof(T), kWg, kDqWgs) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0) +
-                   (kTma ? 16 + 1024 + (kDqWgs ? 1024 : 0) : 0);
+  const int smem =
+      bwd_smem(DT, sizeof(T), kWg, kDqWgs, kTma) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
   BoxTmaMaps maps = {};

@@ -248,8 +248,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   FnaArgs dq_args, kv_args;
   NATTEN_TRY(make_args(p, kv_tiling, scale, kv_args));
   if (single_walk) {
-    // (+ the TMA variant's barriers and alignment slack: backward.cu launch)
-    const int bytes = bwd_smem(dt, 2, true, dq_wgs) + (plan.kv_tma ? 16 + 2048 : 0);
+    const int bytes = bwd_smem(dt, 2, true, dq_wgs, plan.kv_tma);
     kv_args.drpb_in_smem = kv_args.R > 0 && bytes + kv_args.R * 4 <= kMaxBwdSmem;
   } else {
     if (dq_tma)
