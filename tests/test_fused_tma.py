@@ -97,8 +97,8 @@ def test_backward_schedules():
     """Which backward each problem gets (cuda/fna/tiling.h plan_backward, as the handler runs it):
     the TMA backward for the 1-D cases at head-dim tile 64 with its own 128-token tiles, the walk
     with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the walk cannot
-    add dq and at head-dim tile 128 (on the box problems its dq kernel fed by the TMA without rpb,
-    and its dk / dv walk with or without)."""
+    add dq and at head-dim tile 128 (on the box problems both its dq kernel and its dk / dv walk
+    fed by the TMA, with or without rpb)."""
     require_extension()
     for case in CASES:
         plan = _plan(case)
