@@ -190,12 +190,17 @@ NB_MODULE(_natten_ext, m) {
         if (e.failure()) throw nb::value_error(e.message().c_str());
         const auto [qlog, kvlog] = tile_logs(plan.tiling);
         const char* family = f32 ? "simt" : plan.wgmma() ? "wgmma" : "mma_sync";
-        return std::make_tuple(family, fna::kernel_name(plan.kernel), qlog, kvlog);
+        // A query tile's rows: 2^sum(qlog), but the TMA forward's own count on its long axis.
+        int q_rows = 1;
+        for (int x : plan.tiling.qlog) q_rows <<= x;
+        if (plan.kernel == fna::ForwardKernel::kTma) q_rows = fna::tma_fwd_q_rows(dt);
+        return std::make_tuple(family, fna::kernel_name(plan.kernel), qlog, kvlog, q_rows);
       },
       nb::arg("extent"), nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"),
       nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("dt"), nb::arg("f32"),
       nb::arg("mma"), nb::arg("hopper"), nb::arg("rpb") = false, nb::arg("additional") = 0,
-      "(family, kernel, query tile log2 extents, key tile log2 extents) of the fused forward for "
+      "(family, kernel, query tile log2 extents, key tile log2 extents, query tile rows) of the "
+      "fused forward for "
       "a padded 3-D problem, head-dim tile dt, float32 or not, the `mma` setting, whether the "
       "device is a Hopper GPU (with the sm_90a image), with rpb or not and the additional keys.");
 

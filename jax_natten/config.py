@@ -99,8 +99,9 @@ class FusedTiles:
     `mma`: "wgmma", "mma_sync" or "simt" (float32, CUDA cores); `kernel`: which forward kernel
     of that family: "simt", "mma_sync", "wgmma" (one warpgroup, 64-token query tiles), "wgmma_ws"
     (warp-specialized, two computing warpgroups on 128-token query tiles), "wgmma_ws_tma" (the
-    same fed by the TMA: 2-D and 3-D problems) or "wgmma_tma" (1-D problems: 128-token query
-    tiles and 128-key steps copied by the TMA); `q_tile` / `kv_tile`:
+    same fed by the TMA: 2-D and 3-D problems) or "wgmma_tma" (1-D problems, copied by the TMA:
+    128-key steps, query tiles of 192 tokens on three computing warpgroups at head dims up to 64,
+    of 128 on two above); `q_tile` / `kv_tile`:
     the tile extents per spatial axis, in each dilation group's local coordinates;
     `computed_over_useful`: the scores the kernels compute (every query tile times every key
     tile of its walk, whole tiles, with the additional keys' tiles) over the useful ones (each
@@ -129,26 +130,22 @@ class FusedTiles:
 _WARPGROUP_ROWS = 64  # query rows of one computing warpgroup of the Hopper forward (cuda/fna kRows)
 
 
-def _axis_pairs(length, kernel, stride, dilation, causal, qlog, kvlog, halves=False):
+def _axis_pairs(length, kernel, stride, dilation, causal, rows, kvlog, parts=1):
     """(sum over this axis's query tiles of the key tiles each walks, number of query tiles),
-    over every dilation group: a tile's walk spans [start(first query), end(last query)).
-    `halves`: each half of a query tile (the Hopper forward's two computing warpgroups) computes
-    only the key tiles of that walk that meet its own queries' windows; both sums are over the
-    halves that hold queries."""
+    over every dilation group, for query tiles of `rows` tokens: a tile's walk spans
+    [start(first query), end(last query)). `parts` > 1: each of that many equal parts of a query
+    tile (the Hopper forwards' computing warpgroups) computes only the key tiles of that walk that
+    meet its own queries' windows; both sums are then over the parts that hold queries."""
     from . import _window
-    tq, tk = 1 << qlog, 1 << kvlog
+    tk, part = 1 << kvlog, rows // parts
     pairs = tiles = 0
     for g in range(dilation):
         lg = int(_window.group_length(length, dilation, g))
-        for lo in range(0, lg, tq):
-            hi = min(lo + tq, lg) - 1
+        for lo in range(0, lg, rows):
+            hi = min(lo + rows, lg) - 1
             origin = int(_window.window_start(lo, lg, kernel, stride, causal))
-            if not halves:
-                end = int(_window.window_end(hi, lg, kernel, stride, causal))
-                pairs += -(-(end - origin) // tk)
-                tiles += 1
-            for first in (range(lo, hi + 1, tq // 2) if halves else ()):
-                last = min(first + tq // 2, hi + 1) - 1
+            for first in range(lo, hi + 1, part):
+                last = min(first + part, hi + 1) - 1
                 a = int(_window.window_start(first, lg, kernel, stride, causal)) - origin
                 b = int(_window.window_end(last, lg, kernel, stride, causal)) - origin
                 pairs += -(-b // tk) - a // tk
@@ -185,21 +182,26 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     dev = device or jax.devices()[0]
     hopper = getattr(dev, "compute_capability", "").startswith("9.")
     f32 = jnp.dtype(dtype) == jnp.float32
-    mma, kernel, qlog, kvlog = ffi._ext.fna_forward_plan(
+    mma, kernel, qlog, kvlog, q_rows = ffi._ext.fna_forward_plan(
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
         ffi.LIMITS["mma_codes"][settings.mma], hopper, bool(rpb), int(additional_keys))
-    # The warp-specialized Hopper forwards' 128-token tiles ("wgmma_ws", "wgmma_tma"; 64-token
-    # tiles on the one-warpgroup kernel) are two warpgroups' halves, split along the tile's
-    # first axis longer than one token, each computing only the key tiles its queries reach.
-    halves = mma == "wgmma" and (1 << sum(qlog)) > _WARPGROUP_ROWS
-    split = next(a for a in range(3) if qlog[a] > 0) if halves else -1
+    # The query tile's extents: 2^qlog per axis, but the TMA forward's tiles ("wgmma_tma", 1-D)
+    # hold q_rows tokens on the long axis (192 at head dims up to 64: three warpgroups).
+    q_ext = [1 << x for x in qlog]
+    if q_rows != math.prod(q_ext):
+        q_ext = [q_rows if x > 0 else 1 for x in qlog]
+    # The Hopper forwards' tiles of more than 64 tokens ("wgmma_ws", "wgmma_ws_tma",
+    # "wgmma_tma") are warpgroups' parts of 64 rows, split along the tile's first axis longer
+    # than one token, each computing only the key tiles its queries reach.
+    parts = q_rows // _WARPGROUP_ROWS if mma == "wgmma" and q_rows > _WARPGROUP_ROWS else 1
+    split = next(a for a in range(3) if q_ext[a] > 1) if parts > 1 else -1
     pairs, tiles = 1, 1
-    for a, axis in enumerate(zip(*axes, qlog, kvlog)):
-        p, t = _axis_pairs(*axis, halves=a == split)
+    for a, axis in enumerate(zip(*axes, q_ext, kvlog)):
+        p, t = _axis_pairs(*axis, parts=parts if a == split else 1)
         pairs, tiles = pairs * p, tiles * t
     key_tile = 1 << sum(kvlog)
     add_tiles = -(-int(additional_keys) // key_tile)
-    rows = (1 << sum(qlog)) // (2 if halves else 1)  # a pair's query rows
+    rows = q_rows // parts  # a pair's query rows
     computed = rows * key_tile * (pairs + add_tiles * tiles)
     useful = math.prod(axes[0]) * (math.prod(axes[1]) + int(additional_keys))
     extents = lambda logs: tuple(1 << x for x in logs[3 - rank:])  # noqa: E731
@@ -207,5 +209,5 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
         ffi.LIMITS["mma_codes"][settings.mma], hopper, bool(rpb), int(additional_keys),
         bool(settings.deterministic))
-    return FusedTiles(mma, kernel, extents(qlog), extents(kvlog), computed / useful, backward,
-                      extents(bq), extents(bkv))
+    return FusedTiles(mma, kernel, tuple(q_ext[3 - rank:]), extents(kvlog), computed / useful,
+                      backward, extents(bq), extents(bkv))

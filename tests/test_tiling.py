@@ -170,11 +170,13 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
             q_log = KV if family == "wgmma" and not warp_specialized else FWD_Q
         plan = jax_natten.fused_tiles(spatial, kernel, head_dim=dim, dtype=dtype, device=device,
                                       **kw)
-        if _tma_serves(spatial, dilation, device, dtype, dim):  # 128 queries, 128-key steps
+        if _tma_serves(spatial, dilation, device, dtype, dim):  # 192 / 128 queries, 128 keys
             assert (plan.mma, plan.kernel) == ("wgmma", "wgmma_tma")
-            tile = tuple(128 if n > 1 else 1 for n in spatial)
-            assert plan.q_tile == plan.kv_tile == (tile if any(n > 1 for n in spatial)
-                                                   else (1,) * (r - 1) + (128,))
+            rows = 192 if dim <= 64 else 128
+            long_axis = [n > 1 for n in spatial] if any(n > 1 for n in spatial) else \
+                [False] * (r - 1) + [True]
+            assert plan.q_tile == tuple(rows if x else 1 for x in long_axis)
+            assert plan.kv_tile == tuple(128 if x else 1 for x in long_axis)
             continue
         if plan.kernel == "wgmma_ws_tma":  # the box TMA variant: its own checks below
             q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=FWD_Q,
@@ -214,11 +216,13 @@ def _computed_scores(spatial, kernel, stride, dilation, causal, q_tile, kv_tile,
                      halves=False):
     """Scores the forward computes, tile by tile: every query tile (of every combination of
     dilation groups) times the key tiles covering its windows' box, plus the additional keys'
-    tiles, whole tiles each. `halves` (the Hopper forward): a 128-token tile's two halves along
-    its first axis longer than one token each compute, for its 64 rows, the key tiles of that box
-    that meet its own queries' windows (and every additional-key tile)."""
-    split = next(a for a in range(len(q_tile)) if q_tile[a] > 1) \
-        if halves and math.prod(q_tile) > 64 else -1
+    tiles, whole tiles each. `halves` (the Hopper forwards): a tile of more than 64 tokens is
+    split along its first axis longer than one token into parts of 64 rows (one per computing
+    warpgroup: two of a 128-token tile, three of the 1-D TMA forward's 192), and each part
+    computes the key tiles of that box that meet its own queries' windows (and every
+    additional-key tile)."""
+    n_parts = math.prod(q_tile) // 64 if halves and math.prod(q_tile) > 64 else 1
+    split = next(a for a in range(len(q_tile)) if q_tile[a] > 1) if n_parts > 1 else -1
     per_axis = []  # per axis, per query tile: [(origin, [(start, end) of each part])]
     for a, (L, k, s, d, c, tq) in enumerate(zip(spatial, kernel, stride, dilation, causal,
                                                 q_tile)):
@@ -229,11 +233,12 @@ def _computed_scores(spatial, kernel, stride, dilation, causal, q_tile, kv_tile,
                                  int(_window.window_end(y, lg, k, s, c)))
             for lo in range(0, lg, tq):
                 hi = min(lo + tq, lg) - 1
+                step = tq // n_parts
                 parts = [span(lo, hi)] if a != split else [
-                    span(f, min(f + tq // 2, hi + 1) - 1) for f in range(lo, hi + 1, tq // 2)]
+                    span(f, min(f + step, hi + 1) - 1) for f in range(lo, hi + 1, step)]
                 tiles.append((span(lo, hi)[0], parts))
         per_axis.append(tiles)
-    rows = math.prod(q_tile) // (2 if split >= 0 else 1)
+    rows = math.prod(q_tile) // n_parts
     kv_size = math.prod(kv_tile)
     add_tiles = -(-additional // kv_size)
     total = 0
@@ -283,6 +288,35 @@ def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
                                     per(causal), plan.q_tile, plan.kv_tile, additional,
                                     halves=halves)
         assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
+
+
+@pytest.mark.parametrize("problem", [((1000,), 65, 1, 1, False), ((777,), 129, 3, 1, True),
+                                     ((900,), 33, 1, 3, False), ((4096,), 255, 2, 2, True)],
+                         ids=str)
+def test_computed_over_useful_of_the_1d_tma_forward(problem):
+    """The TMA forward's 1-D tiles: 192 queries on three warpgroups of 64 at head dim 64 (each
+    computing the 128-key steps its own rows reach), 128 on two at head dim 128."""
+    spatial, kernel, stride, dilation, causal = problem
+    useful = spatial[0] * kernel
+    for dim, rows in [(64, 192), (128, 128)]:
+        plan = jax_natten.fused_tiles(spatial, kernel, stride=stride, dilation=dilation,
+                                      is_causal=causal, device=HOPPER, head_dim=dim)
+        assert (plan.kernel, plan.q_tile, plan.kv_tile) == ("wgmma_tma", (rows,), (128,))
+        computed = _computed_scores(spatial, (kernel,), (stride,), (dilation,), (causal,),
+                                    plan.q_tile, plan.kv_tile, 0, halves=True)
+        assert plan.computed_over_useful == pytest.approx(computed / useful, rel=1e-12)
+
+
+def test_computed_over_useful_of_the_1d_tma_forward_by_hand():
+    # L = 400, k = 65, head dim 64: query tiles [0, 192), [192, 384), [384, 400), split into
+    # warpgroup parts of 64 rows. Walk origins (the tiles' first windows' starts) 0, 160, 335; a
+    # part [f, l] reaches keys [start(f), end(l)) and computes the 128-key steps of its tile's
+    # walk that meet them. Tile 0: [0, 96), [32, 160), [96, 224) -> 1, 2, 2 steps; tile 1, from
+    # 160: [160, 288), [224, 352), [288, 400) -> 1, 2, 1; tile 2, from 335: [335, 400) -> 1.
+    # 10 steps of 64 x 128 scores for 400 * 65 useful ones.
+    plan = jax_natten.fused_tiles((400,), 65, head_dim=64, device=HOPPER)
+    assert (plan.kernel, plan.q_tile, plan.kv_tile) == ("wgmma_tma", (192,), (128,))
+    assert plan.computed_over_useful == pytest.approx(10 * 64 * 128 / (400 * 65))
 
 
 def test_computed_over_useful_by_hand():

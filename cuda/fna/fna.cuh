@@ -84,6 +84,7 @@
 #include "products.cuh"
 #include "softmax.cuh"
 #include "staging.cuh"
+#include "tiling.h"  // the TMA kernels' tiles
 #include "walk.cuh"
 
 namespace natten {
@@ -132,22 +133,26 @@ constexpr int dq_tma_smem(int dt, int elem) {
   return (2 * kFwdWsQRows + 2 * kDqTmaStages * kRows) * dt * elem + kFwdWsQRows * 6 * 4 +
          8 * (2 * kDqTmaStages + 1) + 1024;
 }
-// The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): the same three
-// warpgroups, 128-query tiles and 128-key steps, every tile copied by the TMA (one producer
-// thread) as 64-column blocks with 128-byte swizzle, a ring of 4 stages at head-dim tile 64 and 3
-// at 128 (~145 / ~226 KB). The producer thread needs few registers: the computing warpgroups take
-// 240 (s: 64 floats, o: up to 64, P packed: 32).
-constexpr int kTmaFwdRows = 128;  // query rows of a tile and keys of a step
-constexpr int tma_fwd_stages(int dt) { return dt <= 64 ? 4 : 3; }
+// The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): a producer
+// warpgroup and tma_fwd_wgs(dt) computing warpgroups of 64 query rows each (tiling.h: three at
+// head-dim tile 64, 192-query tiles; two at 128), 128-key steps, every tile copied by the TMA
+// (one producer thread) as 64-column blocks with 128-byte swizzle, a ring of 5 stages at head-dim
+// tile 64 and 3 at 128 (~186 / ~226 KB). The producer thread needs few registers: the computing
+// warpgroups take 160 of the SM's 64K each at three (s: 64 floats, o: 32, P packed: 32) and 240
+// at two (o: 64).
+constexpr int tma_fwd_stages(int dt) { return dt <= 64 ? 5 : 3; }
+constexpr int tma_fwd_threads(int dt) { return (tma_fwd_wgs(dt) + 1) * kThreads; }
 constexpr int tma_fwd_producer_regs() { return 24; }
-constexpr int tma_fwd_consumer_regs() { return 240; }
-static_assert(kThreads * tma_fwd_producer_regs() + 2 * kThreads * tma_fwd_consumer_regs() <=
-                  64 * 1024,
+constexpr int tma_fwd_consumer_regs(int dt) { return tma_fwd_wgs(dt) == 3 ? 160 : 240; }
+static_assert(kThreads * tma_fwd_producer_regs() + 3 * kThreads * tma_fwd_consumer_regs(64) <=
+                      64 * 1024 &&
+                  kThreads * tma_fwd_producer_regs() + 2 * kThreads * tma_fwd_consumer_regs(128) <=
+                      64 * 1024,
               "the roles' registers fit the SM's 64K");
 // q, the stages' k and v, the tile of ones, barriers, and 1024 bytes of slack to align the
 // swizzle atoms.
 constexpr int tma_fwd_smem(int dt) {
-  return (1 + 2 * tma_fwd_stages(dt)) * kTmaFwdRows * dt * 2 + kOnesBytes +
+  return (tma_fwd_q_rows(dt) + 2 * tma_fwd_stages(dt) * kTmaFwdKeys) * dt * 2 + kOnesBytes +
          8 * (2 * tma_fwd_stages(dt) + 1) + 1024;
 }
 // Floats per row of the backward's float32 dq staging tile (rows stay 16-byte aligned; the pad

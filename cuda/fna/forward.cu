@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg))
     __syncthreads();  // the next iteration overwrites this buffer
   }
 
-  store_outputs<T, DT, MT, kWg>(a, p, qb, row0, h, m, l, acc);
+  store_outputs<T, DT, MT, kWg>(a, p, qb, a.qlog, row0, h, m, l, acc);
 }
 
 template <typename T, int DT, bool kWg>

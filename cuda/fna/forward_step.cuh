@@ -274,11 +274,12 @@ __device__ __forceinline__ void self_logits(const FnaArgs& a, const FnaPtrs& p, 
 }
 
 // The walk's end: o = acc / l, lse = (m + log2 l) ln 2 and, for a gradient, the statistics and o
-// unrounded (softmax.cuh, "softmax statistics"), for the thread's rows (tile_row<MT, kWg>).
+// unrounded (softmax.cuh, "softmax statistics"), for the thread's rows (tile_row<MT, kWg>) of the
+// tile qb with log2 extents `logs` (query_row_at).
 template <typename T, int DT, int MT, bool kWg>
 __device__ __forceinline__ void store_outputs(const FnaArgs& a, const FnaPtrs& p, const Box& qb,
-                                              int64_t row0, int h, float (&m)[MT][2],
-                                              const RowSums<MT>& sums,
+                                              const int (&logs)[kMaxRank], int64_t row0, int h,
+                                              float (&m)[MT][2], const RowSums<MT>& sums,
                                               float (&acc)[MT][DT / 8][4]) {
   auto frag_row = [](int mt, int i) { return tile_row<MT, kWg>(mt, i); };
   const int lane = threadIdx.x & 31;
@@ -295,7 +296,7 @@ __device__ __forceinline__ void store_outputs(const FnaArgs& a, const FnaPtrs& p
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int qc[3];
-      query_row_at(a, qb, frag_row(mt, i), row0, h, qc, rows[i]);
+      query_row_at(a, qb, logs, frag_row(mt, i), row0, h, qc, rows[i]);
     }
     store_rows<T, DT>(acc[mt], inv[0], inv[1],
                       [&](int i) -> T* { return rows[i] < 0 ? nullptr : out + rows[i] * a.dim_v; },

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     j = n;
     next = n + 1;
   }
-  store_outputs<T, DT, 1, true>(a, p, qb, row0, h, m, l, acc);
+  store_outputs<T, DT, 1, true>(a, p, qb, a.qlog, row0, h, m, l, acc);
 }
 
 }  // namespace

@@ -305,10 +305,18 @@ inline bool tma_problem(const Problem& p) {
 inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
   return tma_problem(p) && dt >= 64 && !tiles_given;
 }
+// Its tiles: 128-key steps, and query tiles of 64 rows per computing warpgroup: three at
+// head-dim tile 64 (192 queries: a warpgroup's exponentials, as long as its products there, run
+// beside another's products), two at 128 (o's registers leave room for two).
+constexpr int kTmaFwdKeys = 128;
+constexpr int tma_fwd_wgs(int dt) { return dt <= 64 ? 3 : 2; }
+constexpr int tma_fwd_q_rows(int dt) { return 64 * tma_fwd_wgs(dt); }
+// The tiling the TMA kernels' arguments carry: 2^7 on the long axis (which marks it; the
+// forward's query tiles of tma_fwd_q_rows are counted by its launcher and fused_tiles).
 inline Tiling tma_tiling(const Problem& p) {
   Tiling t = {};
   const int ax = long_axis(p);
-  t.qlog[ax] = t.kvlog[ax] = 7;  // kTmaFwdRows (fna.cuh)
+  t.qlog[ax] = t.kvlog[ax] = 7;
   return t;
 }
 

@@ -58,6 +58,35 @@ __device__ __forceinline__ AxisSpan axis_span(const FnaArgs& a, const Box& b) {
   return s;
 }
 
+// The 1-D tile of `rows` queries (any count) at slot `slot` of that axis (dilation groups x
+// tiles per group of ceil(group length / rows)): as a Box, the other axes one token long. False
+// when it is empty. With the axis's log2 extent at least log2(rows) (tile_logs below), box_row /
+// query_row_at read its rows.
+__device__ __forceinline__ bool axis_tile(const FnaArgs& a, int rows, int slot, Box& t) {
+  const int ax = tile_axis(a);
+  const AxisParams& x = a.ax[ax];
+  const int tpg = (group_length(x.length, x.dilation, 0) + rows - 1) / rows;
+#pragma unroll
+  for (int d = 0; d < kMaxRank; ++d) t.grp[d] = t.lo[d] = 0, t.lg[d] = t.hi[d] = 1;
+  bool nonempty = true;
+#pragma unroll
+  for (int d = 0; d < kMaxRank; ++d) {  // (constant indices keep the Box out of local memory)
+    if (d != ax) continue;
+    t.grp[d] = slot / tpg;
+    t.lg[d] = group_length(x.length, x.dilation, t.grp[d]);
+    t.lo[d] = (slot % tpg) * rows;
+    t.hi[d] = imin(t.lo[d] + rows, t.lg[d]);
+    nonempty = t.lo[d] < t.lg[d];
+  }
+  return nonempty;
+}
+// Log2 extents that address rows 0 .. 255 of such a tile (tile_offsets).
+__device__ __forceinline__ void axis_tile_logs(const FnaArgs& a, int (&logs)[kMaxRank]) {
+  const int ax = tile_axis(a);
+#pragma unroll
+  for (int d = 0; d < kMaxRank; ++d) logs[d] = d == ax ? 8 : 0;
+}
+
 // Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
 __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank], int (&o)[3]) {
   o[2] = r & ((1 << logs[2]) - 1);
@@ -91,11 +120,17 @@ __device__ __forceinline__ bool box_row(const Box& b, const int (&logs)[kMaxRank
 
 // Row r of query tile qb: its local coordinates qc and its global row (token * heads + h, tokens
 // counted from batch row row0; -1 outside the problem). Returns whether it is inside.
-__device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb, int r, int64_t row0,
+// (`logs`: the tile's log2 extents, a.qlog unless its rows are not a power of two: axis_tile.)
+__device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb,
+                                             const int (&logs)[kMaxRank], int r, int64_t row0,
                                              int h, int (&qc)[3], int64_t& row) {
-  const bool ok = box_row(qb, a.qlog, r, qc);
+  const bool ok = box_row(qb, logs, r, qc);
   row = ok ? (row0 + token_of(a, qb.grp, qc)) * a.heads + h : -1;
   return ok;
+}
+__device__ __forceinline__ bool query_row_at(const FnaArgs& a, const Box& qb, int r, int64_t row0,
+                                             int h, int (&qc)[3], int64_t& row) {
+  return query_row_at(a, qb, a.qlog, r, row0, h, qc, row);
 }
 
 __device__ __forceinline__ int win_start(const AxisParams& p, int lg, int i) {
