@@ -158,9 +158,16 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     }
   };
 
+  // The warpgroups take turns at issuing their products (pipeline.cuh IssueTurns), one round per
+  // step of the CTA's walk and one for the last o += P v: steps + 1 rounds each, idle ones
+  // (steps outside the warpgroup's reach) included.
+  const IssueTurns<L::kWgs> turns(wg);
+  turns.start();
   mbar_wait(q_full, 0);
   for (int j = 0; j < step_lo; ++j) {  // tiles before the warpgroup's reach
     ring.wait(j);
+    turns.take();
+    turns.pass();
     ring.release(j);
   }
   // The walk, one step ahead: step n's s = q k^T is issued with step n - 1's o += P v (P = 0
@@ -172,10 +179,12 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     ring.wait(n);
     float s[1][16][4];
     wgmma_fence();
+    turns.take();
     issue_scores(s, n);
     wgmma_commit();
     issue_values(n > step_lo ? n - 1 : n);
     wgmma_commit();
+    turns.pass();
     wgmma_wait<1>();  // step n's scores (committed first)
     reg_fence(s);
     const int o = box_lo + n * kTmaFwdKeys;
@@ -215,15 +224,23 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   }
   if (step_lo < step_hi) {  // the last step's o += P v
     wgmma_fence();
+    turns.take();
     issue_values(step_hi - 1);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(acc);
     reg_fence(l);
     ring.release(step_hi - 1);
+  } else {
+    turns.take();
   }
+  // (Passed once the product is done: a branch while it is in flight would serialize it.)
+  const bool last_round = step_hi == steps;  // (or no reach and no steps)
+  if (last_round) turns.pass_last(); else turns.pass();
   for (int j = imax(step_hi, step_lo); j < steps; ++j) {  // tiles past the warpgroup's reach
     ring.wait(j);
+    turns.take();
+    if (j + 1 == steps) turns.pass_last(); else turns.pass();
     ring.release(j);
   }
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;

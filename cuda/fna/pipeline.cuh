@@ -96,6 +96,10 @@ __device__ __forceinline__ bool mbar_done(uint64_t* bar, unsigned parity) {
 __device__ __forceinline__ void role_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Arrive at barrier `id` without waiting (the `threads` count includes the threads that sync).
+__device__ __forceinline__ void role_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 template <int kRegs>
 __device__ __forceinline__ void regs_grow() {
 #if NATTEN_HAS_WGMMA
@@ -213,6 +217,36 @@ struct StageRing {
     mbar_wait(full + stage(step), parity(step));
   }
   __device__ __forceinline__ void release(int64_t step) const { mbar_arrive(empty + stage(step)); }
+};
+
+// Turns at issuing the products, between kWgs computing warpgroups (FlashAttention 3's scheduler
+// barrier): warpgroup w issues its products of a round only after warpgroup w - 1 issued its
+// own, and warpgroup 0 after the last one's of the round before. The tensor cores run products
+// in issue order, so each warpgroup's products come out of the pipe one after another, and one
+// warpgroup's softmax runs while the others' products keep the tensor cores busy, instead of
+// all of them waiting for their products at once and then all taking their exponentials at once.
+// Named barrier kFirstId + w (256 threads: warpgroup w syncs, its predecessor arrives) is w's
+// turn. Every warpgroup takes the same number of turns (a walk's rounds, idle ones included): a
+// warpgroup that skips one leaves the others waiting for ever. The last round's hand-over to
+// warpgroup 0 (pass_last) is skipped, so no barrier is left half-arrived when the CTA exits.
+template <int kWgs>
+struct IssueTurns {
+  static constexpr int kFirstId = 2;     // (1 is the computing warpgroups' role_sync)
+  static constexpr int kPair = 2 * 128;  // a barrier's threads: two warpgroups
+  int own, next;                         // this warpgroup's barrier, its successor's
+  __device__ __forceinline__ explicit IssueTurns(int wg)
+      : own(kFirstId + wg), next(kFirstId + (wg + 1) % kWgs) {}
+  // Before the first round: the last warpgroup gives the first its turn.
+  __device__ __forceinline__ void start() const {
+    if (next == kFirstId) role_arrive(next, kPair);
+  }
+  __device__ __forceinline__ void take() const { role_sync(own, kPair); }
+  // (No branch: it runs while the warpgroup's products are in flight, where ptxas would
+  // serialize them over a divergent path.)
+  __device__ __forceinline__ void pass() const { role_arrive(next, kPair); }
+  __device__ __forceinline__ void pass_last() const {
+    if (next != kFirstId) role_arrive(next, kPair);
+  }
 };
 
 // The producer thread's one pending arrival (see above): after committing a cp.async group for a
