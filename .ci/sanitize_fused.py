@@ -20,6 +20,8 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
     (1, (300,), (65,), (1,), (2,), (False,), 4, 2, 64, 48, False, 0),
     (1, (200,), (40,), (3,), (1,), (True,), 2, 1, 128, 96, False, 0),
     (1, (257,), (100,), (3,), (1,), (True,), 2, 1, 64, 64, False, 0),
+    # Several 192-query tiles whose warpgroups reach different steps (idle turns).
+    (1, (1100,), (257,), (1,), (1,), (False,), 2, 1, 64, 64, False, 0),
     # The warp-specialized forward's TMA variant (Hopper): 2-D with rpb and dilation, 3-D.
     (2, (24, 20), (5, 7), (1, 1), (2, 1), (False, False), 2, 1, 64, 64, True, 0),
     (3, (8, 12, 12), (3, 5, 5), (1, 1, 1), (1, 1, 1), (False, True, False), 2, 2, 128, 128, False,
