@@ -61,3 +61,40 @@ def test_cpp_inverse_window_matches_brute_force():
             expect = np.flatnonzero(holds[j])
             got = np.arange(first, last + 1)
             assert np.array_equal(got, expect), (L, k, s, c, j)
+
+
+def _inverse_by_search(L, k, s, c):
+    """Per key: (first query whose window ends past it, last query whose window starts at or
+    before it), searched over the monotone window ends (the definition the kernels use)."""
+    i = np.arange(L)
+    start = _window.window_start(i, L, k, s, c)
+    end = _window.window_end(i, L, k, s, c)
+    j = np.arange(L)
+    return np.searchsorted(end, j, side="right"), np.searchsorted(start, j, side="right") - 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_inverse_window_closed_form_every_small_axis(causal):
+    """The closed form (natten/window.h) against the search, for every axis of up to 40 tokens:
+    every kernel size, every stride up to it, every key."""
+    ext = pytest.importorskip("jax_natten._natten_ext")
+    for L in range(1, 41):
+        for k in range(1, L + 1):
+            for s in range(1, k + 1):
+                first, last = _inverse_by_search(L, k, s, causal)
+                got = np.array(ext.inverse_windows(L, k, s, causal))
+                assert np.array_equal(got[:, 0], first), (L, k, s, causal)
+                assert np.array_equal(got[:, 1], last), (L, k, s, causal)
+
+
+def test_cpp_inverse_window_closed_form_long_axes():
+    ext = pytest.importorskip("jax_natten._natten_ext")
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        L = int(rng.integers(100, 5000))
+        k = int(rng.integers(1, L + 1))
+        s = int(rng.integers(1, k + 1))
+        for c in (False, True):
+            first, last = _inverse_by_search(L, k, s, c)
+            got = np.array(ext.inverse_windows(L, k, s, c))
+            assert np.array_equal(got[:, 0], first) and np.array_equal(got[:, 1], last), (L, k, s, c)
