@@ -291,7 +291,8 @@ inline bool tiles_given(I64Span q_tile, I64Span kv_tile) {
 // The TMA forward (forward_tma.cu) serves 1-D problems (at most one axis longer than one token)
 // whose axis splits evenly into its dilation groups (the tensor maps' bounds are then every
 // group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
-// own tiles (128 queries, 128-key steps: a user's q_tile / kv_tile runs the box kernels).
+// own tiles (tma_fwd_q_rows queries, 128-key steps: a user's q_tile / kv_tile runs the box
+// kernels).
 inline int long_axis(const Problem& p) {
   for (int ax = 0; ax < kMaxRank; ++ax)
     if (p.extent[ax] > 1) return ax;
