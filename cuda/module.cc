@@ -200,9 +200,9 @@ NB_MODULE(_natten_ext, m) {
       nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("dt"), nb::arg("f32"),
       nb::arg("mma"), nb::arg("hopper"), nb::arg("rpb") = false, nb::arg("additional") = 0,
       "(family, kernel, query tile log2 extents, key tile log2 extents, query tile rows) of the "
-      "fused forward for "
-      "a padded 3-D problem, head-dim tile dt, float32 or not, the `mma` setting, whether the "
-      "device is a Hopper GPU (with the sm_90a image), with rpb or not and the additional keys.");
+      "fused forward for a padded 3-D problem, head-dim tile dt, float32 or not, the `mma` "
+      "setting, whether the device is a Hopper GPU (with the sm_90a image), with rpb or not and "
+      "the additional keys.");
 
   // The backward's schedule (fna/tiling.h plan_backward), as the handler picks it, for
   // jax_natten.fused_tiles: the dq workspace is passed where fna.py uses_dq_workspace says.

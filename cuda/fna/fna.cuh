@@ -144,10 +144,12 @@ constexpr int tma_fwd_stages(int dt) { return dt <= 64 ? 5 : 3; }
 constexpr int tma_fwd_threads(int dt) { return (tma_fwd_wgs(dt) + 1) * kThreads; }
 constexpr int tma_fwd_producer_regs() { return 24; }
 constexpr int tma_fwd_consumer_regs(int dt) { return tma_fwd_wgs(dt) == 3 ? 160 : 240; }
-static_assert(kThreads * tma_fwd_producer_regs() + 3 * kThreads * tma_fwd_consumer_regs(64) <=
-                      64 * 1024 &&
-                  kThreads * tma_fwd_producer_regs() + 2 * kThreads * tma_fwd_consumer_regs(128) <=
-                      64 * 1024,
+constexpr bool tma_fwd_regs_fit(int dt) {
+  return kThreads * tma_fwd_producer_regs() +
+             tma_fwd_wgs(dt) * kThreads * tma_fwd_consumer_regs(dt) <=
+         64 * 1024;
+}
+static_assert(tma_fwd_regs_fit(64) && tma_fwd_regs_fit(128),
               "the roles' registers fit the SM's 64K");
 // q, the stages' k and v, the tile of ones, barriers, and 1024 bytes of slack to align the
 // swizzle atoms.

@@ -60,7 +60,7 @@ __device__ __forceinline__ AxisSpan axis_span(const FnaArgs& a, const Box& b) {
 
 // The 1-D tile of `rows` queries (any count) at slot `slot` of that axis (dilation groups x
 // tiles per group of ceil(group length / rows)): as a Box, the other axes one token long. False
-// when it is empty. With the axis's log2 extent at least log2(rows) (tile_logs below), box_row /
+// when it is empty. With the axis's log2 extent at least log2(rows) (axis_tile_logs), box_row /
 // query_row_at read its rows.
 __device__ __forceinline__ bool axis_tile(const FnaArgs& a, int rows, int slot, Box& t) {
   const int ax = tile_axis(a);
