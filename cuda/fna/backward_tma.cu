@@ -140,12 +140,18 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
 
   const T* ks_wg = Ks + wg * kRows * kDT;  // the warpgroup's 64 keys (8 swizzle atoms in)
   const T* vs_wg = Vs + wg * kRows * kDT;
-  // A K-major tile of 64-element rows (k, v as A; q, do as B of the scores): k16 step kk.
-  auto k_major = [](const T* tile, int kk) { return smem_desc_sw128(tile + kk * 16, 16, 1024); };
-  // A 64-element-row tile read MN-major (its rows as K: q, do as B of dk, dv; k as B of dq).
-  auto mn_major = [](const T* tile, int kk) {
-    return smem_desc_sw128(tile + kk * 16 * kDT, kQ * kDT * 2, 1024);
-  };
+  // The operands' descriptors, built once from their tiles' addresses and stepped with desc_add
+  // (building one from an address costs ~10 uniform instructions, which each wgmma then waits
+  // for): K-major (k, v as A; q, do as B of the scores): k16 step kk is 32 bytes into the
+  // 128-byte rows; MN-major (q, do as B of dk, dv; k as B of dq): k16 step kk is 16 rows
+  // (2048 bytes) further; the stages kTile elements apart; dS^T's buffers kSs apart.
+  const uint64_t k_wg = smem_desc_sw128(ks_wg, 16, 1024), v_wg = smem_desc_sw128(vs_wg, 16, 1024);
+  const uint64_t q_k = smem_desc_sw128(Qs, 16, 1024), o_k = smem_desc_sw128(Os, 16, 1024);
+  const uint64_t q_mn = smem_desc_sw128(Qs, kQ * kDT * 2, 1024);
+  const uint64_t o_mn = smem_desc_sw128(Os, kQ * kDT * 2, 1024);
+  const uint64_t k_mn = smem_desc_sw128(Ks, kQ * kDT * 2, 1024);
+  const uint64_t ss_mn = smem_desc(Ss + wg * kRows * 8, kQ * 16, 128);
+  constexpr int kTileBytes = L::kTile * 2;
   float* dq_box = Dq + wg * 2 * L::kDqBox;  // the warpgroup's two dq boxes
 
   mbar_wait(keys_full, 0);
@@ -153,8 +159,7 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
   for (int it = 0; it < total; ++it) {
     const int st = ring.stage(it);
     const int o = q_lo + j * kQ;  // the step's first query (local index)
-    const T* qs = Qs + st * L::kTile;
-    const T* os = Os + st * L::kTile;
+    const int stage = st * kTileBytes;  // the stage's q, do: bytes from stage 0's
     const float2* sts = Sts + st * kQ;
     const float* ds = Ds + st * kQ;
     ring.wait(it);
@@ -164,11 +169,13 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDT / 16; ++kk)
-      wgmma_ss<T, 128, 0, 0>(&s[0][0], k_major(ks_wg, kk), k_major(qs, kk), kk);
+      wgmma_ss<T, 128, 0, 0>(&s[0][0], desc_add(k_wg, 32 * kk),
+                             desc_add(q_k, stage + 32 * kk), kk);
     wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < kDT / 16; ++kk)
-      wgmma_ss<T, 128, 0, 0>(&dp[0][0], k_major(vs_wg, kk), k_major(os, kk), kk);
+      wgmma_ss<T, 128, 0, 0>(&dp[0][0], desc_add(v_wg, 32 * kk),
+                             desc_add(o_k, stage + 32 * kk), kk);
     wgmma_commit();
     // P^T from the forward's statistics, 0 outside the key's inverse window, while dP^T is in
     // flight. (Each branch ends on its own: ptxas would move the wait up to where they join.)
@@ -223,15 +230,18 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
     for (int kk = 0; kk < 8; ++kk) pack_a<T>(da[kk], dp, kk);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) wgmma_rs<T, kDT, 1>(&dv[0][0], pa[kk], mn_major(os, kk), 1);
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma_rs<T, kDT, 1>(&dv[0][0], pa[kk], desc_add(o_mn, stage + 2048 * kk), 1);
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) wgmma_rs<T, kDT, 1>(&dk[0][0], da[kk], mn_major(qs, kk), 1);
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma_rs<T, kDT, 1>(&dk[0][0], da[kk], desc_add(q_mn, stage + 2048 * kk), 1);
     wgmma_commit();
 
     // dS^T -> this step's buffer: element (key r, query c) at core_offset(r, c, kQ). The buffer
     // was last read by step it - 2's dq products, which both warpgroups completed before the
     // barrier of step it - 1.
     T* ss = Ss + (it & 1) * L::kSs;
+    const int buffer = (it & 1) * L::kSs * 2;  // its bytes from the first buffer
     {
       const int r = wg * kRows + warp * 16 + (lane >> 2), c = 2 * (lane & 3);
 #pragma unroll
@@ -250,8 +260,8 @@ __global__ void __launch_bounds__(3 * kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk)
-      wgmma_ss<T, kDT, 1, 1>(&dq[0][0], smem_desc(ss + kk * 16 * kQ + wg * kRows * 8, kQ * 16, 128),
-                             mn_major(Ks, kk), kk);
+      wgmma_ss<T, kDT, 1, 1>(&dq[0][0], desc_add(ss_mn, buffer + kk * 16 * kQ * 2),
+                             desc_add(k_mn, 2048 * kk), kk);
     wgmma_commit();
     wgmma_wait<1>();  // dv, dk: the stage is read
     reg_fence(dk);

@@ -124,11 +124,25 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
     return j;
   };
   float s[1][8][4];  // the scores, then the weights P, of the step whose product comes next
+  // kTma: the operands' descriptors built once and stepped with desc_add (building one from an
+  // address costs ~10 uniform instructions, which each wgmma waits for): q and stage 0's k
+  // K-major (k16 step kk: 32 bytes into the 128-byte rows, 64-column blocks apart), stage 0's v
+  // MN-major (16 keys a k16 step, 2048 bytes), the tile of ones.
+  const uint64_t q_desc = smem_desc_sw128(qs, 16, 1024), k_desc = smem_desc_sw128(Ks, 16, 1024);
+  const uint64_t v_desc = smem_desc_sw128(Vs, kKBlock * 2, 1024);
+  const uint64_t ones_desc = smem_desc(Ones, 128, 128);
+  constexpr int kStageBytes = kRows * DT * 2;
   auto issue_scores = [&](float (&sc)[1][8][4], int j) {
     const T* ks = Ks + ring.stage(j) * kRows * DT;
     wgmma_fence();
     if constexpr (kTma) {
-      wg_issue_scores_sw128<T, DT>(sc[0], qs, kQBlock, ks, kKBlock);
+      const int stage = ring.stage(j) * kStageBytes;
+#pragma unroll
+      for (int kk = 0; kk < DT / 16; ++kk) {
+        const int in_row = (kk % 4) * 32;
+        wgmma_ss64<T>(&sc[0][0][0], desc_add(q_desc, (kk / 4) * kQBlock * 2 + in_row),
+                      desc_add(k_desc, stage + (kk / 4) * kKBlock * 2 + in_row), kk);
+      }
     } else {
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
@@ -153,10 +167,10 @@ __global__ void __launch_bounds__(kFwdWsThreads, fwd_ws_min_ctas(DT))
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       // (kTma: v MN-major in 64-column blocks kKBlock apart; 16 keys a k16 step, 2048 bytes.)
-      const uint64_t vd = kTma ? smem_desc_sw128(vs + kk * 16 * 64, kKBlock * 2, 1024)
+      const uint64_t vd = kTma ? desc_add(v_desc, ring.stage(j) * kStageBytes + kk * 2048)
                                : smem_desc(vs + kk * 16 * DT, DT * 16, 128);
       wgmma_rs<T, DT, 1>(&acc[0][0][0], pa[kk], vd, 1);
-      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], smem_desc(Ones, 128, 128), 1);
+      wgmma_rs<T, 8, 0>(&l[0][0][0], pa[kk], ones_desc, 1);
     }
     wgmma_commit();
   };
