@@ -22,7 +22,10 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
     (1, (257,), (100,), (3,), (1,), (True,), 2, 1, 64, 64, False, 0),
     # Several 192-query tiles whose warpgroups reach different steps (idle turns).
     (1, (1100,), (257,), (1,), (1,), (False,), 2, 1, 64, 64, False, 0),
-    # The warp-specialized forward's TMA variant (Hopper): 2-D with rpb and dilation, 3-D.
+    # The TMA forward's box walk (Hopper): 2-D on three warpgroups with dilation, stride, causal,
+    # GQA and several stacked tiles; 3-D on two (below).
+    (2, (40, 37), (9, 6), (1, 2), (2, 1), (True, False), 4, 2, 64, 64, False, 0),
+    # The warp-specialized forward's TMA variant (Hopper): 2-D with rpb and dilation.
     (2, (24, 20), (5, 7), (1, 1), (2, 1), (False, False), 2, 1, 64, 64, True, 0),
     (3, (8, 12, 12), (3, 5, 5), (1, 1, 1), (1, 1, 1), (False, True, False), 2, 2, 128, 128, False,
      0),

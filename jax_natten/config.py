@@ -185,11 +185,18 @@ def fused_tiles(spatial, kernel_size, *, stride=1, dilation=1, is_causal=False, 
     mma, kernel, qlog, kvlog, q_rows = ffi._ext.fna_forward_plan(
         *axes, list(settings.q_tile), list(settings.kv_tile), dt, bool(f32),
         ffi.LIMITS["mma_codes"][settings.mma], hopper, bool(rpb), int(additional_keys))
-    # The query tile's extents: 2^qlog per axis, but the TMA forward's tiles ("wgmma_tma", 1-D)
-    # hold q_rows tokens on the long axis (192 at head dims up to 64: three warpgroups).
+    # The query tile's extents: 2^qlog per axis, but the TMA forward's tiles ("wgmma_tma") hold
+    # q_rows tokens (192 at head dims up to 64: three warpgroups; 128 at 128: two): on 1-D
+    # problems all on the long axis; on 2-D and 3-D ones (its box walk) qlog is one warpgroup's
+    # 64-token box, and the tile stacks one per warpgroup along the first axis longer than one
+    # token.
     q_ext = [1 << x for x in qlog]
     if q_rows != math.prod(q_ext):
-        q_ext = [q_rows if x > 0 else 1 for x in qlog]
+        if math.prod(q_ext) == _WARPGROUP_ROWS:
+            stacked = next(a for a in range(3) if axes[0][a] > 1)
+            q_ext[stacked] *= q_rows // _WARPGROUP_ROWS
+        else:
+            q_ext = [q_rows if x > 0 else 1 for x in qlog]
     # The Hopper forwards' tiles of more than 64 tokens ("wgmma_ws", "wgmma_ws_tma",
     # "wgmma_tma") are warpgroups' parts of 64 rows, split along the tile's first axis longer
     # than one token, each computing only the key tiles its queries reach.

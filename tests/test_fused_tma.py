@@ -1,5 +1,6 @@
-"""The TMA-fed Hopper kernels: the forwards (cuda/fna/forward_tma.cu for 1-D problems,
-forward_ws.cu's TMA variant for 2-D ones), which problems they serve (planned on the host, no GPU
+"""The TMA-fed Hopper kernels: the forwards (cuda/fna/forward_tma.cu: its 1-D walk, and its box
+walk on 2-D and 3-D problems; forward_ws.cu's TMA variant for those with rpb), which problems they
+serve (planned on the host, no GPU
 needed), and on a Hopper GPU their outputs and the gradients against the float64 oracle; the
 gradients of the 1-D cases at head-dim tile 64 come from the TMA backward (backward_tma.cu). The
 problems walk the kernels' edges: partial query tiles and key tiles, windows wider than a step or
@@ -34,15 +35,18 @@ CASES = [
          batch=1),
     Case("causal-stride-d64", (643,), (130,), (3,), None, (True,), heads=2, dim=64),
 ]
-BOX_CASES = [  # 2-D and 3-D: forward_ws.cu's TMA variant
+BOX_CASES = [  # 2-D and 3-D: forward_tma.cu's box walk; with rpb forward_ws.cu's TMA variant
     Case("2d-rpb-gqa", (40, 48), (9, 13), rpb=True, heads=4, kv_heads=2, dim=64),
     Case("2d-stride-dil-causal-d96", (36, 50), (7, 10), (2, 3), (2, 2), (True, False), dim=96,
          value_dim=64),
     Case("2d-large-window-d128", (64, 64), (31, 31), dim=128, batch=1),
     Case("2d-rpb-d128", (20, 26), (5, 7), rpb=True, heads=4, dim=128),
-    Case("2d-dil3-mqa-d72", (30, 21), (5, 7), None, (3, 1), heads=3, kv_heads=1, dim=72),
-    Case("2d-even-causal-dv48", (24, 40), (8, 6), (1, 2), (1, 2), (False, True), dim=64,
+    Case("2d-dil3-mqa-d72", (60, 28), (9, 11), None, (3, 1), heads=3, kv_heads=1, dim=72),
+    Case("2d-even-causal-dv48", (48, 44), (12, 10), (1, 2), (1, 2), (False, True), dim=64,
          value_dim=48),
+    # Small windows: the box walk's 128-key tiles would compute too many scores (tiling.h
+    # tma_box_plan): the warp-specialized kernel's TMA variant.
+    Case("2d-small-window", (40, 50), (9, 9), dim=64),
     # 3-D: batch and x share one map axis (two batch elements: no box may cross between them).
     Case("3d-d128", (8, 12, 12), (3, 5, 5), dim=128),
     Case("3d-stride-gqa-d96", (6, 16, 20), (3, 7, 9), (1, 2, 3), heads=4, kv_heads=2, dim=96),
@@ -69,8 +73,18 @@ def test_tma_forward_serves_these_problems(case):
 def test_box_tma_forward_serves_these_problems(case):
     require_extension()
     plan = _plan(case, rpb=case.rpb)
-    assert plan.kernel == "wgmma_ws_tma"
-    assert math.prod(plan.q_tile) == 128 and math.prod(plan.kv_tile) == 64
+    if case.rpb or case.name == "2d-small-window":
+        assert plan.kernel == "wgmma_ws_tma"
+        assert math.prod(plan.q_tile) == 128 and math.prod(plan.kv_tile) == 64
+    else:  # a 64-query box per warpgroup (three at head dims up to 64), 128-key boxes
+        rows = 192 if case.dim <= 64 and (case.value_dim or 0) <= 64 else 128
+        assert plan.kernel == "wgmma_tma"
+        assert math.prod(plan.q_tile) == rows and math.prod(plan.kv_tile) == 128
+
+
+def _plan_with_tiles(case):
+    with jax_natten.fused_config(q_tile=(8, 16), kv_tile=(8, 8)):
+        return _plan(case)
 
 
 def test_tma_forward_leaves_the_rest_to_the_box_kernels():
@@ -82,7 +96,10 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
         "rpb": _plan(base, rpb=True),
         "additional keys": _plan(base, additional_keys=5),
         "head-dim tile 32": _plan(Case("x", (331,), (65,), dim=32)),
-        "2-D": _plan(Case("x", (40, 50), (9, 9), dim=64)),
+        "2-D with rpb": _plan(Case("x", (40, 50), (9, 9), dim=64), rpb=True),
+        "2-D with additional keys": _plan(Case("x", (40, 50), (9, 9), dim=64),
+                                          additional_keys=5),
+        "2-D, a user's tiles": _plan_with_tiles(Case("x", (40, 50), (9, 9), dim=64)),
         "float32": jax_natten.fused_tiles((331,), 65, head_dim=64, dtype="float32", device=HOPPER),
         "not Hopper": jax_natten.fused_tiles((331,), 65, head_dim=64, device=AMPERE),
     }

@@ -96,6 +96,46 @@ def _expected(axes, q_max_log, kv_max_log, halves=False):
     return q, (kv[0] + kv_max_log - sum(kv),) + kv[1:]
 
 
+def _box_walk_tiles(axes, parts):
+    """tiling.h tma_box_tiling (the TMA forward's box walk on 2-D and 3-D problems): a query tile
+    is `parts` boxes of exactly 64 queries stacked along the first axis longer than one token
+    (all of them inside that axis's group length), key tiles hold exactly 128 keys; the cheapest by the (part, key tile) pairs the parts compute,
+    each part the key tiles of its tile's walk (from the tile's first window start) that meet its
+    own windows. Ties go to the later candidate. Returns (pairs, part's logs, key tile's logs)."""
+    stacked = next(a for a in range(3) if axes[a][0] > 1)
+
+    def stacked_pairs(L, k, s, d, c, ql, tk):
+        n = 0
+        for g in range(d):
+            lg = int(_window.group_length(L, d, g))
+            start = lambda i: int(_window.window_start(i, lg, k, s, c))  # noqa: E731
+            end = lambda i: int(_window.window_end(i, lg, k, s, c))  # noqa: E731
+            for lo in range(0, lg, parts << ql):
+                origin = start(lo)
+                for first in range(lo, min(lo + (parts << ql), lg), 1 << ql):
+                    last = min(first + (1 << ql), lg) - 1
+                    n += -(-(end(last) - origin) // tk) - (start(first) - origin) // tk
+        return n
+
+    stacked_length = int(_window.group_length(axes[stacked][0], axes[stacked][3], 0))
+    best = None
+    for q in _shapes(axes, KV):
+        if sum(q) != KV or parts << q[stacked] > stacked_length:  # (no idle warpgroups)
+            continue
+        for kv in _shapes(axes, KV + 1):
+            if sum(kv) != KV + 1:
+                continue
+            cost = 1
+            for a, (ax, ql, kl) in enumerate(zip(axes, q, kv)):
+                if a == stacked:
+                    cost *= stacked_pairs(*ax, ql, 1 << kl)
+                else:
+                    cost *= sum(-(-(e - s) // (1 << kl)) for (s, e), _ in _windows(*ax, ql))
+            if best is None or cost <= best[0]:
+                best = (cost, q, kv)
+    return best
+
+
 PROBLEMS = [  # (spatial, kernel, stride, dilation, causal)
     ((4096,), 13, 1, 1, False), ((1024,), 65, 1, 1, True), ((56, 56), 7, 1, 1, False),
     ((64, 64), (13, 7), (1, 2), (2, 1), (False, True)), ((30, 17), 5, 5, 1, False),
@@ -177,6 +217,17 @@ def test_forward_plan_is_the_kernels_tile_sizes(problem):
                 [False] * (r - 1) + [True]
             assert plan.q_tile == tuple(rows if x else 1 for x in long_axis)
             assert plan.kv_tile == tuple(128 if x else 1 for x in long_axis)
+            continue
+        if plan.kernel == "wgmma_tma":  # the TMA forward's box walk (2-D, 3-D)
+            assert device is HOPPER and dtype != "float32" and dim >= 64
+            axes = list(zip(_padded(spatial, r, 1), _padded(kernel, r, 1), _padded(stride, r, 1),
+                            _padded(dilation, r, 1), _padded(causal, r, False)))
+            parts = 3 if dim <= 64 else 2
+            _, q, k = _box_walk_tiles(axes, parts)
+            stacked = next(a for a in range(3) if axes[a][0] > 1)
+            q_ext = [(parts if a == stacked else 1) << x for a, x in enumerate(q)]
+            assert plan.q_tile == tuple(q_ext[3 - r:])
+            assert plan.kv_tile == tuple(1 << x for x in k[3 - r:])
             continue
         if plan.kernel == "wgmma_ws_tma":  # the box TMA variant: its own checks below
             q, k = tiling(spatial, kernel, stride, dilation, causal, q_max_log=FWD_Q,
@@ -282,8 +333,13 @@ def test_computed_over_useful_counts_the_halves_on_hopper(problem, additional):
                                       is_causal=causal, additional_keys=additional, device=HOPPER,
                                       head_dim=dim)
         assert plan.mma == "wgmma"
-        halves = halves or plan.kernel == "wgmma_ws_tma"
-        assert math.prod(plan.q_tile) <= (128 if halves else 64)
+        # (The TMA forward's box walk: parts of 64 queries, three at head dim 64, two at 128.)
+        halves = halves or plan.kernel in ("wgmma_ws_tma", "wgmma_tma")
+        tokens = 128 if halves else 64
+        if plan.kernel == "wgmma_tma":
+            tokens = 192 if dim <= 64 else 128
+        assert math.prod(plan.q_tile) == tokens or plan.kernel != "wgmma_tma"
+        assert math.prod(plan.q_tile) <= tokens
         computed = _computed_scores(spatial, per(kernel), per(stride), per(dilation),
                                     per(causal), plan.q_tile, plan.kv_tile, additional,
                                     halves=halves)

@@ -1,14 +1,23 @@
-// FNA forward on Hopper for 1-D problems, fed by the tensor memory accelerator (fna.cuh, "TMA
-// forward"; launch.h launch_forward_tma). One CTA per (query tile, head, batch element): a
-// producer thread copies the query tile and then each 128-key tile of the walk into a ring of
-// stages with one TMA copy per 64 head dims (tensor_maps.h); the computing warpgroups (three at
-// head-dim tile 64: 192-query tiles; two at 128: 128-query tiles; tiling.h tma_fwd_wgs) own 64
-// query rows each and run s = q k^T (m64n128), the online softmax and o += P v on every key tile
-// their rows reach, one step ahead (the next tile's q k^T in flight during this tile's softmax).
-// At head-dim tile 64 a step's exponentials take about as long as its products: with three
-// warpgroups one's softmax runs while the others' products keep the tensor cores busy.
-// Only key tiles that straddle a window edge are masked. The steps it shares with the other
-// forwards (online softmax, rescale, epilogue) are in forward_step.cuh.
+// FNA forward on Hopper, fed by the tensor memory accelerator (fna.cuh, "TMA forward"; launch.h
+// launch_forward_tma). One CTA per (query tile, head, batch element): a producer thread copies the
+// query tile and then each 128-key tile of the walk into a ring of stages with one TMA copy per
+// 64 head dims (tensor_maps.h); the computing warpgroups (three at head-dim tile 64: 192-query
+// tiles; two at 128: 128-query tiles; tiling.h tma_fwd_wgs) own 64 query rows each and run
+// s = q k^T (m64n128), the online softmax and o += P v on every key tile their rows reach, one
+// step ahead (the next tile's q k^T in flight during this tile's softmax). At head-dim tile 64 a
+// step's exponentials take about as long as its products: with three warpgroups one's softmax
+// runs while the others' products keep the tensor cores busy.
+// Two walks (kBox):
+//   1-D problems (tiling.h forward_on_tma): query tiles of 192 / 128 consecutive queries of one
+//     dilation group, key tiles of 128 consecutive keys (maps with the dilation folded in).
+//   2-D and 3-D problems (forward_on_tma_box, tma_box_tiling): a query tile is one box of 64
+//     queries per warpgroup, the boxes stacked along the problem's first long axis; key tiles are
+//     boxes of 128 keys (kvlog), walked row-major over the tile's key box, that axis outermost,
+//     so each warpgroup's steps (those its own rows reach) are one run, as in 1-D. One map per
+//     dilation group (tensor_maps.h encode_box_maps).
+// Only key tiles that straddle a window edge are masked (1-D: a test per element; boxes: the
+// row's window as a bit set per 64-key half, walk.cuh box_window_bits). The steps it shares with
+// the other forwards (online softmax, rescale, epilogue) are in forward_step.cuh.
 #include "forward_step.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
@@ -35,9 +44,35 @@ struct TmaFwdLayout {
   static constexpr int kStages = tma_fwd_stages(DT);
 };
 
-template <typename T, int DT>
+template <bool kBox>
+using TmaFwdMaps = std::conditional_t<kBox, BoxTmaMaps, TmaMaps>;
+
+// The key box of a stacked query tile qb (kBox): per axis its origin and key tiles, and the steps.
+struct BoxWalk {
+  int lo[3], n[3], steps;
+  BoxWalk() = default;
+  __device__ __forceinline__ BoxWalk(const FnaArgs& a, const Box& qb) {
+    steps = 1;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      lo[ax] = win_start(a.ax[ax], qb.lg[ax], qb.lo[ax]);
+      const int hi = win_end(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
+      n[ax] = (hi - lo[ax] + (1 << a.kvlog[ax]) - 1) >> a.kvlog[ax];
+      steps *= n[ax];
+    }
+  }
+  // The local origin of the key tile at counter c.
+  __device__ __forceinline__ void origin(const FnaArgs& a, const TileCounter& c,
+                                         int (&o)[3]) const {
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) o[ax] = lo[ax] + (c.j[ax] << a.kvlog[ax]);
+  }
+};
+
+template <typename T, int DT, bool kBox>
 __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
-    fna_fwd_tma_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ TmaMaps maps) {
+    fna_fwd_tma_kernel(const FnaArgs a, const FnaPtrs p,
+                       const __grid_constant__ TmaFwdMaps<kBox> maps) {
   using L = TmaFwdLayout<DT>;
   constexpr int kStages = L::kStages;
   constexpr int kCompute = L::kWgs * kThreads;  // the computing threads
@@ -51,15 +86,20 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ones + kOnesBytes / sizeof(T));  // full, empty, q
 
   Box qb;
-  if (!axis_tile(a, L::kQRows, blockIdx.x, qb)) return;  // whole CTA
-  // The problem's one long axis (tma_tiling): its parameters and the tile's group and rows.
+  const int sa = kBox ? stacked_axis(a) : 0;  // boxes: the axis the parts stack along
+  if constexpr (kBox) {
+    if (!stacked_tile(a, sa, L::kWgs, blockIdx.x, qb)) return;  // whole CTA
+  } else {
+    if (!axis_tile(a, L::kQRows, blockIdx.x, qb)) return;
+  }
+  // 1-D: the problem's one long axis (tma_tiling): its parameters, the tile's group and rows, and
+  // the first key of its walk. (Boxes: BoxWalk, built by each role after the split: values live
+  // across it would be held in the producer's few registers.)
   const AxisSpan span = axis_span(a, qb);
   const AxisParams& axp = span.p;
   const int g = span.g, lg = span.lg, lo = span.lo, hi = span.hi;
   const int h = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z), kvh = h / a.group;
-  const int box_lo = window_start(lo, lg, axp.kernel, axp.stride, axp.causal);
-  const int box_hi = window_end(hi - 1, lg, axp.kernel, axp.stride, axp.causal);
-  const int steps = (box_hi - box_lo + kTmaFwdKeys - 1) / kTmaFwdKeys;
+  const int box_lo = kBox ? 0 : window_start(lo, lg, axp.kernel, axp.stride, axp.causal);
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const q_full = bars + 2 * kStages;
   ring.setup(1, kCompute, q_full, 1, /*tma=*/true);
@@ -67,22 +107,67 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   if (threadIdx.x >= kCompute) {  // the producer: one thread issues every copy
     regs_shrink<tma_fwd_producer_regs()>();
     if (threadIdx.x == kCompute) {
-      tma_prefetch_map(&maps.k);
-      tma_prefetch_map(&maps.v);
-      mbar_expect_tx(q_full, L::kQTileBytes);
+      if constexpr (kBox) {
+        const int grp = (qb.grp[0] * a.ax[1].dilation + qb.grp[1]) * a.ax[2].dilation + qb.grp[2];
+        const int xb = b * (a.ax[0].length / a.ax[0].dilation);  // element b's first local x
+        const CUtensorMap* kmap = &maps.k[grp];
+        const CUtensorMap* vmap = &maps.v[grp];
+        tma_prefetch_map(kmap);
+        tma_prefetch_map(vmap);
+        // The parts that hold queries (a part past the axis's end stays unwritten: its
+        // warpgroup computes nothing).
+        const int sa_lo = sa == 0 ? qb.lo[0] : (sa == 1 ? qb.lo[1] : qb.lo[2]);
+        const int sa_hi = sa == 0 ? qb.hi[0] : (sa == 1 ? qb.hi[1] : qb.hi[2]);
+        const int part = 1 << a.qlog[sa];
+        const int parts = imin(L::kWgs, (sa_hi - sa_lo + part - 1) / part);
+        mbar_expect_tx(q_full, parts * kRows * DT * static_cast<int>(sizeof(T)));
+        for (int pt = 0; pt < parts; ++pt) {
+          const int off = pt * part;
 #pragma unroll
-      for (int c = 0; c < L::kHalves; ++c)
-        tma_load_5d(Qs + c * L::kQBlock, &maps.q, q_full, 64 * c, h, g, lo, b);
-      for (int j = 0; j < steps; ++j) {
-        ring.acquire(j);
-        const int st = ring.stage(j);
-        uint64_t* full = ring.full + st;
-        mbar_expect_tx(full, 2 * L::kTileBytes);
-        const int o = box_lo + j * kTmaFwdKeys;
+          for (int c = 0; c < L::kHalves; ++c)
+            tma_load_5d(Qs + c * L::kQBlock + pt * kRows * 64, &maps.q[grp], q_full, 64 * c, h,
+                        qb.lo[2] + (sa == 2 ? off : 0), qb.lo[1] + (sa == 1 ? off : 0),
+                        xb + qb.lo[0] + (sa == 0 ? off : 0));
+        }
+        const BoxWalk walk(a, qb);
+        TileCounter next;
+        next.reset();
+        for (int j = 0; j < walk.steps; ++j) {
+          ring.acquire(j);
+          const int st = ring.stage(j);
+          uint64_t* full = ring.full + st;
+          mbar_expect_tx(full, 2 * L::kTileBytes);
+          int o[3];
+          walk.origin(a, next, o);
+          next.next(walk.n);
 #pragma unroll
-        for (int c = 0; c < L::kHalves; ++c) {
-          tma_load_5d(Ks + st * L::kTile + c * L::kBlock, &maps.k, full, 64 * c, kvh, g, o, b);
-          tma_load_5d(Vs + st * L::kTile + c * L::kBlock, &maps.v, full, 64 * c, kvh, g, o, b);
+          for (int c = 0; c < L::kHalves; ++c) {
+            tma_load_5d(Ks + st * L::kTile + c * L::kBlock, kmap, full, 64 * c, kvh, o[2], o[1],
+                        xb + o[0]);
+            tma_load_5d(Vs + st * L::kTile + c * L::kBlock, vmap, full, 64 * c, kvh, o[2], o[1],
+                        xb + o[0]);
+          }
+        }
+      } else {
+        tma_prefetch_map(&maps.k);
+        tma_prefetch_map(&maps.v);
+        mbar_expect_tx(q_full, L::kQTileBytes);
+#pragma unroll
+        for (int c = 0; c < L::kHalves; ++c)
+          tma_load_5d(Qs + c * L::kQBlock, &maps.q, q_full, 64 * c, h, g, lo, b);
+        const int box_hi = window_end(hi - 1, lg, axp.kernel, axp.stride, axp.causal);
+        const int steps = (box_hi - box_lo + kTmaFwdKeys - 1) / kTmaFwdKeys;
+        for (int j = 0; j < steps; ++j) {
+          ring.acquire(j);
+          const int st = ring.stage(j);
+          uint64_t* full = ring.full + st;
+          mbar_expect_tx(full, 2 * L::kTileBytes);
+          const int o = box_lo + j * kTmaFwdKeys;
+#pragma unroll
+          for (int c = 0; c < L::kHalves; ++c) {
+            tma_load_5d(Ks + st * L::kTile + c * L::kBlock, &maps.k, full, 64 * c, kvh, g, o, b);
+            tma_load_5d(Vs + st * L::kTile + c * L::kBlock, &maps.v, full, 64 * c, kvh, g, o, b);
+          }
         }
       }
     }
@@ -91,7 +176,8 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   regs_grow<tma_fwd_consumer_regs(DT)>();
 
   // The computing warpgroups. Warpgroup wg owns query rows 64 wg .. 64 wg + 63 of the tile
-  // (tile_row<1, true>); the thread holds rows r[0], r[1] (local indices) and their windows.
+  // (tile_row<1, true>; boxes: its part); the thread holds rows r[0], r[1] (local indices) and
+  // their windows.
   // (Read through a shuffle so the compiler knows it is the same in every lane of a warp: what
   // derives from it, the warpgroup's walk and its wgmma descriptors, can live in uniform
   // registers, which the wgmma instructions read.)
@@ -100,24 +186,80 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   fence_proxy_async();  // -> the wgmma reads (after role_sync)
   role_sync(1, kCompute);
 
-  int ws[2], wlen[2];  // the rows' windows: keys [ws, ws + wlen); empty past the problem
+  // The warpgroup's reach: the steps [step_lo, step_hi) its rows' windows span (windows never
+  // move back as the query grows), and per axis the keys [full_lo, full_hi) inside all of them.
+  int steps = 0, step_lo = 0, step_hi = 0;
+  int full_lo[3] = {0, 0, 0}, full_hi[3] = {0, 0, 0};
+  int logs[kMaxRank];  // the tile's rows' log2 extents (tile_offsets)
+  // 1-D: the rows' windows, keys [ws, ws + wlen) (empty past the problem).
+  int ws[2], wlen[2];
+  // Boxes: the rows' windows [start, end) per axis (empty past the problem); the key box; the
+  // counter of the step whose scores come next; the key tile's two 64-key halves (split on its
+  // first axis longer than one token): their extents, tile_reps and the second's offset.
+  int start[2][3], end[2][3];
+  BoxWalk walk = kBox ? BoxWalk(a, qb) : BoxWalk{};
+  TileCounter cur;
+  cur.reset();
+  int half_logs[3], half_off[3];  // (their tile_reps: a.kv_rep, launch_forward_tma)
+  if constexpr (kBox) {
+    stacked_tile_logs(a, sa, logs);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = lo + tile_row<1, true>(0, i);
-    ws[i] = r < hi ? window_start(r, lg, axp.kernel, axp.stride, axp.causal) : 0;
-    wlen[i] = r < hi ? window_end(r, lg, axp.kernel, axp.stride, axp.causal) - ws[i] : 0;
-  }
-  // The warpgroup's reach: the steps its first and last rows' windows span (windows never move
-  // back as the query grows), and the keys inside all of them.
-  const int first_row = lo + kRows * wg, last_row = imin(first_row + kRows, hi) - 1;
-  int step_lo = 0, step_hi = 0, full_lo = 0, full_hi = 0;
-  if (first_row <= last_row) {
-    const int k_lo = window_start(first_row, lg, axp.kernel, axp.stride, axp.causal);
-    const int k_hi = window_end(last_row, lg, axp.kernel, axp.stride, axp.causal);
-    step_lo = (k_lo - box_lo) / kTmaFwdKeys;
-    step_hi = (k_hi - box_lo + kTmaFwdKeys - 1) / kTmaFwdKeys;
-    full_lo = window_start(last_row, lg, axp.kernel, axp.stride, axp.causal);
-    full_hi = window_end(first_row, lg, axp.kernel, axp.stride, axp.causal);
+    for (int i = 0; i < 2; ++i) {
+      int qc[3];
+      const bool in = box_row(qb, logs, tile_row<1, true>(0, i), qc);
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) {
+        start[i][ax] = in ? win_start(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
+        end[i][ax] = in ? win_end(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
+      }
+    }
+    steps = walk.steps;
+    int inner = 1, s_lo = 0, s_hi = 0;
+    bool split = false;
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) {
+      const AxisParams& x = a.ax[ax];
+      int f = qb.lo[ax], l = qb.hi[ax] - 1;  // the warpgroup's first and last rows on ax
+      if (ax == sa) {
+        f += wg << a.qlog[ax];
+        l = imin(f + (1 << a.qlog[ax]), qb.hi[ax]) - 1;
+        if (f <= l) {
+          const int t = 1 << a.kvlog[ax];
+          s_lo = (win_start(x, qb.lg[ax], f) - walk.lo[ax]) >> a.kvlog[ax];
+          s_hi = (win_end(x, qb.lg[ax], l) - walk.lo[ax] + t - 1) >> a.kvlog[ax];
+          cur.j[ax] = s_lo;
+        }
+      }
+      if (ax > sa) inner *= walk.n[ax];
+      if (f <= l) {
+        full_lo[ax] = win_start(x, qb.lg[ax], l);
+        full_hi[ax] = win_end(x, qb.lg[ax], f);
+      }
+      half_logs[ax] = a.kvlog[ax] - (!split && a.kvlog[ax] > 0 ? 1 : 0);
+      half_off[ax] = !split && a.kvlog[ax] > 0 ? 1 << half_logs[ax] : 0;
+      split = split || a.kvlog[ax] > 0;
+    }
+    step_lo = s_lo * inner;
+    step_hi = s_hi * inner;
+  } else {
+    axis_tile_logs(a, logs);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = lo + tile_row<1, true>(0, i);
+      ws[i] = r < hi ? window_start(r, lg, axp.kernel, axp.stride, axp.causal) : 0;
+      wlen[i] = r < hi ? window_end(r, lg, axp.kernel, axp.stride, axp.causal) - ws[i] : 0;
+    }
+    const int box_hi = window_end(hi - 1, lg, axp.kernel, axp.stride, axp.causal);
+    steps = (box_hi - box_lo + kTmaFwdKeys - 1) / kTmaFwdKeys;
+    const int first_row = lo + kRows * wg, last_row = imin(first_row + kRows, hi) - 1;
+    if (first_row <= last_row) {
+      const int k_lo = window_start(first_row, lg, axp.kernel, axp.stride, axp.causal);
+      const int k_hi = window_end(last_row, lg, axp.kernel, axp.stride, axp.causal);
+      step_lo = (k_lo - box_lo) / kTmaFwdKeys;
+      step_hi = (k_hi - box_lo + kTmaFwdKeys - 1) / kTmaFwdKeys;
+      full_lo[0] = window_start(last_row, lg, axp.kernel, axp.stride, axp.causal);
+      full_hi[0] = window_end(first_row, lg, axp.kernel, axp.stride, axp.causal);
+    }
   }
 
   float acc[1][DT / 8][4];
@@ -187,16 +329,48 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     turns.pass();
     wgmma_wait<1>();  // step n's scores (committed first)
     reg_fence(s);
-    const int o = box_lo + n * kTmaFwdKeys;
+    // The step's key tile: its origin (1-D: o[0]) and whether it lies inside every row's window.
+    int o[3] = {box_lo + n * kTmaFwdKeys, 0, 0};
+    bool inside = true;
+    if constexpr (kBox) {
+      walk.origin(a, cur, o);
+      cur.next(walk.n);
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax)
+        inside = inside && o[ax] >= full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= full_hi[ax];
+    } else {
+      inside = o[0] >= full_lo[0] && o[0] + kTmaFwdKeys <= full_hi[0];
+    }
     // (The softmax ends each branch: ptxas would move the wait for the product in flight up to
     // where they join.)
     float alpha[1][2];
-    if (o >= full_lo && o + kTmaFwdKeys <= full_hi) {  // inside every row's window
+    if (inside) {
       if (a.scale_sign < 0.f) {
 #pragma unroll
         for (int nb = 0; nb < 16; ++nb)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[0][nb][e] = -s[0][nb][e];
+      }
+      online_softmax<1, 16>(s, m, alpha, mul, false);
+    } else if constexpr (kBox) {
+      // Per row and 64-key half, the keys inside the row's window as a bit set: element (nb, c)
+      // of the thread's fragment is bit 8 (nb % 8) + c of half nb / 8.
+      int o2[3];
+#pragma unroll
+      for (int ax = 0; ax < 3; ++ax) o2[ax] = o[ax] + half_off[ax];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint64_t bits[2] = {box_window_bits(half_logs, a.kv_rep, start[i], end[i], o),
+                                  box_window_bits(half_logs, a.kv_rep, start[i], end[i], o2)};
+#pragma unroll
+        for (int nb = 0; nb < 16; ++nb) {
+          const unsigned word = static_cast<unsigned>(bits[nb >> 3] >> (32 * ((nb >> 2) & 1)));
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const bool in = (word >> (8 * (nb & 3) + c)) & 1u;
+            s[0][nb][2 * i + c] = in ? s[0][nb][2 * i + c] * a.scale_sign : -INFINITY;
+          }
+        }
       }
       online_softmax<1, 16>(s, m, alpha, mul, false);
     } else {
@@ -205,7 +379,7 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >> 1;
-          const bool in = static_cast<unsigned>(o + frag_col(nb, e) - ws[i]) <
+          const bool in = static_cast<unsigned>(o[0] + frag_col(nb, e) - ws[i]) <
                           static_cast<unsigned>(wlen[i]);
           s[0][nb][e] = in ? s[0][nb][e] * a.scale_sign : -INFINITY;
         }
@@ -244,8 +418,6 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     ring.release(j);
   }
   const int64_t row0 = static_cast<int64_t>(b) * a.tokens;
-  int logs[kMaxRank];
-  axis_tile_logs(a, logs);
   store_outputs<T, DT, 1, true>(a, p, qb, logs, row0, h, m, l, acc);
 }
 
@@ -259,10 +431,44 @@ ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, cons
     if constexpr (DT < 64) {
       return invalid("fused: the TMA forward serves head-dim tiles 64 and 128");
     } else {
-      const AxisParams& x = a.ax[tile_axis(a)];
       constexpr CUtensorMapDataType type = tma_type<T>();
-      TmaMaps maps;
       constexpr int kQRows = tma_fwd_q_rows(DT);
+      constexpr int kSmem = tma_fwd_smem(DT);
+      int long_axes = 0, sa = -1;  // the problem's axes longer than one token, the first of them
+      for (int ax = 0; ax < kMaxRank; ++ax) {
+        if (a.ax[ax].length > 1 && sa < 0) sa = ax;
+        long_axes += a.ax[ax].length > 1;
+      }
+      if (long_axes >= 2) {  // the box walk (tiling.h tma_box_tiling)
+        // Its query tiles: tma_fwd_wgs parts of 2^qlog tokens stacked along axis sa
+        // (walk.cuh stacked_tile), counted per axis into the arguments.
+        FnaArgs s = a;
+        s.q_tiles = 1;
+        for (int ax = 0; ax < kMaxRank; ++ax) {
+          const AxisParams& x = a.ax[ax];
+          const int extent = (ax == sa ? tma_fwd_wgs(DT) : 1) << a.qlog[ax];
+          s.q_tpg[ax] = ceil_div(group_length(x.length, x.dilation, 0), extent);
+          s.q_units[ax] = x.dilation * s.q_tpg[ax];
+          s.q_tiles *= s.q_units[ax];
+        }
+        // The kernel masks a key tile as two 64-key halves (split on its first axis longer
+        // than one token): kv_rep holds their tile_reps.
+        int half[kMaxRank];
+        bool split = false;
+        for (int ax = 0; ax < kMaxRank; ++ax) {
+          half[ax] = a.kvlog[ax] - (!split && a.kvlog[ax] > 0 ? 1 : 0);
+          split = split || a.kvlog[ax] > 0;
+        }
+        tile_reps(half, s.kv_rep);
+        BoxTmaMaps maps = {};
+        NATTEN_TRY(encode_box_maps(maps, p, type, batch_total, s, /*grad=*/false));
+        const dim3 grid(static_cast<unsigned>(s.q_tiles), a.heads, static_cast<unsigned>(batch));
+        return launch_kernel<fna_fwd_tma_kernel<T, DT, true>>(
+            "fna forward (TMA, boxes)", kSmem, kSmem, grid, stream, s, p, tma_fwd_threads(DT),
+            maps);
+      }
+      const AxisParams& x = a.ax[tile_axis(a)];
+      TmaMaps maps;
       NATTEN_TRY(encode_token_map(maps.q, p.q, type, batch_total, x.length, a.heads, a.dim,
                                   x.dilation, kQRows));
       NATTEN_TRY(encode_token_map(maps.k, p.k, type, batch_total, x.length, a.kv_heads, a.dim,
@@ -272,9 +478,9 @@ ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, cons
       // Query tiles: per dilation group (all of one length: tma_problem), axis_tile's slots.
       const int64_t tiles = x.dilation * ceil_div(x.length / x.dilation, kQRows);
       const dim3 grid(static_cast<unsigned>(tiles), a.heads, static_cast<unsigned>(batch));
-      constexpr int kSmem = tma_fwd_smem(DT);
-      return launch_kernel<fna_fwd_tma_kernel<T, DT>>("fna forward (TMA)", kSmem, kSmem, grid,
-                                                       stream, a, p, tma_fwd_threads(DT), maps);
+      return launch_kernel<fna_fwd_tma_kernel<T, DT, false>>("fna forward (TMA)", kSmem, kSmem,
+                                                              grid, stream, a, p,
+                                                              tma_fwd_threads(DT), maps);
     }
   });
 }

@@ -363,6 +363,113 @@ inline ffi::Error box_tma_tiling(const Problem& p, I64Span q_tile, I64Span kv_ti
   return ok();
 }
 
+// ---- the TMA forward on 2-D and 3-D problems (its box walk) ------------------------------------
+// forward_tma.cu serves the box TMA problems (box_tma_problem) without rpb too, at head-dim tiles
+// 64 and 128 and with its own tiles: a query tile is tma_fwd_wgs(dt) parts of 64 queries (one per
+// computing warpgroup), each a box of 2^qlog tokens per axis, stacked along the problem's first
+// axis longer than one token (long_axis, the stacked axis: the tile spans wgs 2^qlog tokens on
+// it); key tiles are boxes of 128 tokens (kvlog sums to 7). The walk visits the key tiles of the
+// whole tile's key box row-major, the stacked axis outermost (the axes before it are one token
+// long), so the steps a part's own windows reach are one contiguous run of it.
+constexpr int kTmaBoxKeyLog = 7;  // log2 kTmaFwdKeys
+inline bool forward_on_tma_box(const Problem& p, int dt, bool tiles_given) {
+  return dt >= 64 && box_tma_problem(p) && !p.has_rpb && !tiles_given;
+}
+
+// Key tiles of 2^kl tokens that the parts of `parts` x 2^ql-token query tiles along one axis
+// compute, summed over the parts that hold queries, every tile and every dilation group: each
+// part computes the steps of its tile's walk (from the tile's first window start) that meet its
+// own queries' windows.
+inline int64_t stacked_pairs(const AxisParams& ax, int ql, int kl, int parts) {
+  int64_t n = 0;
+  const int part = 1 << ql, rows = parts * part, tk = 1 << kl;
+  for (int longer = 0; longer <= 1; ++longer) {
+    const int groups = longer ? ax.length % ax.dilation : ax.dilation - ax.length % ax.dilation;
+    const int lg = ax.length / ax.dilation + longer;
+    if (groups == 0 || lg == 0) continue;
+    for (int lo = 0; lo < lg; lo += rows) {
+      const int origin = window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
+      for (int first = lo; first < imin(lo + rows, lg); first += part) {
+        const int last = imin(first + part, lg) - 1;
+        const int a = window_start(first, lg, ax.kernel, ax.stride, ax.causal) - origin;
+        const int b = window_end(last, lg, ax.kernel, ax.stride, ax.causal) - origin;
+        n += int64_t{groups} * (ceil_div(b, tk) - a / tk);
+      }
+    }
+  }
+  return n;
+}
+
+// The box walk's tiles for p (the pair count its warpgroups compute, least first; ties: longer z
+// runs), into t (qlog: one part's box; kvlog: the key tile's). False where no parts of exactly
+// 64 queries fill a tile on the stacked axis, or no key tile of exactly 128 keys fits the
+// problem's axes (small problems).
+// `cost`: the (part, key tile) pairs computed, each of 64 x 128 scores.
+inline bool tma_box_tiling(const Problem& p, int dt, Tiling& t, double& cost) {
+  const int parts = tma_fwd_wgs(dt), stacked = long_axis(p);
+  const AxisPairs axes[kMaxRank] = {AxisPairs(p.axis[0], kTileLog, kTmaBoxKeyLog),
+                                    AxisPairs(p.axis[1], kTileLog, kTmaBoxKeyLog),
+                                    AxisPairs(p.axis[2], kTileLog, kTmaBoxKeyLog)};
+  int64_t along[kTileLog + 1][kTmaBoxKeyLog + 1];  // stacked_pairs on the stacked axis
+  for (int ql = 0; ql <= kTileLog; ++ql)
+    for (int kl = 0; kl <= kTmaBoxKeyLog; ++kl)
+      along[ql][kl] = stacked_pairs(p.axis[stacked], ql, kl, parts);
+  double best = -1;
+  const int stacked_length = group_length(p.axis[stacked].length, p.axis[stacked].dilation, 0);
+  for_each_shape(p, kTileLog, [&](int qx, int qy, int qz) {
+    const int ql[3] = {qx, qy, qz};
+    // Parts of exactly 64 queries, all of them holding queries in a tile that does not run
+    // past the axis (a warpgroup without rows would idle for the whole walk).
+    if (qx + qy + qz != kTileLog || (parts << ql[stacked]) > stacked_length) return;
+    for_each_shape(p, kTmaBoxKeyLog, [&](int kx, int ky, int kz) {
+      if (kx + ky + kz != kTmaBoxKeyLog) return;
+      const int kl[3] = {kx, ky, kz};
+      double c = 1;
+      for (int a = 0; a < kMaxRank; ++a)
+        c *= static_cast<double>(a == stacked ? along[ql[a]][kl[a]] : axes[a].pairs[ql[a]][kl[a]]);
+      if (best < 0 || c <= best) {
+        best = c;
+        for (int a = 0; a < kMaxRank; ++a) t.qlog[a] = ql[a], t.kvlog[a] = kl[a];
+      }
+    });
+  });
+  cost = best;
+  return best >= 0;
+}
+
+// Whether the box walk runs p's forward (tma_box_tiling's tiles into t) rather than the
+// warp-specialized kernel's TMA variant (forward_ws.cu: 64-key steps, two warpgroups), which
+// computes fewer scores on small windows: the box walk's steps take 128 keys and its tiles waste
+// more of them, so it runs where its scores, divided by kTmaBoxGain, are no more than the other
+// kernel's. kTmaBoxGain: how much faster the box walk computes a score, measured on an H100
+// (BENCHMARKS.md, 2026-12-07 session 16).
+constexpr double kTmaBoxGain = 1.3;
+inline bool tma_box_plan(const Problem& p, int dt, Tiling& t) {
+  const int parts = tma_fwd_wgs(dt);
+  // (Cached as the other choices are, under q_max_log -parts; "no" as qlog[0] = -1.)
+  if (cached_tiling(p, t, -parts, kTmaBoxKeyLog, false, false, false)) return t.qlog[0] >= 0;
+  double cost = 0;
+  bool use = tma_box_tiling(p, dt, t, cost);
+  if (use) {
+    Tiling ws;
+    bool fits = false;
+    const int64_t none[kMaxRank] = {0, 0, 0};  // (no user tiles)
+    const ffi::Error e = box_tma_tiling(p, I64Span(none, kMaxRank), I64Span(none, kMaxRank), dt,
+                                        ws, fits);
+    if (!e.failure() && fits) {
+      const AxisPairs axes[kMaxRank] = {AxisPairs(p.axis[0], kTileLog + 1, kTileLog),
+                                        AxisPairs(p.axis[1], kTileLog + 1, kTileLog),
+                                        AxisPairs(p.axis[2], kTileLog + 1, kTileLog)};
+      const double ws_cost = walk_cost(axes, ws.qlog, ws.kvlog, /*halves=*/true) * 2;  // per part
+      use = cost * 2 <= kTmaBoxGain * ws_cost;  // (scores: 64 x 128 a pair against 64 x 64)
+    }
+  }
+  Tiling keep = t;
+  if (!use) keep.qlog[0] = -1;
+  cache_tiling(p, keep, -parts, kTmaBoxKeyLog, false, false, false);
+  return use;
+}
+
 enum class ForwardKernel { kSimt, kMmaSync, kWgmma, kWgmmaWs, kTma, kWsTma };
 inline const char* kernel_name(ForwardKernel k) {
   switch (k) {
@@ -391,6 +498,11 @@ inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile
   if (!f32 && wgmma_ok && forward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = ForwardKernel::kTma;
     plan.tiling = tma_tiling(p);
+    return ok();
+  }
+  if (!f32 && wgmma_ok && forward_on_tma_box(p, dt, tiles_given(q_tile, kv_tile)) &&
+      tma_box_plan(p, dt, plan.tiling)) {
+    plan.kernel = ForwardKernel::kTma;  // its box walk
     return ok();
   }
   const bool wgmma = !f32 && wgmma_ok && !(mma == 0 && !auto_forward_on_wgmma(p));

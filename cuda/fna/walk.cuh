@@ -87,6 +87,37 @@ __device__ __forceinline__ void axis_tile_logs(const FnaArgs& a, int (&logs)[kMa
   for (int d = 0; d < kMaxRank; ++d) logs[d] = d == ax ? 8 : 0;
 }
 
+// ---- stacked tiles (the TMA forward's box walk, 2-D and 3-D: tiling.h tma_box_tiling) ---------
+// The axis a stacked tile's parts stack along: the problem's first axis longer than one token.
+__device__ __forceinline__ int stacked_axis(const FnaArgs& a) {
+  return a.ax[0].length > 1 ? 0 : (a.ax[1].length > 1 ? 1 : 2);
+}
+// The stacked query tile at slot `slot`: `parts` boxes of 2^a.qlog tokens (one per computing
+// warpgroup) along axis sa, row-major over the axes' units (dilation groups x a.q_tpg tiles per
+// group, which the launcher counts for tiles of parts 2^qlog[sa] tokens on sa). False when empty.
+__device__ __forceinline__ bool stacked_tile(const FnaArgs& a, int sa, int parts, int64_t slot,
+                                             Box& t) {
+  bool nonempty = true;
+#pragma unroll
+  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
+    const int u = static_cast<int>(slot % a.q_units[ax]);
+    slot /= a.q_units[ax];
+    const int extent = (ax == sa ? parts : 1) << a.qlog[ax];
+    t.grp[ax] = u / a.q_tpg[ax];
+    t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
+    t.lo[ax] = (u % a.q_tpg[ax]) * extent;
+    t.hi[ax] = imin(t.lo[ax] + extent, t.lg[ax]);
+    nonempty = nonempty && t.lo[ax] < t.lg[ax];
+  }
+  return nonempty;
+}
+// Log2 extents that address a stacked tile's rows (tile_offsets): a.qlog, 4 parts' worth on the
+// stacked axis. Part p's rows are then 64 p .. 64 p + 63 (the axes before sa are one token long).
+__device__ __forceinline__ void stacked_tile_logs(const FnaArgs& a, int sa, int (&logs)[kMaxRank]) {
+#pragma unroll
+  for (int d = 0; d < kMaxRank; ++d) logs[d] = a.qlog[d] + (d == sa ? 2 : 0);
+}
+
 // Row r of a tile with extents 2^logs -> offsets per axis (row-major x, y, z).
 __device__ __forceinline__ void tile_offsets(int r, const int (&logs)[kMaxRank], int (&o)[3]) {
   o[2] = r & ((1 << logs[2]) - 1);
@@ -302,20 +333,30 @@ __device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int
   return ok;
 }
 
-// The keys of the key tile at local origin o inside one query row's window w (fill_windows'
-// [start, length) per axis) as a bit set (tile_mask), shifted to the thread's first C-fragment
-// column: element (nb, c) of the row in the thread's fragment is bit 8 nb + c (wgmma's two rows
-// a thread; a test per element would cost one per axis).
-__device__ __forceinline__ uint64_t window_bits(const FnaArgs& a, const int* w,
-                                                const int (&o)[3]) {
+// The keys of a key tile with extents 2^logs (rep: tile_reps(logs)) at local origin o inside one
+// query row's window [start, end) per axis as a bit set (tile_mask), shifted to the thread's
+// first C-fragment column: element (nb, c) of the row in the thread's fragment is bit 8 nb + c
+// (wgmma's two rows a thread; a test per element would cost one per axis).
+__device__ __forceinline__ uint64_t box_window_bits(const int (&logs)[kMaxRank],
+                                                    const uint64_t (&rep)[kMaxRank],
+                                                    const int (&start)[3], const int (&end)[3],
+                                                    const int (&o)[3]) {
   int lo[3], hi[3];
 #pragma unroll
   for (int ax = 0; ax < 3; ++ax) {
-    const int extent = 1 << a.kvlog[ax];
-    lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
-    hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
+    const int extent = 1 << logs[ax];
+    lo[ax] = imin(imax(start[ax] - o[ax], 0), extent);
+    hi[ax] = imin(imax(end[ax] - o[ax], 0), extent);
   }
-  return tile_mask(a.kvlog, a.kv_rep, lo, hi) >> frag_col(0, 0);
+  return tile_mask(logs, rep, lo, hi) >> frag_col(0, 0);
+}
+// The same for the key tile (a.kvlog) and a row's window w as fill_windows keeps it.
+__device__ __forceinline__ uint64_t window_bits(const FnaArgs& a, const int* w,
+                                                const int (&o)[3]) {
+  int start[3], end[3];
+#pragma unroll
+  for (int ax = 0; ax < 3; ++ax) start[ax] = w[2 * ax], end[ax] = w[2 * ax] + w[2 * ax + 1];
+  return box_window_bits(a.kvlog, a.kv_rep, start, end, o);
 }
 
 // Per row r < rows of query tile qb, its window per axis into win[r * 6 ..]: (start, length)
