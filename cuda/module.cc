@@ -190,7 +190,8 @@ NB_MODULE(_natten_ext, m) {
         if (e.failure()) throw nb::value_error(e.message().c_str());
         const auto [qlog, kvlog] = tile_logs(plan.tiling);
         const char* family = f32 ? "simt" : plan.wgmma() ? "wgmma" : "mma_sync";
-        // A query tile's rows: 2^sum(qlog), but the TMA forward's own count on its long axis.
+        // A query tile's rows: 2^sum(qlog), but the TMA forward's own count (1-D: on its long
+        // axis; its box walk: qlog is one warpgroup's 64-query box, config.py stacks them).
         int q_rows = 1;
         for (int x : plan.tiling.qlog) q_rows <<= x;
         if (plan.kernel == fna::ForwardKernel::kTma) q_rows = fna::tma_fwd_q_rows(dt);

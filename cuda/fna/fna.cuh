@@ -75,9 +75,10 @@
 // sharing forward_step.cuh (masking, online softmax, epilogue); backward.cu (key side, and dq in
 // the same walk on Hopper), backward_dq.cu, backward_rows.cu (delta, dq conversion), simt_f32.cu
 // (float32); handlers.cu (the FFI handlers); fed by the tensor memory accelerator (Hopper: one
-// producer thread copies each tile; tensor_maps.h their maps): forward_tma.cu and backward_tma.cu
-// (1-D problems, 128-token tiles), forward_ws.cu's TMA variant and backward_dq_tma.cu (2-D / 3-D
-// boxes, sharing box_roles.cuh).
+// producer thread copies each tile; tensor_maps.h their maps): forward_tma.cu (1-D problems, and
+// 2-D / 3-D ones in stacked 64-query boxes with 128-key box steps), backward_tma.cu (1-D problems,
+// 128-token tiles), forward_ws.cu's TMA variant and backward_dq_tma.cu (2-D / 3-D boxes, sharing
+// box_roles.cuh).
 #pragma once
 
 #include "args.cuh"
@@ -133,7 +134,8 @@ constexpr int dq_tma_smem(int dt, int elem) {
   return (2 * kFwdWsQRows + 2 * kDqTmaStages * kRows) * dt * elem + kFwdWsQRows * 6 * 4 +
          8 * (2 * kDqTmaStages + 1) + 1024;
 }
-// The TMA forward (Hopper, 1-D problems, forward_tma.cu fna_fwd_tma_kernel): a producer
+// The TMA forward (Hopper, forward_tma.cu fna_fwd_tma_kernel: 1-D problems, and 2-D / 3-D ones
+// in its box walk, tiling.h tma_box_tiling): a producer
 // warpgroup and tma_fwd_wgs(dt) computing warpgroups of 64 query rows each (tiling.h: three at
 // head-dim tile 64, 192-query tiles; two at 128), 128-key steps, every tile copied by the TMA
 // (one producer thread) as 64-column blocks with 128-byte swizzle, a ring of 5 stages at head-dim

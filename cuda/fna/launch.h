@@ -104,8 +104,10 @@ ffi::Error launch_forward_ws(cudaStream_t stream, ffi::DataType t, int dt, bool 
                              const FnaArgs& a, const FnaPtrs& p, int64_t batch,
                              int64_t batch_total);
 // The same on the TMA forward (forward_tma.cu), for the problems tiling.h's forward_on_tma
-// accepts, with its tiles (tma_tiling); `batch_total`: the call's batch elements (the tensor
-// maps span all of them; this launch runs `batch` from a.batch0).
+// accepts, with its tiles (tma_tiling), and for those of forward_on_tma_box where tma_box_plan
+// takes it (a: its tiles' arguments; the launch counts the stacked query tiles); `batch_total`:
+// the call's batch elements (the tensor maps span all of them; this launch runs `batch` from
+// a.batch0).
 ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, const FnaArgs& a,
                               const FnaPtrs& p, int64_t batch, int64_t batch_total);
 // delta = rowsum(do * o32) - dlse for all `batch` elements (one grid-stride launch).
