@@ -29,15 +29,16 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
 // dilation group, the sum over its query tiles [lo, hi] of the key tiles spanning [start(lo),
 // end(hi)). The walk is a box, so a problem's pairs are the product of its axes' counts.
 // pairs[ql][kl] for query tiles of 2^ql and key tiles of 2^kl tokens, ql <= max_q, kl <= max_kv.
-// halves[ql][kl] (ql >= 1): the same walk where each half of a query tile ([lo, lo + 2^(ql-1))
-// and the rest) computes only the key tiles of that walk that meet its own rows' windows: the
-// warp-specialized forward, whose two computing warpgroups own the halves of a 128-token tile
-// (forward_ws.cu, own_key_range), summed over both halves.
+// stacked[ql][kl]: the walk of query tiles of `parts` parts of 2^ql tokens each, where each part
+// computes only the key tiles of its tile's walk (from the tile's first window start) that meet
+// its own rows' windows, summed over the parts that hold queries: the Hopper forwards, whose
+// computing warpgroups own a tile's parts (forward_ws.cu: the two 64-row halves of a 128-token
+// tile, stacked[ql - 1] with parts 2; forward_tma.cu's box walk: tma_box_tiling).
 struct AxisPairs {
   int64_t pairs[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
-  int64_t halves[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
+  int64_t stacked[kMaxQTileLog + 1][kMaxQTileLog + 1] = {};
 
-  AxisPairs(const AxisParams& ax, int max_q, int max_kv) {
+  AxisPairs(const AxisParams& ax, int max_q, int max_kv, int parts = 2) {
     auto start = [&](int i, int lg) {
       return window_start(i, lg, ax.kernel, ax.stride, ax.causal);
     };
@@ -54,12 +55,15 @@ struct AxisPairs {
           const int origin = start(lo, lg), span = end(hi, lg) - origin;
           for (int kl = 0; kl <= max_kv; ++kl)
             pairs[ql][kl] += int64_t{groups} * ceil_div(span, 1 << kl);
-          for (int h = 0; ql >= 1 && h < 2; ++h) {
-            const int first = lo + h * (tq / 2), last = imin(first + tq / 2, hi + 1) - 1;
-            if (first > last) continue;
+        }
+        const int rows = parts * tq;  // a stacked tile
+        for (int lo = 0; lo < lg; lo += rows) {
+          const int origin = start(lo, lg);
+          for (int first = lo; first < imin(lo + rows, lg); first += tq) {
+            const int last = imin(first + tq, lg) - 1;
             const int a = start(first, lg) - origin, b = end(last, lg) - origin;
             for (int kl = 0; kl <= max_kv; ++kl)
-              halves[ql][kl] += int64_t{groups} * (ceil_div(b, 1 << kl) - (a >> kl));
+              stacked[ql][kl] += int64_t{groups} * (ceil_div(b, 1 << kl) - (a >> kl));
           }
         }
       }
@@ -79,7 +83,7 @@ inline double walk_cost(const AxisPairs (&axes)[kMaxRank], const int (&ql)[kMaxR
   const int axis = ql[0] > 0 ? 0 : (ql[1] > 0 ? 1 : 2);
   double c = split ? 0.5 : 1.0;
   for (int a = 0; a < kMaxRank; ++a)
-    c *= static_cast<double>(split && a == axis ? axes[a].halves[ql[a]][kl[a]]
+    c *= static_cast<double>(split && a == axis ? axes[a].stacked[ql[a] - 1][kl[a]]
                                                 : axes[a].pairs[ql[a]][kl[a]]);
   return c;
 }
@@ -376,30 +380,6 @@ inline bool forward_on_tma_box(const Problem& p, int dt, bool tiles_given) {
   return dt >= 64 && box_tma_problem(p) && !p.has_rpb && !tiles_given;
 }
 
-// Key tiles of 2^kl tokens that the parts of `parts` x 2^ql-token query tiles along one axis
-// compute, summed over the parts that hold queries, every tile and every dilation group: each
-// part computes the steps of its tile's walk (from the tile's first window start) that meet its
-// own queries' windows.
-inline int64_t stacked_pairs(const AxisParams& ax, int ql, int kl, int parts) {
-  int64_t n = 0;
-  const int part = 1 << ql, rows = parts * part, tk = 1 << kl;
-  for (int longer = 0; longer <= 1; ++longer) {
-    const int groups = longer ? ax.length % ax.dilation : ax.dilation - ax.length % ax.dilation;
-    const int lg = ax.length / ax.dilation + longer;
-    if (groups == 0 || lg == 0) continue;
-    for (int lo = 0; lo < lg; lo += rows) {
-      const int origin = window_start(lo, lg, ax.kernel, ax.stride, ax.causal);
-      for (int first = lo; first < imin(lo + rows, lg); first += part) {
-        const int last = imin(first + part, lg) - 1;
-        const int a = window_start(first, lg, ax.kernel, ax.stride, ax.causal) - origin;
-        const int b = window_end(last, lg, ax.kernel, ax.stride, ax.causal) - origin;
-        n += int64_t{groups} * (ceil_div(b, tk) - a / tk);
-      }
-    }
-  }
-  return n;
-}
-
 // The box walk's tiles for p (the pair count its warpgroups compute, least first; ties: longer z
 // runs), into t (qlog: one part's box; kvlog: the key tile's). False where no parts of exactly
 // 64 queries fill a tile on the stacked axis, or no key tile of exactly 128 keys fits the
@@ -407,13 +387,9 @@ inline int64_t stacked_pairs(const AxisParams& ax, int ql, int kl, int parts) {
 // `cost`: the (part, key tile) pairs computed, each of 64 x 128 scores.
 inline bool tma_box_tiling(const Problem& p, int dt, Tiling& t, double& cost) {
   const int parts = tma_fwd_wgs(dt), stacked = long_axis(p);
-  const AxisPairs axes[kMaxRank] = {AxisPairs(p.axis[0], kTileLog, kTmaBoxKeyLog),
-                                    AxisPairs(p.axis[1], kTileLog, kTmaBoxKeyLog),
-                                    AxisPairs(p.axis[2], kTileLog, kTmaBoxKeyLog)};
-  int64_t along[kTileLog + 1][kTmaBoxKeyLog + 1];  // stacked_pairs on the stacked axis
-  for (int ql = 0; ql <= kTileLog; ++ql)
-    for (int kl = 0; kl <= kTmaBoxKeyLog; ++kl)
-      along[ql][kl] = stacked_pairs(p.axis[stacked], ql, kl, parts);
+  const AxisPairs axes[kMaxRank] = {AxisPairs(p.axis[0], kTileLog, kTmaBoxKeyLog, parts),
+                                    AxisPairs(p.axis[1], kTileLog, kTmaBoxKeyLog, parts),
+                                    AxisPairs(p.axis[2], kTileLog, kTmaBoxKeyLog, parts)};
   double best = -1;
   const int stacked_length = group_length(p.axis[stacked].length, p.axis[stacked].dilation, 0);
   for_each_shape(p, kTileLog, [&](int qx, int qy, int qz) {
@@ -426,7 +402,8 @@ inline bool tma_box_tiling(const Problem& p, int dt, Tiling& t, double& cost) {
       const int kl[3] = {kx, ky, kz};
       double c = 1;
       for (int a = 0; a < kMaxRank; ++a)
-        c *= static_cast<double>(a == stacked ? along[ql[a]][kl[a]] : axes[a].pairs[ql[a]][kl[a]]);
+        c *= static_cast<double>(a == stacked ? axes[a].stacked[ql[a]][kl[a]]
+                                              : axes[a].pairs[ql[a]][kl[a]]);
       if (best < 0 || c <= best) {
         best = c;
         for (int a = 0; a < kMaxRank; ++a) t.qlog[a] = ql[a], t.kvlog[a] = kl[a];
