@@ -18,6 +18,7 @@
 // Only key tiles that straddle a window edge are masked (1-D: a test per element; boxes: the
 // row's window as a bit set per 64-key half, walk.cuh box_window_bits). The steps it shares with
 // the other forwards (online softmax, rescale, epilogue) are in forward_step.cuh.
+#include "box_roles.cuh"
 #include "forward_step.cuh"
 #include "launch.h"
 #include "pipeline.cuh"
@@ -47,28 +48,6 @@ struct TmaFwdLayout {
 template <bool kBox>
 using TmaFwdMaps = std::conditional_t<kBox, BoxTmaMaps, TmaMaps>;
 
-// The key box of a stacked query tile qb (kBox): per axis its origin and key tiles, and the steps.
-struct BoxWalk {
-  int lo[3], n[3], steps;
-  BoxWalk() = default;
-  __device__ __forceinline__ BoxWalk(const FnaArgs& a, const Box& qb) {
-    steps = 1;
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) {
-      lo[ax] = win_start(a.ax[ax], qb.lg[ax], qb.lo[ax]);
-      const int hi = win_end(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
-      n[ax] = (hi - lo[ax] + (1 << a.kvlog[ax]) - 1) >> a.kvlog[ax];
-      steps *= n[ax];
-    }
-  }
-  // The local origin of the key tile at counter c.
-  __device__ __forceinline__ void origin(const FnaArgs& a, const TileCounter& c,
-                                         int (&o)[3]) const {
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) o[ax] = lo[ax] + (c.j[ax] << a.kvlog[ax]);
-  }
-};
-
 template <typename T, int DT, bool kBox>
 __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     fna_fwd_tma_kernel(const FnaArgs a, const FnaPtrs p,
@@ -93,8 +72,8 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     if (!axis_tile(a, L::kQRows, blockIdx.x, qb)) return;
   }
   // 1-D: the problem's one long axis (tma_tiling): its parameters, the tile's group and rows, and
-  // the first key of its walk. (Boxes: BoxWalk, built by each role after the split: values live
-  // across it would be held in the producer's few registers.)
+  // the first key of its walk. (Boxes: walk.cuh key_walk, built by each role after the split:
+  // values live across it would be held in the producer's few registers.)
   const AxisSpan span = axis_span(a, qb);
   const AxisParams& axp = span.p;
   const int g = span.g, lg = span.lg, lo = span.lo, hi = span.hi;
@@ -108,8 +87,8 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     regs_shrink<tma_fwd_producer_regs()>();
     if (threadIdx.x == kCompute) {
       if constexpr (kBox) {
-        const int grp = (qb.grp[0] * a.ax[1].dilation + qb.grp[1]) * a.ax[2].dilation + qb.grp[2];
-        const int xb = b * (a.ax[0].length / a.ax[0].dilation);  // element b's first local x
+        const int grp = box_map_group(a, qb);
+        const int xb = box_batch_x(a, b);
         const CUtensorMap* kmap = &maps.k[grp];
         const CUtensorMap* vmap = &maps.v[grp];
         tma_prefetch_map(kmap);
@@ -129,25 +108,7 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
                         qb.lo[2] + (sa == 2 ? off : 0), qb.lo[1] + (sa == 1 ? off : 0),
                         xb + qb.lo[0] + (sa == 0 ? off : 0));
         }
-        const BoxWalk walk(a, qb);
-        TileCounter next;
-        next.reset();
-        for (int j = 0; j < walk.steps; ++j) {
-          ring.acquire(j);
-          const int st = ring.stage(j);
-          uint64_t* full = ring.full + st;
-          mbar_expect_tx(full, 2 * L::kTileBytes);
-          int o[3];
-          walk.origin(a, next, o);
-          next.next(walk.n);
-#pragma unroll
-          for (int c = 0; c < L::kHalves; ++c) {
-            tma_load_5d(Ks + st * L::kTile + c * L::kBlock, kmap, full, 64 * c, kvh, o[2], o[1],
-                        xb + o[0]);
-            tma_load_5d(Vs + st * L::kTile + c * L::kBlock, vmap, full, 64 * c, kvh, o[2], o[1],
-                        xb + o[0]);
-          }
-        }
+        produce_key_boxes<T, DT, kTmaFwdKeys, kStages>(a, qb, kmap, vmap, xb, kvh, Ks, Vs, ring);
       } else {
         tma_prefetch_map(&maps.k);
         tma_prefetch_map(&maps.v);
@@ -197,7 +158,7 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   // counter of the step whose scores come next; the key tile's two 64-key halves (split on its
   // first axis longer than one token): their extents, tile_reps and the second's offset.
   int start[2][3], end[2][3];
-  BoxWalk walk = kBox ? BoxWalk(a, qb) : BoxWalk{};
+  const KeyWalk walk = key_walk(a, qb);  // (boxes only)
   TileCounter cur;
   cur.reset();
   int half_logs[3], half_off[3];  // (their tile_reps: a.kv_rep, launch_forward_tma)
@@ -213,7 +174,7 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
         end[i][ax] = in ? win_end(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
       }
     }
-    steps = walk.steps;
+    steps = walk.spatial;
     int inner = 1, s_lo = 0, s_hi = 0;
     bool split = false;
 #pragma unroll
@@ -225,8 +186,8 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
         l = imin(f + (1 << a.qlog[ax]), qb.hi[ax]) - 1;
         if (f <= l) {
           const int t = 1 << a.kvlog[ax];
-          s_lo = (win_start(x, qb.lg[ax], f) - walk.lo[ax]) >> a.kvlog[ax];
-          s_hi = (win_end(x, qb.lg[ax], l) - walk.lo[ax] + t - 1) >> a.kvlog[ax];
+          s_lo = (win_start(x, qb.lg[ax], f) - walk.box_lo[ax]) >> a.kvlog[ax];
+          s_hi = (win_end(x, qb.lg[ax], l) - walk.box_lo[ax] + t - 1) >> a.kvlog[ax];
           cur.j[ax] = s_lo;
         }
       }
@@ -333,7 +294,8 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     int o[3] = {box_lo + n * kTmaFwdKeys, 0, 0};
     bool inside = true;
     if constexpr (kBox) {
-      walk.origin(a, cur, o);
+      bool whole_tile;  // (key_tile's test is the whole query tile's: the warpgroup's is below)
+      key_tile(a, walk, cur, o, whole_tile);
       cur.next(walk.n);
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax)
