@@ -1,9 +1,13 @@
-"""The benchmark problem set: the six problems of the peer measurements, and small ones of ours.
+"""The benchmark problem set: the six problems of the peer measurements, small ones of ours, and
+GPU-sized ones of ours beyond the six.
 
 The "shared" group has the shapes and names of the problems that the peer measurements of
 `BENCHMARKS.md` (PyTorch FlexAttention, cuDNN, dense XLA) were taken on, so the numbers line up.
 The "small" group fits a CPU in seconds and covers what the shared set does not: float32, dilation
 on a small grid, odd non-square shapes with stride and per-axis causality, 3-D, and GQA.
+The "more" group is GPU-sized shapes the peers were not measured on (other window sizes, head
+dims, odd extents and 3-D boxes): the kernels' tiles are chosen per problem, so a change tuned on
+the six is checked against these too (A/B, against a base version).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import dataclasses
 import math
 from typing import Optional
 
-GROUPS = ("shared", "small")
+GROUPS = ("shared", "small", "more")
 
 
 def _per_axis(value, rank: int, name: str) -> tuple:
@@ -120,6 +124,17 @@ PROBLEMS = [
       about="2-D GQA: 8 query heads share 2 kv heads"),
     P("2d-odd", 2, 4, (48, 40), 32, (5, 7), stride=(2, 3), causal=(True, False), group="small",
       about="non-square, per-axis kernel, stride (2,3), causal on the first axis"),
+    # --- GPU-sized ones of ours beyond the shared six (no peer measurements) ---------------------
+    P("2d-mid", 8, 8, (64, 64), 64, 13, group="more",
+      about="ViT-sized 2-D layer, mid-sized window"),
+    P("2d-rect-d128", 2, 16, (40, 200), 128, (9, 25), group="more",
+      about="non-square grid and window, head dim 128"),
+    P("2d-odd-dil", 4, 8, (90, 77), 64, (11, 9), dilation=(2, 3), group="more",
+      about="odd extents, per-axis dilation"),
+    P("3d-mid", 2, 8, (8, 32, 32), 64, (3, 7, 7), group="more",
+      about="3-D, head dim 64, small temporal window"),
+    P("3d-causal", 1, 16, (12, 24, 40), 128, (5, 9, 11), causal=(True, False, False),
+      group="more", about="3-D, causal on time, head dim 128"),
 ]
 del P
 
