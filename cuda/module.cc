@@ -149,6 +149,37 @@ NB_MODULE(_natten_ext, m) {
       "natten::tile_mask: bit r set where token r of a tile with extents 2^logs (row-major) "
       "has offsets in [lo, hi) on every axis.");
 
+  // The column masks of tile_mask.h (the TMA forward's box walk) for one thread, the same way.
+  m.def(
+      "column_bits",
+      [](std::vector<int> logs, int quad, std::vector<int> start, std::vector<int> end,
+         std::vector<int> origin) {
+        if (logs.size() != 3 || start.size() != 3 || end.size() != 3 || origin.size() != 3)
+          throw std::invalid_argument("column_bits: logs, start, end, origin take 3 entries each");
+        int l[3], sum = 0;
+        for (int ax = 0; ax < 3; ++ax) {
+          l[ax] = logs[ax];
+          sum += l[ax];
+          if (l[ax] < 0 || start[ax] > end[ax] || start[ax] < 0 || origin[ax] < 0)
+            throw std::invalid_argument("column_bits: needs logs >= 0, 0 <= start <= end");
+        }
+        if (sum < 4 || sum > 7 || l[2] < 1 || quad < 0 || quad > 3)
+          throw std::invalid_argument("column_bits: tiles of 16 to 128 tokens, two or more on "
+                                      "the last axis; quad in [0, 4)");
+        const natten::ColumnAxes ca = natten::column_axes(l, 1 << (sum - 3));
+        uint32_t m = ~0u;
+        for (int k = 0; k < 4; ++k) {
+          const int ax = natten::column_axis(k);
+          const uint32_t run = natten::column_run(
+              ca, k, natten::column_bound(ca, quad, k, start[ax]),
+              natten::column_bound(ca, quad, k, end[ax]), natten::column_offset(ca, ax, origin[ax]));
+          m &= k < 2 ? run : (k == 2 ? run | 0xFFFF0000u : (run << 16) | 0xFFFFu);
+        }
+        return m;
+      },
+      "The columns 8 nb + 2 quad + c (bit nb + 16 c) of a tile with extents 2^logs at local "
+      "origin `origin` whose offsets lie in the window [start, end) on every axis.");
+
   // fna/tiling.h exposed so tests can check the fused kernels' tile choice on the host.
   m.def(
       "fna_tiling",

@@ -105,6 +105,8 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
         "2-D with additional keys": _plan(Case("x", (40, 50), (9, 9), dim=64),
                                           additional_keys=5),
         "2-D, a user's tiles": _plan_with_tiles(Case("x", (40, 50), (9, 9), dim=64)),
+        # (the box walk's masks take key boxes two or more tokens deep on the last axis)
+        "3-D, a last axis of one token": _plan(Case("x", (24, 30, 1), (9, 9, 1), dim=64)),
         "float32": jax_natten.fused_tiles((331,), 65, head_dim=64, dtype="float32", device=HOPPER),
         "not Hopper": jax_natten.fused_tiles((331,), 65, head_dim=64, device=AMPERE),
     }

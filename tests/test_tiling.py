@@ -99,7 +99,8 @@ def _expected(axes, q_max_log, kv_max_log, halves=False):
 def _box_walk_tiles(axes, parts):
     """tiling.h tma_box_tiling (the TMA forward's box walk on 2-D and 3-D problems): a query tile
     is `parts` boxes of exactly 64 queries stacked along the first axis longer than one token
-    (all of them inside that axis's group length), key tiles hold exactly 128 keys; the cheapest by the (part, key tile) pairs the parts compute,
+    (all of them inside that axis's group length), key tiles hold exactly 128 keys, two or more
+    on the last axis; the cheapest by the (part, key tile) pairs the parts compute,
     each part the key tiles of its tile's walk (from the tile's first window start) that meet its
     own windows. Ties go to the later candidate. Returns (pairs, part's logs, key tile's logs)."""
     stacked = next(a for a in range(3) if axes[a][0] > 1)
@@ -123,7 +124,7 @@ def _box_walk_tiles(axes, parts):
         if sum(q) != KV or parts << q[stacked] > stacked_length:  # (no idle warpgroups)
             continue
         for kv in _shapes(axes, KV + 1):
-            if sum(kv) != KV + 1:
+            if sum(kv) != KV + 1 or kv[2] < 1:  # (the kernel's masks: two tokens on z or more)
                 continue
             cost = 1
             for a, (ax, ql, kl) in enumerate(zip(axes, q, kv)):

@@ -34,6 +34,7 @@ struct FnaArgs {
                                      // into the scores: exact)
   int qlog[kMaxRank], kvlog[kMaxRank];  // log2 of the query / key tile extents
   uint64_t q_rep[kMaxRank], kv_rep[kMaxRank];  // tile_reps(qlog), tile_reps(kvlog): tile_mask
+  ColumnAxes kv_cols;           // column_axes(kvlog, 16): the box walk's masks (walk.cuh)
   int q_tpg[kMaxRank], q_units[kMaxRank];    // query tiles per dilation group; d * q_tpg
   int kv_tpg[kMaxRank], kv_units[kMaxRank];  // the same for key tiles
   int64_t q_tiles, kv_tiles;    // tile slots (product of units)

@@ -16,8 +16,9 @@
 //     so each warpgroup's steps (those its own rows reach) are one run, as in 1-D. One map per
 //     dilation group (tensor_maps.h encode_box_maps).
 // Only key tiles that straddle a window edge are masked (1-D: a test per element; boxes: the
-// row's window as a bit set per 64-key half, walk.cuh box_window_bits). The steps it shares with
-// the other forwards (online softmax, rescale, epilogue) are in forward_step.cuh.
+// row's window as a bit set of the thread's 32 columns, walk.cuh ColumnWindow, testing only the
+// axes on which the tile straddles an edge). The steps it shares with the other forwards (online
+// softmax, rescale, epilogue) are in forward_step.cuh.
 #include "box_roles.cuh"
 #include "forward_step.cuh"
 #include "launch.h"
@@ -154,29 +155,28 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
   int logs[kMaxRank];  // the tile's rows' log2 extents (tile_offsets)
   // 1-D: the rows' windows, keys [ws, ws + wlen) (empty past the problem).
   int ws[2], wlen[2];
-  // Boxes: the rows' windows [start, end) per axis (empty past the problem); the key box; the
-  // counter of the step whose scores come next; the key tile's two 64-key halves (split on its
-  // first axis longer than one token): their extents, tile_reps and the second's offset.
-  int start[2][3], end[2][3];
+  // Boxes: the rows' windows (empty past the problem) as the thread's key columns; the key
+  // box; the counter of the step whose scores come next.
+  ColumnWindow rows[2];
   const KeyWalk walk = key_walk(a, qb);  // (boxes only)
   TileCounter cur;
   cur.reset();
-  int half_logs[3], half_off[3];  // (their tile_reps: a.kv_rep, launch_forward_tma)
   if constexpr (kBox) {
     stacked_tile_logs(a, sa, logs);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int qc[3];
       const bool in = box_row(qb, logs, tile_row<1, true>(0, i), qc);
+      int start[3], end[3];
 #pragma unroll
       for (int ax = 0; ax < 3; ++ax) {
-        start[i][ax] = in ? win_start(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
-        end[i][ax] = in ? win_end(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
+        start[ax] = in ? win_start(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
+        end[ax] = in ? win_end(a.ax[ax], qb.lg[ax], qc[ax]) : 0;
       }
+      rows[i] = ColumnWindow(a, start, end);
     }
     steps = walk.spatial;
     int inner = 1, s_lo = 0, s_hi = 0;
-    bool split = false;
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) {
       const AxisParams& x = a.ax[ax];
@@ -196,9 +196,6 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
         full_lo[ax] = win_start(x, qb.lg[ax], l);
         full_hi[ax] = win_end(x, qb.lg[ax], f);
       }
-      half_logs[ax] = a.kvlog[ax] - (!split && a.kvlog[ax] > 0 ? 1 : 0);
-      half_off[ax] = !split && a.kvlog[ax] > 0 ? 1 << half_logs[ax] : 0;
-      split = split || a.kvlog[ax] > 0;
     }
     step_lo = s_lo * inner;
     step_hi = s_hi * inner;
@@ -293,44 +290,47 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     // The step's key tile: its origin (1-D: o[0]) and whether it lies inside every row's window.
     int o[3] = {box_lo + n * kTmaFwdKeys, 0, 0};
     bool inside = true;
+    unsigned inside_axes = 0;  // (boxes: bit ax, inside every row's window on axis ax)
     if constexpr (kBox) {
       bool whole_tile;  // (key_tile's test is the whole query tile's: the warpgroup's is below)
       key_tile(a, walk, cur, o, whole_tile);
       cur.next(walk.n);
 #pragma unroll
-      for (int ax = 0; ax < 3; ++ax)
-        inside = inside && o[ax] >= full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= full_hi[ax];
+      for (int ax = 0; ax < 3; ++ax) {
+        const bool in = o[ax] >= full_lo[ax] && o[ax] + (1 << a.kvlog[ax]) <= full_hi[ax];
+        inside_axes |= in ? 1u << ax : 0u;
+      }
+      inside = inside_axes == 7u;
     } else {
       inside = o[0] >= full_lo[0] && o[0] + kTmaFwdKeys <= full_hi[0];
+    }
+    // Scores with a negative scale: negated, so that the online softmax's max is the weights'.
+    if (a.scale_sign < 0.f) {
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][nb][e] = -s[0][nb][e];
     }
     // (The softmax ends each branch: ptxas would move the wait for the product in flight up to
     // where they join.)
     float alpha[1][2];
     if (inside) {
-      if (a.scale_sign < 0.f) {
-#pragma unroll
-        for (int nb = 0; nb < 16; ++nb)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[0][nb][e] = -s[0][nb][e];
-      }
       online_softmax<1, 16>(s, m, alpha, mul, false);
     } else if constexpr (kBox) {
-      // Per row and 64-key half, the keys inside the row's window as a bit set: element (nb, c)
-      // of the thread's fragment is bit 8 (nb % 8) + c of half nb / 8.
-      int o2[3];
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) o2[ax] = o[ax] + half_off[ax];
+      // Per row, the thread's keys inside the row's window: element (nb, c) is bit nb + 16 c,
+      // read a byte at a time (ptxas then turns seven bits into predicates with one R2P).
+      int off[3];
+      ColumnWindow::step_offsets(a, o, off);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const uint64_t bits[2] = {box_window_bits(half_logs, a.kv_rep, start[i], end[i], o),
-                                  box_window_bits(half_logs, a.kv_rep, start[i], end[i], o2)};
+        const unsigned in = rows[i].bits(a, off, inside_axes);
 #pragma unroll
-        for (int nb = 0; nb < 16; ++nb) {
-          const unsigned word = static_cast<unsigned>(bits[nb >> 3] >> (32 * ((nb >> 2) & 1)));
+        for (int k = 0; k < 4; ++k) {
+          const unsigned byte = (in >> (8 * k)) & 0xffu;
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const bool in = (word >> (8 * (nb & 3) + c)) & 1u;
-            s[0][nb][2 * i + c] = in ? s[0][nb][2 * i + c] * a.scale_sign : -INFINITY;
+          for (int b = 0; b < 8; ++b) {
+            const int nb = 8 * (k & 1) + b, c = k >> 1;
+            if (!((byte >> b) & 1u)) s[0][nb][2 * i + c] = -INFINITY;
           }
         }
       }
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
           const int i = e >> 1;
           const bool in = static_cast<unsigned>(o[0] + frag_col(nb, e) - ws[i]) <
                           static_cast<unsigned>(wlen[i]);
-          s[0][nb][e] = in ? s[0][nb][e] * a.scale_sign : -INFINITY;
+          if (!in) s[0][nb][e] = -INFINITY;
         }
       online_softmax<1, 16>(s, m, alpha, mul, false);
     }
@@ -413,15 +413,11 @@ ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, cons
           s.q_units[ax] = x.dilation * s.q_tpg[ax];
           s.q_tiles *= s.q_units[ax];
         }
-        // The kernel masks a key tile as two 64-key halves (split on its first axis longer
-        // than one token): kv_rep holds their tile_reps.
-        int half[kMaxRank];
-        bool split = false;
-        for (int ax = 0; ax < kMaxRank; ++ax) {
-          half[ax] = a.kvlog[ax] - (!split && a.kvlog[ax] > 0 ? 1 : 0);
-          split = split || a.kvlog[ax] > 0;
-        }
-        tile_reps(half, s.kv_rep);
+        // (walk.cuh ColumnWindow: the key tile's last axis at least two tokens long.)
+        if (a.kvlog[kMaxRank - 1] < 1)
+          return invalid("fused: the TMA forward's box walk needs key tiles of two or more "
+                         "tokens on the last axis");
+        s.kv_cols = column_axes(a.kvlog, kTmaFwdKeys / 8);
         BoxTmaMaps maps = {};
         NATTEN_TRY(encode_box_maps(maps, p, type, batch_total, s, /*grad=*/false));
         const dim3 grid(static_cast<unsigned>(s.q_tiles), a.heads, static_cast<unsigned>(batch));

@@ -372,7 +372,8 @@ inline ffi::Error box_tma_tiling(const Problem& p, I64Span q_tile, I64Span kv_ti
 // 64 and 128 and with its own tiles: a query tile is tma_fwd_wgs(dt) parts of 64 queries (one per
 // computing warpgroup), each a box of 2^qlog tokens per axis, stacked along the problem's first
 // axis longer than one token (long_axis, the stacked axis: the tile spans wgs 2^qlog tokens on
-// it); key tiles are boxes of 128 tokens (kvlog sums to 7). The walk visits the key tiles of the
+// it); key tiles are boxes of 128 tokens (kvlog sums to 7) at least two tokens long on the last
+// axis (the kernel's masks: walk.cuh ColumnWindow). The walk visits the key tiles of the
 // whole tile's key box row-major, the stacked axis outermost (the axes before it are one token
 // long), so the steps a part's own windows reach are one contiguous run of it.
 constexpr int kTmaBoxKeyLog = 7;  // log2 kTmaFwdKeys
@@ -383,7 +384,7 @@ inline bool forward_on_tma_box(const Problem& p, int dt, bool tiles_given) {
 // The box walk's tiles for p (the pair count its warpgroups compute, least first; ties: longer z
 // runs), into t (qlog: one part's box; kvlog: the key tile's). False where no parts of exactly
 // 64 queries fill a tile on the stacked axis, or no key tile of exactly 128 keys fits the
-// problem's axes (small problems).
+// problem's axes (small problems, or a last axis one token long).
 // `cost`: the (part, key tile) pairs computed, each of 64 x 128 scores.
 inline bool tma_box_tiling(const Problem& p, int dt, Tiling& t, double& cost) {
   const int parts = tma_fwd_wgs(dt), stacked = long_axis(p);
@@ -398,7 +399,7 @@ inline bool tma_box_tiling(const Problem& p, int dt, Tiling& t, double& cost) {
     // past the axis (a warpgroup without rows would idle for the whole walk).
     if (qx + qy + qz != kTileLog || (parts << ql[stacked]) > stacked_length) return;
     for_each_shape(p, kTmaBoxKeyLog, [&](int kx, int ky, int kz) {
-      if (kx + ky + kz != kTmaBoxKeyLog) return;
+      if (kx + ky + kz != kTmaBoxKeyLog || kz < 1) return;
       const int kl[3] = {kx, ky, kz};
       double c = 1;
       for (int a = 0; a < kMaxRank; ++a)

@@ -333,31 +333,64 @@ __device__ __forceinline__ bool key_queries(const FnaArgs& a, const Box& kb, int
   return ok;
 }
 
-// The keys of a key tile with extents 2^logs (rep: tile_reps(logs)) at local origin o inside one
-// query row's window [start, end) per axis as a bit set (tile_mask), shifted to the thread's
-// first C-fragment column: element (nb, c) of the row in the thread's fragment is bit 8 nb + c
-// (wgmma's two rows a thread; a test per element would cost one per axis).
-__device__ __forceinline__ uint64_t box_window_bits(const int (&logs)[kMaxRank],
-                                                    const uint64_t (&rep)[kMaxRank],
-                                                    const int (&start)[3], const int (&end)[3],
-                                                    const int (&o)[3]) {
+// The keys of the key tile (a.kvlog, rep a.kv_rep) at local origin o inside one query row's
+// window w (fill_windows: start, length per axis) as a bit set (tile_mask), shifted to the
+// thread's first C-fragment column: element (nb, c) of the row in the thread's fragment is bit
+// 8 nb + c (wgmma's two rows a thread; a test per element would cost one per axis).
+__device__ __forceinline__ uint64_t window_bits(const FnaArgs& a, const int* w,
+                                                const int (&o)[3]) {
   int lo[3], hi[3];
 #pragma unroll
   for (int ax = 0; ax < 3; ++ax) {
-    const int extent = 1 << logs[ax];
-    lo[ax] = imin(imax(start[ax] - o[ax], 0), extent);
-    hi[ax] = imin(imax(end[ax] - o[ax], 0), extent);
+    const int extent = 1 << a.kvlog[ax];
+    lo[ax] = imin(imax(w[2 * ax] - o[ax], 0), extent);
+    hi[ax] = imin(imax(w[2 * ax] + w[2 * ax + 1] - o[ax], 0), extent);
   }
-  return tile_mask(logs, rep, lo, hi) >> frag_col(0, 0);
+  return tile_mask(a.kvlog, a.kv_rep, lo, hi) >> frag_col(0, 0);
 }
-// The same for the key tile (a.kvlog) and a row's window w as fill_windows keeps it.
-__device__ __forceinline__ uint64_t window_bits(const FnaArgs& a, const int* w,
-                                                const int (&o)[3]) {
-  int start[3], end[3];
+
+// ---- a row's window in the thread's accumulator columns (the TMA forward's box walk) -----------
+// One query row's window [start, end) per axis over key tiles of a.kvlog, tested as the thread's
+// 32 columns of the row's m64n128 accumulator (natten/tile_mask.h column_axes, a.kv_cols): bit
+// nb + 16 c of bits() is element (nb, c) of the thread's fragment row. The bounds are kept as
+// column_bound makes them (per c on the last axis, whose offsets depend on c), so that a step
+// tests a bound in about five integer instructions.
+struct ColumnWindow {
+  int lo[4], hi[4];  // kinds: axes 0, 1, then the last axis for c = 0 and c = 1
+
+  ColumnWindow() = default;
+  __device__ __forceinline__ ColumnWindow(const FnaArgs& a, const int (&start)[3],
+                                          const int (&end)[3]) {
+    // (The lane read by a volatile asm: ptxas cannot recompute what derives from it, so the bounds
+    // stay in registers instead of being rebuilt at every masked step.)
+    unsigned lane;
+    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+    const int quad = static_cast<int>(lane & 3);
 #pragma unroll
-  for (int ax = 0; ax < 3; ++ax) start[ax] = w[2 * ax], end[ax] = w[2 * ax] + w[2 * ax + 1];
-  return box_window_bits(a.kvlog, a.kv_rep, start, end, o);
-}
+    for (int k = 0; k < 4; ++k) {
+      lo[k] = column_bound(a.kv_cols, quad, k, start[column_axis(k)]);
+      hi[k] = column_bound(a.kv_cols, quad, k, end[column_axis(k)]);
+    }
+  }
+
+  // The thread's columns of the key tile at local origin o inside the window (off: the tile's
+  // column_offset per axis, shared by the rows). Axes flagged in `inside` (bit ax: the tile lies
+  // inside every row's window on that axis, uniform over the warp) are not tested.
+  __device__ __forceinline__ static void step_offsets(const FnaArgs& a, const int (&o)[3],
+                                                      int (&off)[3]) {
+#pragma unroll
+    for (int ax = 0; ax < 3; ++ax) off[ax] = column_offset(a.kv_cols, ax, o[ax]);
+  }
+  __device__ __forceinline__ unsigned bits(const FnaArgs& a, const int (&off)[3],
+                                           unsigned inside) const {
+    auto run = [&](int k) { return column_run(a.kv_cols, k, lo[k], hi[k], off[column_axis(k)]); };
+    unsigned m = ~0u;
+    if (!(inside & 1u)) m &= run(0);
+    if (!(inside & 2u)) m &= run(1);
+    if (!(inside & 4u)) m &= run(2) | run(3) << 16;
+    return m;
+  }
+};
 
 // Per row r < rows of query tile qb, its window per axis into win[r * 6 ..]: (start, length)
 // pairs, length 0 for rows outside the problem. Kept in shared memory by the kernels that test

@@ -58,4 +58,66 @@ NATTEN_HD uint64_t tile_mask(const int (&logs)[kMaxRank], const uint64_t (&rep)[
   return m;
 }
 
+// ---- a tile's tokens as a thread's accumulator columns (fna/walk.cuh ColumnWindow) ------------
+// A wgmma accumulator row of 8 B columns (B n8 blocks) gives each thread columns
+// 8 nb + 2 (lane % 4) + c (nb < B, c < 2); over a tile of 2^logs tokens in the order above, axis
+// ax's offset is column bits [S, S + L) (L = logs[ax], S the later axes' logs). The columns whose
+// offset lies in [lo, hi) are, for each c, a run of n8 blocks repeated every 2^P blocks:
+//   S >= 3: the offset is (nb >> (S - 3)) mod 2^L: blocks [lo, hi) << (S - 3), P = L + S - 3;
+//   S < 3, u = 3 - S: the offset is (nb << u) mod 2^L + t, t = ((2 (lane % 4) + c) >> S) mod 2^L
+//     (no carry: t < 2^u): blocks [ceil((lo - t) / 2^u), ceil((hi - t) / 2^u)), P = max(L - u, 0)
+//     (L <= u: t is every block's offset; the run is all blocks or none).
+// Both are block(x) = ((x + bias) scale) >> down, bias = 2^u - 1 - t (0 where S >= 3), scale =
+// 2^max(S - 3, 0), down = u. For x in [0, 2^L] the blocks lie in [0, 2^P]; a bound outside the
+// tile is clamped before the shift: block = min(max((x + bias) scale, 0), cap) >> down with cap =
+// (2^P << down) + 2^down - 1 (an arithmetic shift is monotone and keeps 0). rep repeats a run
+// every 2^P blocks below B (axes before the last: also from bit 16, the c = 1 copy: t depends on
+// c only on the axis with S = 0, which must be the last, logs[2] >= 1).
+struct ColumnAxes {
+  int scale[kMaxRank], down[kMaxRank], cap[kMaxRank], shift[kMaxRank], mask[kMaxRank];
+  uint32_t rep[kMaxRank];  // shift: S; mask: 2^L - 1
+};
+// For a tile of 8 blocks tokens (2 <= blocks <= 16) with logs[2] >= 1 (the caller checks).
+NATTEN_HD ColumnAxes column_axes(const int (&logs)[kMaxRank], int blocks) {
+  ColumnAxes c{};
+  int s = 0;
+  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
+    const int p = s + logs[ax] - 3 > 0 ? s + logs[ax] - 3 : 0;  // (2^P <= blocks)
+    c.shift[ax] = s;
+    c.mask[ax] = (1 << logs[ax]) - 1;
+    c.scale[ax] = 1 << (s > 3 ? s - 3 : 0);
+    c.down[ax] = s < 3 ? 3 - s : 0;
+    c.cap[ax] = ((1 << p) << c.down[ax]) + (1 << c.down[ax]) - 1;
+    const uint32_t run_rep = ((1u << blocks) - 1) / ((1u << (1 << p)) - 1);
+    c.rep[ax] = ax == kMaxRank - 1 ? run_rep : run_rep | run_rep << 16;
+    s += logs[ax];
+  }
+  return c;
+}
+
+// A thread's window bounds are kept per kind k: axes 0, 1, the last axis for c = 0, and for
+// c = 1 (k = 3). column_bound: a bound x of kind k for the thread with columns 2 quad, 2 quad + 1
+// (quad = lane % 4) of each n8 block, kept as (x + bias) scale.
+NATTEN_HD int column_axis(int k) { return k < 2 ? k : 2; }
+NATTEN_HD int column_bound(const ColumnAxes& ca, int quad, int k, int x) {
+  const int ax = column_axis(k), s = ca.shift[ax];
+  const int t = s >= 3 ? 0 : ((2 * quad + (k == 3)) >> s) & ca.mask[ax];
+  return (x + (1 << ca.down[ax]) - 1 - t) * ca.scale[ax];
+}
+// The columns between kept bounds lo and hi of kind k, for a tile at origin o on that axis
+// (off = -o scale: column_offset), as bits nb of the run (repeated; not yet placed for c = 1).
+NATTEN_HD int column_offset(const ColumnAxes& ca, int ax, int o) { return -o * ca.scale[ax]; }
+NATTEN_HD uint32_t column_run(const ColumnAxes& ca, int k, int lo, int hi, int off) {
+  const int ax = column_axis(k);
+  auto block = [&](int x) { return imin(imax(x + off, 0), ca.cap[ax]) >> ca.down[ax]; };
+  const int first = block(lo), last = block(hi);
+  uint32_t m;
+#if defined(__CUDA_ARCH__)
+  asm("bmsk.clamp.b32 %0, %1, %2;" : "=r"(m) : "r"(first), "r"(last - first));
+#else
+  m = ((1u << (last - first)) - 1) << first;  // (runs of at most 16 bits)
+#endif
+  return m * ca.rep[ax];
+}
+
 }  // namespace natten
