@@ -15,23 +15,26 @@ namespace fna {
 
 // ---- tile geometry -------------------------------------------------------------------------------
 // A tile slot (row-major over the axes' units = dilation groups x tiles per group) -> per axis its
-// dilation group, group length and local range [lo, hi). False when the tile is empty.
+// dilation group, group length and local range [lo, hi). False when the tile is empty. Its
+// extents are 2^logs, except on axis `stacked` (if any), where it is `parts` such boxes long (the
+// TMA forward's stacked tiles: stacked_tile).
 struct Box {
   int grp[kMaxRank], lg[kMaxRank], lo[kMaxRank], hi[kMaxRank];
 };
 
 __device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMaxRank],
                                          const int (&tpg)[kMaxRank], const int (&units)[kMaxRank],
-                                         int64_t slot, Box& t) {
+                                         int64_t slot, Box& t, int stacked = -1, int parts = 1) {
   bool nonempty = true;
 #pragma unroll
   for (int ax = kMaxRank - 1; ax >= 0; --ax) {
     const int u = static_cast<int>(slot % units[ax]);
     slot /= units[ax];
+    const int boxes = ax == stacked ? parts : 1;
     t.grp[ax] = u / tpg[ax];
     t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
-    t.lo[ax] = (u % tpg[ax]) << logs[ax];
-    t.hi[ax] = imin(t.lo[ax] + (1 << logs[ax]), t.lg[ax]);
+    t.lo[ax] = ((u % tpg[ax]) * boxes) << logs[ax];
+    t.hi[ax] = imin(t.lo[ax] + (boxes << logs[ax]), t.lg[ax]);
     nonempty = nonempty && t.lo[ax] < t.lg[ax];
   }
   return nonempty;
@@ -93,23 +96,11 @@ __device__ __forceinline__ int stacked_axis(const FnaArgs& a) {
   return a.ax[0].length > 1 ? 0 : (a.ax[1].length > 1 ? 1 : 2);
 }
 // The stacked query tile at slot `slot`: `parts` boxes of 2^a.qlog tokens (one per computing
-// warpgroup) along axis sa, row-major over the axes' units (dilation groups x a.q_tpg tiles per
-// group, which the launcher counts for tiles of parts 2^qlog[sa] tokens on sa). False when empty.
+// warpgroup) along axis sa (a.q_tpg, a.q_units: counted by the launcher for tiles of parts
+// 2^qlog[sa] tokens on sa). False when empty.
 __device__ __forceinline__ bool stacked_tile(const FnaArgs& a, int sa, int parts, int64_t slot,
                                              Box& t) {
-  bool nonempty = true;
-#pragma unroll
-  for (int ax = kMaxRank - 1; ax >= 0; --ax) {
-    const int u = static_cast<int>(slot % a.q_units[ax]);
-    slot /= a.q_units[ax];
-    const int extent = (ax == sa ? parts : 1) << a.qlog[ax];
-    t.grp[ax] = u / a.q_tpg[ax];
-    t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
-    t.lo[ax] = (u % a.q_tpg[ax]) * extent;
-    t.hi[ax] = imin(t.lo[ax] + extent, t.lg[ax]);
-    nonempty = nonempty && t.lo[ax] < t.lg[ax];
-  }
-  return nonempty;
+  return tile_box(a, a.qlog, a.q_tpg, a.q_units, slot, t, sa, parts);
 }
 // Log2 extents that address a stacked tile's rows (tile_offsets): a.qlog, 4 parts' worth on the
 // stacked axis. Part p's rows are then 64 p .. 64 p + 63 (the axes before sa are one token long).
