@@ -167,15 +167,13 @@ NB_MODULE(_natten_ext, m) {
           throw std::invalid_argument("column_bits: tiles of 16 to 128 tokens, two or more on "
                                       "the last axis; quad in [0, 4)");
         const natten::ColumnAxes ca = natten::column_axes(l, 1 << (sum - 3));
-        uint32_t m = ~0u;
+        int lo[4], hi[4], off[3];
         for (int k = 0; k < 4; ++k) {
-          const int ax = natten::column_axis(k);
-          const uint32_t run = natten::column_run(
-              ca, k, natten::column_bound(ca, quad, k, start[ax]),
-              natten::column_bound(ca, quad, k, end[ax]), natten::column_offset(ca, ax, origin[ax]));
-          m &= k < 2 ? run : (k == 2 ? run | 0xFFFF0000u : (run << 16) | 0xFFFFu);
+          lo[k] = natten::column_bound(ca, quad, k, start[natten::column_axis(k)]);
+          hi[k] = natten::column_bound(ca, quad, k, end[natten::column_axis(k)]);
         }
-        return m;
+        for (int ax = 0; ax < 3; ++ax) off[ax] = natten::column_offset(ca, ax, origin[ax]);
+        return natten::column_bits(ca, lo, hi, off, /*skip=*/0u);
       },
       "The columns 8 nb + 2 quad + c (bit nb + 16 c) of a tile with extents 2^logs at local "
       "origin `origin` whose offsets lie in the window [start, end) on every axis.");

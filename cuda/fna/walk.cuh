@@ -92,7 +92,7 @@ __device__ __forceinline__ void axis_tile_logs(const FnaArgs& a, int (&logs)[kMa
 
 // ---- stacked tiles (the TMA forward's box walk, 2-D and 3-D: tiling.h tma_box_tiling) ---------
 // The axis a stacked tile's parts stack along: the problem's first axis longer than one token.
-__device__ __forceinline__ int stacked_axis(const FnaArgs& a) {
+__host__ __device__ __forceinline__ int stacked_axis(const FnaArgs& a) {
   return a.ax[0].length > 1 ? 0 : (a.ax[1].length > 1 ? 1 : 2);
 }
 // The stacked query tile at slot `slot`: `parts` boxes of 2^a.qlog tokens (one per computing
@@ -374,12 +374,7 @@ struct ColumnWindow {
   }
   __device__ __forceinline__ unsigned bits(const FnaArgs& a, const int (&off)[3],
                                            unsigned inside) const {
-    auto run = [&](int k) { return column_run(a.kv_cols, k, lo[k], hi[k], off[column_axis(k)]); };
-    unsigned m = ~0u;
-    if (!(inside & 1u)) m &= run(0);
-    if (!(inside & 2u)) m &= run(1);
-    if (!(inside & 4u)) m &= run(2) | run(3) << 16;
-    return m;
+    return column_bits(a.kv_cols, lo, hi, off, inside);
   }
 };
 

@@ -119,5 +119,17 @@ NATTEN_HD uint32_t column_run(const ColumnAxes& ca, int k, int lo, int hi, int o
 #endif
   return m * ca.rep[ax];
 }
+// A row's window as the thread's columns: bit nb + 16 c for column 8 nb + 2 quad + c, from its
+// kept bounds per kind (lo, hi: column_bound) and the tile's column_offset per axis. Axes flagged
+// in `skip` (bit ax: the tile lies inside the window on that axis) are not tested.
+NATTEN_HD uint32_t column_bits(const ColumnAxes& ca, const int (&lo)[4], const int (&hi)[4],
+                               const int (&off)[kMaxRank], unsigned skip) {
+  auto run = [&](int k) { return column_run(ca, k, lo[k], hi[k], off[column_axis(k)]); };
+  uint32_t m = ~0u;
+  if (!(skip & 1u)) m &= run(0);
+  if (!(skip & 2u)) m &= run(1);
+  if (!(skip & 4u)) m &= run(2) | run(3) << 16;
+  return m;
+}
 
 }  // namespace natten
