@@ -67,12 +67,17 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // queries, two buffers: step i writes buffer i % 2), the step's dq rows (float32, padded rows:
   // conflict-free fragment stores, 16-byte aligned for the bulk copies; warpgroup g writes and
   // adds columns [g kN, (g + 1) kN), kN = DT / kDqWgs; kTma: 32-column boxes [DT / 32][kRows][32]
-  // with 128-byte swizzle, 1024-byte aligned), then d-rpb.
+  // with 128-byte swizzle, 1024-byte aligned), then (kDq) the walk's fields, written once by
+  // thread 0 and read by every computing thread (uniform over the CTA: in registers they were
+  // spilled and reloaded at the top of each step), then d-rpb.
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
   T* Ss = reinterpret_cast<T*>(bars + 8);
   float* Qacc = reinterpret_cast<float*>(Ss + 2 * kKeys * kRows);
   if constexpr (kTma) Qacc += ((1024 - (smem_addr(Qacc) & 1023)) & 1023) / 4;
-  float* drpb_s = Qacc + kRows * kDqLd<DT>;
+  QueryWalk* walk_s = reinterpret_cast<QueryWalk*>(Qacc + kRows * kDqLd<DT>);
+  float* drpb_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(walk_s) + 128);
+  static_assert(sizeof(QueryWalk) <= 128 && alignof(QueryWalk) <= 16,
+                "the walk fits its 128-byte slot (fna.cuh bwd_smem)");
   static_assert(2 * kStages + 1 <= 8, "barriers fit their 64 bytes");
 
   const int kvh = blockIdx.y, b = a.batch0 + static_cast<int>(blockIdx.z);
@@ -214,12 +219,52 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 
   // The computing warpgroups: the walk and the gradients. Warpgroup wg owns key rows
   // 64 wg .. 64 wg + 63 (thread tid of it, rows of warp w: 16 w .. 16 w + 15).
-  const QueryWalk walk(a, kb, spatial, kvh);
+  if constexpr (kDq) {
+    if (threadIdx.x == 0) *walk_s = QueryWalk(a, kb, spatial, kvh);
+    role_sync(1, kCompute);
+  }
+  const QueryWalk walk_r = kDq ? QueryWalk() : QueryWalk(a, kb, spatial, kvh);
+  const QueryWalk& walk = kDq ? *walk_s : walk_r;
   QueryWalk::Cursor staged = walk.start(), current = walk.start();
   [[maybe_unused]] const TileRows<DT, kRows, kWg> qrows(a, a.qlog);  // !kDq: this WG stages
-  const int wg = kDq ? warp >> 2 : 0, tid = threadIdx.x % kThreads;
+  // (One computing warpgroup: wg is 0 at compile time; two: read through a shuffle, so the
+  // compiler knows it is the same in every lane of a warp.)
+  const int wg = kDqWgs == 2 ? __shfl_sync(0xffffffffu, warp >> 2, 0) : 0;
+  const int tid = threadIdx.x % kThreads;
   const T* ks_wg = kDq ? Ks + wg * kRows * kLd : Ks;  // the warpgroup's keys and values
   const T* vs_wg = kDq ? Vs + wg * kRows * kLd : Vs;
+  // wgmma's operand descriptors (kWg), built once from their tiles' addresses and moved per stage
+  // and k16 step with desc_add (building one from an address costs ~10 uniform instructions,
+  // which each wgmma then waits for): the warpgroup's k and v rows as A (core matrices, K-major:
+  // k16 step kk 256 bytes on); q and do as the K-major B of the scores and the MN-major B of dk
+  // and dv (q_k_step, q_mn_step); dS^T's buffers and the key tile read MN-major for dq.
+  [[maybe_unused]] uint64_t k_a = 0, v_a = 0, q_k = 0, o_k = 0, q_mn = 0, o_mn = 0, ss_mn = 0,
+                            k_dq = 0;
+  if constexpr (kWg) {
+    k_a = smem_desc(ks_wg, 128, DT * 16);
+    v_a = smem_desc(vs_wg, 128, DT * 16);
+    if constexpr (kTma) {
+      q_k = smem_desc_sw128(Qs, 16, 1024);
+      o_k = smem_desc_sw128(Os, 16, 1024);
+      q_mn = smem_desc_sw128(Qs, kQBlock * 2, 1024);
+      o_mn = smem_desc_sw128(Os, kQBlock * 2, 1024);
+    } else {
+      q_k = smem_desc(Qs, 128, DT * 16);
+      o_k = smem_desc(Os, 128, DT * 16);
+      q_mn = smem_desc(Qs, DT * 16, 128);
+      o_mn = smem_desc(Os, DT * 16, 128);
+    }
+    if constexpr (kDq) {
+      ss_mn = smem_desc(Ss, kRows * 16, 128);
+      k_dq = smem_desc(Ks + wg * (DT / kDqWgs) * 8, DT * 16, 128);
+    }
+  }
+  // Bytes from a query-side tile's first k16 step to step kk: K-major (kTma: 32 bytes into 64-column
+  // block kk / 4), MN-major (16 query rows).
+  [[maybe_unused]] auto q_k_step = [](int kk) {
+    return kTma ? ((kk / 4) * kQBlock + (kk % 4) * 16) * 2 : kk * 256;
+  };
+  [[maybe_unused]] auto q_mn_step = [](int kk) { return kTma ? kk * 16 * 64 * 2 : kk * 16 * DT * 2; };
   // Barriers over the computing threads, and over the thread's own warpgroup (kDq).
   auto sync_compute = [&]() {
     if constexpr (kDq)
@@ -318,34 +363,21 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     float s1[1][8][4], dp1[1][8][4];
     auto& s = s1[0];
     auto& dp = dp1[0];
-    // A query-side tile (q or do) as the K-major B of k16 step kk (queries as N), and as the
-    // MN-major B (queries as K) of k16 step kk: core matrices, or with kTma 64-column blocks with
-    // 128-byte swizzle (k16 step kk: 32 bytes into block kk / 4; 16 query rows, 2048 bytes, into
-    // each block).
-    auto q_k_major = [](const T* tile, int kk) {
-      if constexpr (kTma)
-        return smem_desc_sw128(tile + (kk / 4) * kQBlock + (kk % 4) * 16, 16, 1024);
-      else
-        return smem_desc(tile + kk * 128, 128, DT * 16);
-    };
-    [[maybe_unused]] auto q_mn_major = [](const T* tile, int kk) {
-      if constexpr (kTma)
-        return smem_desc_sw128(tile + kk * 16 * 64, kQBlock * 2, 1024);
-      else
-        return smem_desc(tile + kk * 16 * DT, DT * 16, 128);
-    };
-    // acc = A B^T issued on wgmma (not committed): A the warpgroup's k or v rows (core matrices),
-    // B the query-side tile (q or do).
-    [[maybe_unused]] auto issue_scores = [&](float (&acc)[8][4], const T* a_rows, const T* b) {
+    // The stage's query-side tiles (q, do): bytes from stage 0's (wgmma descriptors).
+    [[maybe_unused]] const int stage = buf * kRows * kLd * 2;
+    // acc = A B^T issued on wgmma (not committed): A the warpgroup's k or v rows (a_desc), B the
+    // stage's query-side tile (b_desc: q or do).
+    [[maybe_unused]] auto issue_scores = [&](float (&acc)[8][4], uint64_t a_desc,
+                                             uint64_t b_desc) {
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_ss64<T>(&acc[0][0], smem_desc(a_rows + kk * 128, 128, DT * 16), q_k_major(b, kk),
+        wgmma_ss64<T>(&acc[0][0], desc_add(a_desc, kk * 256), desc_add(b_desc, stage + q_k_step(kk)),
                       kk);
     };
     auto scores_dp = [&]() {  // dP^T = v do^T, waited for
       if constexpr (kTma) {
         wgmma_fence();
-        issue_scores(dp, vs_wg, os);
+        issue_scores(dp, v_a, o_k);
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence(dp1);
@@ -361,10 +393,10 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     const bool bias_pass = rpb != nullptr;
     if constexpr (kWg) {
       wgmma_fence();
-      issue_scores(s, ks_wg, qs);
+      issue_scores(s, k_a, q_k);
       wgmma_commit();
       if constexpr (!kLateDp) {
-        issue_scores(dp, vs_wg, os);
+        issue_scores(dp, v_a, o_k);
         wgmma_commit();
       }
     } else {
@@ -511,7 +543,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_rs<T, DT, 1>(&dv[0][0], pa[kk], q_mn_major(os, kk), 1);
+        wgmma_rs<T, DT, 1>(&dv[0][0], pa[kk], desc_add(o_mn, stage + q_mn_step(kk)), 1);
       wgmma_commit();
       if constexpr (kLateDp) {
         wgmma_wait<0>();
@@ -523,7 +555,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_rs<T, DT, 1>(&dk[0][0], da[kk], q_mn_major(qs, kk), 1);
+        wgmma_rs<T, DT, 1>(&dk[0][0], da[kk], desc_add(q_mn, stage + q_mn_step(kk)), 1);
       wgmma_commit();
       if constexpr (kDq) {
         // dS^T -> this step's Ss buffer (element (key r, query c) at core_offset(r, c, 64)): the
@@ -549,8 +581,9 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk)
-          wgmma_ss<T, kN, 1, 1>(&dq[0][0], smem_desc(ss + kk * 16 * kRows, kRows * 16, 128),
-                                smem_desc(Ks + kk * 16 * DT + wg * kN * 8, DT * 16, 128), kk);
+          wgmma_ss<T, kN, 1, 1>(&dq[0][0],
+                                desc_add(ss_mn, ((it & 1) * kKeys * kRows + kk * 16 * kRows) * 2),
+                                desc_add(k_dq, kk * 16 * DT * 2), kk);
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence(dq);

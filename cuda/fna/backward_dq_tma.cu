@@ -86,8 +86,14 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
   for (int nb = 0; nb < DT / 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[0][nb][e] = 0.f;
-  const T* qs = Qs + wg * kRows * 64;  // the warpgroup's rows (in each 64-column block)
-  const T* os = Os + wg * kRows * 64;
+  // wgmma's operand descriptors, built once and moved per stage and k16 step with desc_add
+  // (building one from an address costs ~10 uniform instructions, which each wgmma then waits
+  // for): the warpgroup's q and do rows (in each 64-column block), stage 0's k and v K-major (the
+  // scores) and k MN-major (dq: 16 keys a k16 step, 2048 bytes into each 64-column block).
+  const uint64_t q_desc = smem_desc_sw128(Qs + wg * kRows * 64, 16, 1024);
+  const uint64_t o_desc = smem_desc_sw128(Os + wg * kRows * 64, 16, 1024);
+  const uint64_t k_desc = smem_desc_sw128(Ks, 16, 1024), v_desc = smem_desc_sw128(Vs, 16, 1024);
+  const uint64_t k_mn = smem_desc_sw128(Ks, kKBlock * 2, 1024);
   const OwnKeys own(a, qb, wg);  // the steps the warpgroup's rows need
   TileCounter current;
   current.reset();
@@ -103,16 +109,15 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     bool full;
     key_tile(a, walk, current, o, full);
     current.next(walk.n);
-    const T* ks = Ks + ring.stage(j) * kRows * DT;
-    const T* vs = Vs + ring.stage(j) * kRows * DT;
+    const int stage = ring.stage(j) * kRows * DT * 2;  // the stage's k, v: bytes from stage 0's
 
     // s = q k^T and dP = do v^T, two commit groups: the weights are formed from s while dP is
     // in flight.
     float s[1][8][4], dp[1][8][4];
     wgmma_fence();
-    wg_issue_scores_sw128<T, DT>(s[0], qs, kQBlock, ks, kKBlock);
+    wg_issue_scores_sw128<T, DT>(s[0], q_desc, kQBlock * 2, desc_add(k_desc, stage), kKBlock * 2);
     wgmma_commit();
-    wg_issue_scores_sw128<T, DT>(dp[0], os, kQBlock, vs, kKBlock);
+    wg_issue_scores_sw128<T, DT>(dp[0], o_desc, kQBlock * 2, desc_add(v_desc, stage), kKBlock * 2);
     wgmma_commit();
     wgmma_wait<1>();  // s (committed first)
     reg_fence(s);
@@ -185,8 +190,7 @@ __global__ void __launch_bounds__(kFwdWsThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_rs<T, DT, 1>(&acc[0][0][0], da[kk],
-                         smem_desc_sw128(ks + kk * 16 * 64, kKBlock * 2, 1024), 1);
+      wgmma_rs<T, DT, 1>(&acc[0][0][0], da[kk], desc_add(k_mn, stage + kk * 2048), 1);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(acc);

@@ -194,7 +194,7 @@ constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs, bool tma = false) 
          2 * bwd_stages(dq_wgs) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
          3 * bwd_stages(dq_wgs) * kRows * 4 +
          (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0) +
-         (tma ? 16 + 1024 + (dq_wgs ? 1024 : 0) : 0);
+         (tma ? 16 + 1024 + (dq_wgs ? 1024 : 0) : 0) + (dq_wgs ? 128 : 0);
 }
 // The TMA backward (Hopper, 1-D problems, head-dim tile 64: backward_tma.cu): 128-key CTAs (two
 // computing warpgroups of 64 keys) walking 128-query steps, a producer warpgroup (one thread

@@ -176,16 +176,18 @@ __device__ __forceinline__ int wg_row(int mt, int i) {
   return mt * 64 + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2) + 8 * i;
 }
 
-// acc = A[64][DT] B[64][DT]^T with both tiles as the TMA writes them: 64-column blocks (a_block,
-// b_block elements apart) with 128-byte swizzle; k16 step kk reads 32 bytes into block kk / 4.
-// Issues the MMAs only: the caller fences before, commits and waits after.
+// acc = A[64][DT] B[64][DT]^T with both tiles as the TMA writes them: 64-column blocks with
+// 128-byte swizzle, given as descriptors of their first block (a, b; smem_desc_sw128 K-major,
+// built once by the caller) and the bytes between blocks; k16 step kk reads 32 bytes into block
+// kk / 4. Issues the MMAs only: the caller fences before, commits and waits after.
 template <typename T, int DT>
-__device__ __forceinline__ void wg_issue_scores_sw128(float (&acc)[8][4], const T* As,
-                                                      int a_block, const T* Bs, int b_block) {
+__device__ __forceinline__ void wg_issue_scores_sw128(float (&acc)[8][4], uint64_t a,
+                                                      int a_block_bytes, uint64_t b,
+                                                      int b_block_bytes) {
 #pragma unroll
   for (int kk = 0; kk < DT / 16; ++kk)
-    wgmma_ss64<T>(&acc[0][0], smem_desc_sw128(As + (kk / 4) * a_block + (kk % 4) * 16, 16, 1024),
-                  smem_desc_sw128(Bs + (kk / 4) * b_block + (kk % 4) * 16, 16, 1024), kk);
+    wgmma_ss64<T>(&acc[0][0], desc_add(a, (kk / 4) * a_block_bytes + (kk % 4) * 32),
+                  desc_add(b, (kk / 4) * b_block_bytes + (kk % 4) * 32), kk);
 }
 
 // acc[mt] = A[64 mt .. 64 mt + 63][DT] B[64][DT]^T, both core-matrix tiles (K-major operands:

@@ -259,6 +259,7 @@ struct QueryWalk {
   };
   __device__ __forceinline__ Cursor start() const { return Cursor{0, {{0, 0, 0}}, 0}; }
 
+  QueryWalk() = default;
   __device__ __forceinline__ QueryWalk(const FnaArgs& a, const Box& key_box, bool spatial_tile,
                                        int kv_head)
       : spatial(spatial_tile), kvh(kv_head), kb(key_box) {
