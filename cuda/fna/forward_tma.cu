@@ -6,7 +6,8 @@
 // s = q k^T (m64n128), the online softmax and o += P v on every key tile their rows reach, one
 // step ahead (the next tile's q k^T in flight during this tile's softmax). At head-dim tile 64 a
 // step's exponentials take about as long as its products: with three warpgroups one's softmax
-// runs while the others' products keep the tensor cores busy.
+// runs while the others' products keep the tensor cores busy (1-D: taking turns at issuing
+// them, pipeline.cuh IssueTurns; boxes: each at its own pace, NoTurns).
 // Two walks (kBox):
 //   1-D problems (tiling.h forward_on_tma): query tiles of 192 / 128 consecutive queries of one
 //     dilation group, key tiles of 128 consecutive keys (maps with the dilation folded in).
@@ -258,10 +259,11 @@ __global__ void __launch_bounds__(tma_fwd_threads(DT), 1)
     }
   };
 
-  // The warpgroups take turns at issuing their products (pipeline.cuh IssueTurns), one round per
-  // step of the CTA's walk and one for the last o += P v: steps + 1 rounds each, idle ones
-  // (steps outside the warpgroup's reach) included.
-  const IssueTurns<L::kWgs> turns(wg);
+  // 1-D: the warpgroups take turns at issuing their products (pipeline.cuh IssueTurns), one round
+  // per step of the CTA's walk and one for the last o += P v: steps + 1 rounds each, idle ones
+  // (steps outside the warpgroup's reach) included. Boxes: no turns (pipeline.cuh NoTurns says
+  // why); the idle steps only wait for their stage and release it.
+  const std::conditional_t<kBox, NoTurns, IssueTurns<L::kWgs>> turns(wg);
   turns.start();
   mbar_wait(q_full, 0);
   for (int j = 0; j < step_lo; ++j) {  // tiles before the warpgroup's reach
