@@ -297,11 +297,7 @@ inline bool tiles_given(I64Span q_tile, I64Span kv_tile) {
 // group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
 // own tiles (tma_fwd_q_rows queries, 128-key steps: a user's q_tile / kv_tile runs the box
 // kernels).
-inline int long_axis(const Problem& p) {
-  for (int ax = 0; ax < kMaxRank; ++ax)
-    if (p.extent[ax] > 1) return ax;
-  return kMaxRank - 1;
-}
+inline int long_axis(const Problem& p) { return first_long_axis(p.axis); }
 // The problems both TMA kernels serve, whatever the tiles.
 inline bool tma_problem(const Problem& p) {
   const AxisParams& x = p.axis[long_axis(p)];

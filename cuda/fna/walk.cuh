@@ -91,9 +91,10 @@ __device__ __forceinline__ void axis_tile_logs(const FnaArgs& a, int (&logs)[kMa
 }
 
 // ---- stacked tiles (the TMA forward's box walk, 2-D and 3-D: tiling.h tma_box_tiling) ---------
-// The axis a stacked tile's parts stack along: the problem's first axis longer than one token.
+// The axis a stacked tile's parts stack along: the problem's first axis longer than one token
+// (natten/window.h first_long_axis, which tiling.h's chooser calls too).
 __host__ __device__ __forceinline__ int stacked_axis(const FnaArgs& a) {
-  return a.ax[0].length > 1 ? 0 : (a.ax[1].length > 1 ? 1 : 2);
+  return first_long_axis(a.ax);
 }
 // The stacked query tile at slot `slot`: `parts` boxes of 2^a.qlog tokens (one per computing
 // warpgroup) along axis sa (a.q_tpg, a.q_units: counted by the launcher for tiles of parts

@@ -31,6 +31,12 @@ NATTEN_HD T imin(T a, T b) { return a < b ? a : b; }
 template <typename T>
 NATTEN_HD T imax(T a, T b) { return a > b ? a : b; }
 
+// The first axis longer than one token (the last axis where none is): the axis a 1-D problem
+// runs along, and the one the fused TMA forward's box walk stacks its parts on.
+NATTEN_HD int first_long_axis(const AxisParams (&axes)[kMaxRank]) {
+  return axes[0].length > 1 ? 0 : (axes[1].length > 1 ? 1 : 2);
+}
+
 // Tokens in dilation group g = x % d (group g holds x = g, g + d, g + 2d, ...).
 NATTEN_HD int group_length(int length, int dilation, int group) {
   return length / dilation + (group < length % dilation ? 1 : 0);
