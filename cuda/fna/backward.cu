@@ -259,12 +259,14 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       k_dq = smem_desc(Ks + wg * (DT / kDqWgs) * 8, DT * 16, 128);
     }
   }
-  // Bytes from a query-side tile's first k16 step to step kk: K-major (kTma: 32 bytes into 64-column
-  // block kk / 4), MN-major (16 query rows).
+  // Bytes from a query-side tile's first k16 step to step kk: K-major (kTma: 32 bytes into
+  // 64-column block kk / 4), MN-major (16 query rows).
   [[maybe_unused]] auto q_k_step = [](int kk) {
     return kTma ? ((kk / 4) * kQBlock + (kk % 4) * 16) * 2 : kk * 256;
   };
-  [[maybe_unused]] auto q_mn_step = [](int kk) { return kTma ? kk * 16 * 64 * 2 : kk * 16 * DT * 2; };
+  [[maybe_unused]] auto q_mn_step = [](int kk) {
+    return kTma ? kk * 16 * 64 * 2 : kk * 16 * DT * 2;
+  };
   // Barriers over the computing threads, and over the thread's own warpgroup (kDq).
   auto sync_compute = [&]() {
     if constexpr (kDq)
@@ -371,8 +373,8 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
                                              uint64_t b_desc) {
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk)
-        wgmma_ss64<T>(&acc[0][0], desc_add(a_desc, kk * 256), desc_add(b_desc, stage + q_k_step(kk)),
-                      kk);
+        wgmma_ss64<T>(&acc[0][0], desc_add(a_desc, kk * 256),
+                      desc_add(b_desc, stage + q_k_step(kk)), kk);
     };
     auto scores_dp = [&]() {  // dP^T = v do^T, waited for
       if constexpr (kTma) {
