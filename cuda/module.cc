@@ -167,12 +167,11 @@ NB_MODULE(_natten_ext, m) {
           throw std::invalid_argument("column_bits: tiles of 16 to 128 tokens, two or more on "
                                       "the last axis; quad in [0, 4)");
         const natten::ColumnAxes ca = natten::column_axes(l, 1 << (sum - 3));
+        const int a[3] = {start[0], start[1], start[2]}, b[3] = {end[0], end[1], end[2]};
+        const int o[3] = {origin[0], origin[1], origin[2]};
         int lo[4], hi[4], off[3];
-        for (int k = 0; k < 4; ++k) {
-          lo[k] = natten::column_bound(ca, quad, k, start[natten::column_axis(k)]);
-          hi[k] = natten::column_bound(ca, quad, k, end[natten::column_axis(k)]);
-        }
-        for (int ax = 0; ax < 3; ++ax) off[ax] = natten::column_offset(ca, ax, origin[ax]);
+        natten::column_bounds(ca, quad, a, b, lo, hi);
+        natten::column_offsets(ca, o, off);
         return natten::column_bits(ca, lo, hi, off, /*skip=*/0u);
       },
       "The columns 8 nb + 2 quad + c (bit nb + 16 c) of a tile with extents 2^logs at local "

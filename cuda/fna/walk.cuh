@@ -358,12 +358,7 @@ struct ColumnWindow {
     // stay in registers instead of being rebuilt at every masked step.)
     unsigned lane;
     asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
-    const int quad = static_cast<int>(lane & 3);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      lo[k] = column_bound(a.kv_cols, quad, k, start[column_axis(k)]);
-      hi[k] = column_bound(a.kv_cols, quad, k, end[column_axis(k)]);
-    }
+    column_bounds(a.kv_cols, static_cast<int>(lane & 3), start, end, lo, hi);
   }
 
   // The thread's columns of the key tile at local origin o inside the window (off: the tile's
@@ -371,8 +366,7 @@ struct ColumnWindow {
   // inside every row's window on that axis, uniform over the warp) are not tested.
   __device__ __forceinline__ static void step_offsets(const FnaArgs& a, const int (&o)[3],
                                                       int (&off)[3]) {
-#pragma unroll
-    for (int ax = 0; ax < 3; ++ax) off[ax] = column_offset(a.kv_cols, ax, o[ax]);
+    column_offsets(a.kv_cols, o, off);
   }
   __device__ __forceinline__ unsigned bits(const FnaArgs& a, const int (&off)[3],
                                            unsigned inside) const {

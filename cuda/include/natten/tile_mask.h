@@ -104,9 +104,23 @@ NATTEN_HD int column_bound(const ColumnAxes& ca, int quad, int k, int x) {
   const int t = s >= 3 ? 0 : ((2 * quad + (k == 3)) >> s) & ca.mask[ax];
   return (x + (1 << ca.down[ax]) - 1 - t) * ca.scale[ax];
 }
+// A row's window [start, end) per axis as its kept bounds per kind, for the thread of lane quad
+// `quad` (formed once per row: fna/walk.cuh ColumnWindow).
+NATTEN_HD void column_bounds(const ColumnAxes& ca, int quad, const int (&start)[kMaxRank],
+                             const int (&end)[kMaxRank], int (&lo)[4], int (&hi)[4]) {
+  for (int k = 0; k < 4; ++k) {
+    lo[k] = column_bound(ca, quad, k, start[column_axis(k)]);
+    hi[k] = column_bound(ca, quad, k, end[column_axis(k)]);
+  }
+}
 // The columns between kept bounds lo and hi of kind k, for a tile at origin o on that axis
 // (off = -o scale: column_offset), as bits nb of the run (repeated; not yet placed for c = 1).
 NATTEN_HD int column_offset(const ColumnAxes& ca, int ax, int o) { return -o * ca.scale[ax]; }
+// A tile's column_offset per axis (formed once per step, shared by the rows).
+NATTEN_HD void column_offsets(const ColumnAxes& ca, const int (&o)[kMaxRank],
+                              int (&off)[kMaxRank]) {
+  for (int ax = 0; ax < kMaxRank; ++ax) off[ax] = column_offset(ca, ax, o[ax]);
+}
 NATTEN_HD uint32_t column_run(const ColumnAxes& ca, int k, int lo, int hi, int off) {
   const int ax = column_axis(k);
   auto block = [&](int x) { return imin(imax(x + off, 0), ca.cap[ax]) >> ca.down[ax]; };
