@@ -399,9 +399,7 @@ ffi::Error launch_forward_tma(cudaStream_t stream, ffi::DataType t, int dt, cons
       constexpr int kQRows = tma_fwd_q_rows(DT);
       constexpr int kSmem = tma_fwd_smem(DT);
       const int sa = stacked_axis(a);  // (the first axis longer than one token)
-      int long_axes = 0;
-      for (int ax = 0; ax < kMaxRank; ++ax) long_axes += a.ax[ax].length > 1;
-      if (long_axes >= 2) {  // the box walk (tiling.h tma_box_tiling)
+      if (long_axis_count(a.ax) >= 2) {  // the box walk (tiling.h tma_box_tiling)
         // Its query tiles: tma_fwd_wgs parts of 2^qlog tokens stacked along axis sa
         // (walk.cuh stacked_tile), counted per axis into the arguments.
         FnaArgs s = a;

@@ -261,11 +261,7 @@ constexpr int fwd_q_tile_log(int dt, bool f32, bool wgmma) {
 // tiles) measured faster on the H200 than the wgmma one (64-token tiles: twice the key-tile
 // loads; 1-D tiles are mostly unmasked, so the wgmma kernel's extra occupancy buys little):
 // BENCHMARKS.md, 1d-long.
-inline int long_axes(const Problem& p) {
-  int n = 0;
-  for (int ax = 0; ax < kMaxRank; ++ax) n += p.extent[ax] > 1;
-  return n;
-}
+inline int long_axes(const Problem& p) { return long_axis_count(p.axis); }
 inline bool auto_forward_on_wgmma(const Problem& p) { return long_axes(p) > 1; }
 
 // Computing warpgroups of the Hopper single-walk backward (fna.cuh, bwd_*): two, on 128-key

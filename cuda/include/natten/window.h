@@ -36,6 +36,10 @@ NATTEN_HD T imax(T a, T b) { return a > b ? a : b; }
 NATTEN_HD int first_long_axis(const AxisParams (&axes)[kMaxRank]) {
   return axes[0].length > 1 ? 0 : (axes[1].length > 1 ? 1 : 2);
 }
+// How many axes are longer than one token (1-D problems: at most one).
+NATTEN_HD int long_axis_count(const AxisParams (&axes)[kMaxRank]) {
+  return (axes[0].length > 1) + (axes[1].length > 1) + (axes[2].length > 1);
+}
 
 // Tokens in dilation group g = x % d (group g holds x = g, g + d, g + 2d, ...).
 NATTEN_HD int group_length(int length, int dilation, int group) {
