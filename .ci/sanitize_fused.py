@@ -31,6 +31,8 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
      0),
     # The TMA dq kernel with rpb (head-dim tile 128: d-rpb in shared memory).
     (2, (12, 18), (3, 5), (1, 1), (1, 1), (False, False), 2, 1, 128, 96, True, 0),
+    # Long key walks at head dim 128: the dk / dv walk on two warpgroups (128-key tiles).
+    (2, (64, 48), (31, 29), (1, 1), (1, 1), (False, False), 2, 1, 128, 128, False, 0),
     (2, (11, 13), (5, 4), (1, 2), (2, 1), (False, True), 2, 1, 64, 32, False, 70),
     (2, (12, 10), (3, 5), (1, 1), (1, 2), (False, False), 2, 2, 32, 32, True, 0),
     (3, (5, 7, 6), (3, 3, 2), (1, 2, 1), (1, 2, 1), (True, False, False), 2, 2, 128, 128, False, 2),

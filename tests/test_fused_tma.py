@@ -41,6 +41,12 @@ BOX_CASES = [  # 2-D and 3-D: forward_tma.cu's box walk; with rpb forward_ws.cu'
          value_dim=64),
     Case("2d-large-window-d128", (64, 64), (31, 31), dim=128, batch=1),
     Case("2d-rpb-d128", (20, 26), (5, 7), rpb=True, heads=4, dim=128),
+    # Long key walks at head dim 128 with GQA, dilation, stride and causal: the dk / dv walk on
+    # two warpgroups (128-key tiles).
+    Case("2d-long-walk-gqa-causal-d128", (64, 62), (33, 31), (1, 3), None, (False, True),
+         heads=4, kv_heads=2, dim=128, value_dim=96, batch=1),
+    Case("2d-long-walk-dil-d128", (62, 90), (31, 45), (1, 2), (1, 2), dim=128, value_dim=96,
+         batch=1),
     Case("2d-dil3-mqa-d72", (60, 28), (9, 11), None, (3, 1), heads=3, kv_heads=1, dim=72),
     Case("2d-even-causal-dv48", (48, 44), (12, 10), (1, 2), (1, 2), (False, True), dim=64,
          value_dim=48),
@@ -139,11 +145,16 @@ def test_backward_schedules():
     assert two_d.backward == "walk_box_tma" and math.prod(two_d.bwd_kv_tile) == 64
     assert _plan(Case("x", (40, 50), (9, 9), dim=32)).backward == "walk"  # tile 32: cp.async
     # Head-dim tile 128 on the box problems: the TMA dq kernel (the box forward's tiles; with rpb
-    # it sums d-rpb), then the 64-key walk for dk / dv, q and do copied by the TMA too. A 3-D
-    # problem whose x axis (5) the walks' query tiles do not divide (their boxes would cross into
-    # the next batch element): neither is fed by the TMA.
+    # it sums d-rpb), then the walk for dk / dv, q and do copied by the TMA too: on one
+    # warpgroup of 64 keys where a key tile's walk is short, on two (128-key tiles) where it is
+    # long (tiling.h kLongKeyWalk). A 3-D problem whose x axis (5) the walks' query tiles do not
+    # divide (their boxes would cross into the next batch element): neither is fed by the TMA.
     two_d = _plan(Case("x", (40, 50), (9, 9), dim=128))
     assert two_d.backward == "dq_tma_dkdv_tma" and math.prod(two_d.bwd_kv_tile) == 64
+    wide = _plan(Case("x", (64, 64), (31, 31), dim=128))
+    assert wide.backward == "dq_tma_dkdv_tma" and math.prod(wide.bwd_kv_tile) == 128
+    video = _plan(Case("x", (16, 48, 48), (7, 15, 15), dim=128))
+    assert video.backward == "dq_tma_dkdv_tma" and math.prod(video.bwd_kv_tile) == 128
     assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_tma_dkdv_tma"
     assert _plan(Case("x", (5, 16, 16), (3, 5, 5), dim=128)).backward == "dq_dkdv"
     # (The 3-D cases whose x axis the backward's query tiles do not divide: no TMA there.)

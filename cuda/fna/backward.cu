@@ -39,11 +39,15 @@ namespace {
 // swizzled descriptors; the statistics and delta stay cp.async copies. With kDq, each
 // warpgroup's dq columns are added to the workspace as 32-float boxes of the query tile by TMA
 // reduce-adds (one instruction per box instead of one bulk add per row).
-template <typename T, int DT, bool kWg, int kDqWgs, bool kTma>
+template <typename T, int DT, bool kWg, int kDqWgs, bool kTma, bool kDq = (kDqWgs > 0)>
 __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     fna_bwd_kernel(const FnaArgs a, const FnaPtrs p, const __grid_constant__ BoxTmaMaps maps) {
-  constexpr bool kDq = kDqWgs > 0;
-  static_assert(!kDq || kWg, "the dq-in-walk variant is Hopper-only");
+  // kWs: warp-specialized (kDqWgs computing warpgroups and a producer); kDq: dq in the walk too
+  // (always, but in the head-dim-128 walk for dk and dv beside the TMA dq kernel: kDqWgs = 2,
+  // kDq = false).
+  constexpr bool kWs = kDqWgs > 0;
+  static_assert(!kWs || kWg, "the warp-specialized variants are Hopper-only");
+  static_assert(kWs || !kDq, "dq in the walk: warp-specialized");
   static_assert(!kTma || (kWg && DT >= 64 && (!kDq || DT == 64)),
                 "the TMA variant: wgmma, head-dim tile 64 or 128 (64 with dq)");
   constexpr int kLd = kWg ? DT : DT + 8;
@@ -72,9 +76,9 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // spilled and reloaded at the top of each step), then d-rpb.
   uint64_t* bars = reinterpret_cast<uint64_t*>(Ds + kStages * kRows);
   T* Ss = reinterpret_cast<T*>(bars + 8);
-  float* Qacc = reinterpret_cast<float*>(Ss + 2 * kKeys * kRows);
-  if constexpr (kTma) Qacc += ((1024 - (smem_addr(Qacc) & 1023)) & 1023) / 4;
-  QueryWalk* walk_s = reinterpret_cast<QueryWalk*>(Qacc + kRows * kDqLd<DT>);
+  float* Qacc = reinterpret_cast<float*>(Ss + (kDq ? 2 * kKeys * kRows : 0));
+  if constexpr (kTma && kDq) Qacc += ((1024 - (smem_addr(Qacc) & 1023)) & 1023) / 4;
+  QueryWalk* walk_s = reinterpret_cast<QueryWalk*>(Qacc + (kDq ? kRows * kDqLd<DT> : 0));
   float* drpb_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(walk_s) + 128);
   static_assert(sizeof(QueryWalk) <= 128 && alignof(QueryWalk) <= 16,
                 "the walk fits its 128-byte slot (fna.cuh bwd_smem)");
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 #pragma unroll
     for (int ax = 0; ax < 3; ++ax) lim[ax] = t.nonempty ? t.box.hi[ax] - t.box.lo[ax] : 0;
     if constexpr (kTma) {
-      if (threadIdx.x == (kDq ? kCompute : 0)) {
+      if (threadIdx.x == (kWs ? kCompute : 0)) {
         // The box at the tile's local origin in its dilation group's maps (batch and x folded:
         // tiling.h keeps boxes inside one batch element); an empty tile's box starts past the z
         // extent, so all of it is zero-filled. Barrier bars[buf]: with kDq the ring's full
@@ -146,7 +150,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         const int grp = t.nonempty ? map_group(t) : 0;
         const int z = t.nonempty ? t.box.lo[2] : a.ax[2].length / a.ax[2].dilation;
         uint64_t* bar = bars + buf;
-        if constexpr (kDq)
+        if constexpr (kWs)
           mbar_expect_tx_only(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
         else
           mbar_expect_tx(bar, 2 * kRows * DT * static_cast<int>(sizeof(T)));
@@ -165,7 +169,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
     }
     // (The producer's threads are kThreads..; without kDq the plain index keeps the one-warpgroup
     // kernels' register allocation as it was: the modulo alone moved spills in the DT = 128 one.)
-    for (int r = kDq ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
+    for (int r = kWs ? threadIdx.x % kThreads : threadIdx.x; r < kRows; r += kThreads) {
       int off[3];
       tile_offsets(r, a.qlog, off);
       const bool ok = off[0] < lim[0] && off[1] < lim[1] && off[2] < lim[2];
@@ -186,10 +190,10 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // held in the launch's 128 registers per thread.
   const StageRing<kStages> ring{bars, bars + kStages};
   uint64_t* const keys_full = bars + 2 * kStages;
-  if constexpr (kDq) {
+  if constexpr (kWs) {
     ring.setup(kThreads, kCompute, keys_full, kThreads, kTma);
     if (threadIdx.x >= kCompute) {  // the producer
-      regs_shrink<bwd_producer_regs(kDqWgs)>();
+      regs_shrink<bwd_producer_regs(kDqWgs, kDq)>();
       const QueryWalk walk(a, kb, spatial, kvh);
       QueryWalk::Cursor staged = walk.start();
       const TileRows<DT, kRows, kWg> qrows(a, a.qlog);
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       handoff.flush();
       return;
     }
-    regs_grow<bwd_consumer_regs(kDqWgs)>();
+    regs_grow<bwd_consumer_regs(kDqWgs, kDq)>();
   } else {
     if constexpr (kTma) {
       if (threadIdx.x == 0) {
@@ -219,20 +223,20 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
 
   // The computing warpgroups: the walk and the gradients. Warpgroup wg owns key rows
   // 64 wg .. 64 wg + 63 (thread tid of it, rows of warp w: 16 w .. 16 w + 15).
-  if constexpr (kDq) {
+  if constexpr (kWs) {
     if (threadIdx.x == 0) *walk_s = QueryWalk(a, kb, spatial, kvh);
     role_sync(1, kCompute);
   }
-  const QueryWalk walk_r = kDq ? QueryWalk() : QueryWalk(a, kb, spatial, kvh);
-  const QueryWalk& walk = kDq ? *walk_s : walk_r;
+  const QueryWalk walk_r = kWs ? QueryWalk() : QueryWalk(a, kb, spatial, kvh);
+  const QueryWalk& walk = kWs ? *walk_s : walk_r;
   QueryWalk::Cursor staged = walk.start(), current = walk.start();
   [[maybe_unused]] const TileRows<DT, kRows, kWg> qrows(a, a.qlog);  // !kDq: this WG stages
   // (One computing warpgroup: wg is 0 at compile time; two: read through a shuffle, so the
   // compiler knows it is the same in every lane of a warp.)
   const int wg = kDqWgs == 2 ? __shfl_sync(0xffffffffu, warp >> 2, 0) : 0;
   const int tid = threadIdx.x % kThreads;
-  const T* ks_wg = kDq ? Ks + wg * kRows * kLd : Ks;  // the warpgroup's keys and values
-  const T* vs_wg = kDq ? Vs + wg * kRows * kLd : Vs;
+  const T* ks_wg = kWs ? Ks + wg * kRows * kLd : Ks;  // the warpgroup's keys and values
+  const T* vs_wg = kWs ? Vs + wg * kRows * kLd : Vs;
   // wgmma's operand descriptors (kWg), built once from their tiles' addresses and moved per stage
   // and k16 step with desc_add (building one from an address costs ~10 uniform instructions,
   // which each wgmma then waits for): the warpgroup's k and v rows as A (core matrices, K-major:
@@ -269,7 +273,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   };
   // Barriers over the computing threads, and over the thread's own warpgroup (kDq).
   auto sync_compute = [&]() {
-    if constexpr (kDq)
+    if constexpr (kWs)
       role_sync(1, kCompute);
     else
       __syncthreads();
@@ -322,13 +326,13 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
   // every thread is done with the step before, which read the other buffer) stage the next
   // tile's rows into the other buffer while this one computes.
   if (walk.total > 0) {
-    if constexpr (kDq)
+    if constexpr (kWs)
       mbar_wait(keys_full, 0);
     else
       stage_queries(walk, 0, staged, qrows);
   }
   for (int64_t it = 0; it < walk.total; ++it) {
-    if constexpr (kDq) {
+    if constexpr (kWs) {
       ring.wait(it);
     } else {
       cp_async_wait<0>();
@@ -337,7 +341,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
       __syncthreads();
       if (it + 1 < walk.total) stage_queries(walk, (it + 1) & 1, staged, qrows);
     }
-    const int buf = kDq ? ring.stage(it) : static_cast<int>(it & 1);
+    const int buf = kWs ? ring.stage(it) : static_cast<int>(it & 1);
     const T* qs = Qs + buf * kRows * kLd;
     const T* os = Os + buf * kRows * kLd;
     const float2* sts = Sts + buf * kRows;
@@ -637,6 +641,7 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         wgmma_wait<0>();
         reg_fence(dk1);
         reg_fence(dv1);
+        if constexpr (kWs) ring.release(it);  // every MMA that read the stage has completed
       }
     } else {
       tile_apply<T, DT, 1, false>(dv1, s1, os);
@@ -670,19 +675,19 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
                     a.dim_v);
 }
 
-template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false>
+template <typename T, int DT, bool kWg, int kDqWgs, bool kTma = false, bool kDq = (kDqWgs > 0)>
 ffi::Error launch(cudaStream_t stream, const FnaArgs& a, const FnaPtrs& p, int64_t batch,
                   int64_t batch_total = 0) {
   const int smem =
-      bwd_smem(DT, sizeof(T), kWg, kDqWgs, kTma) + (kDqWgs && a.drpb_in_smem ? a.R * 4 : 0);
+      bwd_smem(DT, sizeof(T), kWg, kDqWgs, kTma, kDq) + (kDq && a.drpb_in_smem ? a.R * 4 : 0);
   const dim3 grid(static_cast<unsigned>(a.kv_tiles + a.add_tiles), a.kv_heads,
                   static_cast<unsigned>(batch));
   BoxTmaMaps maps = {};
   if constexpr (kTma)
     NATTEN_TRY(encode_box_maps(maps, p, tma_type<T>(), batch_total, a, /*grad=*/true));
-  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs, kTma>>(
-      kDqWgs ? "fna backward (dk, dv, dq)"
-             : (kTma ? "fna backward (dk, dv; TMA)" : "fna backward (dk, dv)"),
+  return launch_kernel<fna_bwd_kernel<T, DT, kWg, kDqWgs, kTma, kDq>>(
+      kDq ? "fna backward (dk, dv, dq)"
+          : (kTma ? "fna backward (dk, dv; TMA)" : "fna backward (dk, dv)"),
       kMaxBwdSmem, smem, grid, stream, a, p, bwd_threads(kDqWgs), maps);
 }
 
@@ -696,6 +701,14 @@ ffi::Error launch_backward_kv(cudaStream_t stream, ffi::DataType t, int dt, bool
     constexpr int DT = decltype(dtc)::value;
     if (!wgmma) return launch<T, DT, false, 0>(stream, a, p, batch);
     if (dq_wgs == 0) {
+      // 128-key tiles (tiling.h plan_backward: head-dim tile 128 fed by the TMA): the walk for dk
+      // and dv on two computing warpgroups and a producer.
+      const bool two_wgs = a.kvlog[0] + a.kvlog[1] + a.kvlog[2] == kTileLog + 1;
+      if constexpr (DT == 128) {
+        if (two_wgs && tma)
+          return launch<T, DT, true, 2, true, false>(stream, a, p, batch, batch_total);
+      }
+      if (two_wgs) return invalid("fused: 128-key tiles without the TMA dk / dv walk");
       if constexpr (DT >= 64) {
         if (tma) return launch<T, DT, true, 0, true>(stream, a, p, batch, batch_total);
       }

@@ -179,22 +179,32 @@ constexpr int bwd_threads(int dq_wgs) {
   return bwd_compute_threads(dq_wgs) + (dq_wgs ? kThreads : 0);
 }
 constexpr int bwd_min_ctas(int dq_wgs) { return dq_wgs == 2 ? 1 : 2; }
-constexpr int bwd_producer_regs(int dq_wgs) { return dq_wgs == 2 ? 56 : 40; }
-constexpr int bwd_consumer_regs(int dq_wgs) { return dq_wgs == 2 ? 224 : 216; }
+// (dq = false: the two-warpgroup walk for dk and dv alone, head-dim tile 128 beside the TMA dq
+// kernel: dk and dv take 128 registers a thread.)
+constexpr int bwd_producer_regs(int dq_wgs, bool dq = true) {
+  return dq_wgs == 2 ? (dq ? 56 : 40) : 40;
+}
+constexpr int bwd_consumer_regs(int dq_wgs, bool dq = true) {
+  return dq_wgs == 2 ? (dq ? 224 : 232) : 216;
+}
 static_assert(kThreads * bwd_producer_regs(1) + kThreads * bwd_consumer_regs(1) <= 32 * 1024 &&
                   kThreads * bwd_producer_regs(2) + 2 * kThreads * bwd_consumer_regs(2) <=
                       64 * 1024,
               "the roles' registers fit the CTA's share of the SM's 64K");
+static_assert(kThreads * bwd_producer_regs(2, false) + 2 * kThreads * bwd_consumer_regs(2, false) <=
+                  64 * 1024,
+              "the dk / dv walk's roles fit too");
 // k, v (bwd_key_rows), stages x (q, do, stats, delta); with dq: + the stage barriers (64 bytes),
 // two dS^T buffers (keys x 64 queries) and the float32 dq rows; with `tma` (backward.cu kTma):
 // + the TMA barriers (16 bytes where the ring's would be) and the alignment slack of the tiles
 // and, with dq, of its boxes (1024 bytes each). Without the d-rpb table (launch adds it).
-constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs, bool tma = false) {
+constexpr int bwd_smem(int dt, int elem, bool wg, int dq_wgs, bool tma = false, bool dq = true) {
+  const bool with_dq = dq_wgs && dq;
   return 2 * bwd_key_rows(dq_wgs) * (wg ? dt : dt + 8) * elem +
          2 * bwd_stages(dq_wgs) * (wg ? kRows * dt * elem : tile_bytes(dt, elem)) +
-         3 * bwd_stages(dq_wgs) * kRows * 4 +
-         (dq_wgs ? 64 + 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0) +
-         (tma ? 16 + 1024 + (dq_wgs ? 1024 : 0) : 0) + (dq_wgs ? 128 : 0);
+         3 * bwd_stages(dq_wgs) * kRows * 4 + (dq_wgs ? 64 + 128 : 0) +
+         (with_dq ? 2 * bwd_key_rows(dq_wgs) * kRows * elem + kRows * (dt + 8) * 4 : 0) +
+         (tma ? 16 + 1024 + (with_dq ? 1024 : 0) : 0);
 }
 // The TMA backward (Hopper, 1-D problems, head-dim tile 64: backward_tma.cu): 128-key CTAs (two
 // computing warpgroups of 64 keys) walking 128-query steps, a producer warpgroup (one thread

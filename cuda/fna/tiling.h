@@ -501,6 +501,26 @@ inline bool key_walk_on_box_tma(const Problem& p, int dt, const Tiling& t) {
          box_tiles_in_batch(p, t);
 }
 
+// The mean number of query tiles a key tile's walk visits (the backward's steps a CTA): the
+// pairs of tiles `t` over its key tiles. The pairs are the forward walk's (AxisPairs), which meet
+// the same tiles' windows.
+inline double mean_key_walk(const Problem& p, const Tiling& t) {
+  double pairs = 1, key_tiles = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const AxisParams& ax = p.axis[a];
+    pairs *= static_cast<double>(AxisPairs(ax, t.qlog[a], t.kvlog[a]).pairs[t.qlog[a]][t.kvlog[a]]);
+    const int longer = ax.length % ax.dilation, lg = ax.length / ax.dilation;
+    key_tiles *= static_cast<double>(longer) * ceil_div(lg + 1, int64_t{1} << t.kvlog[a]) +
+                 static_cast<double>(ax.dilation - longer) * ceil_div(lg, int64_t{1} << t.kvlog[a]);
+  }
+  return pairs / key_tiles;
+}
+// The two-warpgroup dk / dv walk (one CTA an SM, 128-key tiles) pays its prologue (k and v in,
+// 64 KB at head dim 128) and epilogue (dk, dv out) once per walk with nothing beside it on the
+// SM; the one-warpgroup walk's two CTAs an SM overlap them. Measured on an H100 (BENCHMARKS.md,
+// session 19): 3d-video (~45 steps a walk) dk / dv 13% faster, 2d-rect-d128 (~6) 8% slower.
+constexpr double kLongKeyWalk = 16;
+
 // ---- which backward schedule ----------------------------------------------------------------
 // kWalkTma: backward_tma.cu (1-D problems, backward_on_tma); kWalk: backward.cu with dq formed in
 // the key-tile walk (Hopper, float16 / bfloat16, non-deterministic, with the dq workspace,
@@ -569,6 +589,19 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
                  plan.kernel == BackwardKernel::kDqTmaDkdv ||
                  (plan.kernel == BackwardKernel::kWalk && dt == 64)) &&
                 wgmma && key_walk_on_box_tma(p, dt, plan.kv_tiling);
+  // Head-dim tile 128 beside the TMA dq kernel: the dk / dv walk on two computing warpgroups of
+  // 64 keys (128-key tiles, a producer warpgroup: backward.cu, kDqWgs = 2 without dq), where its
+  // tiles are fed by the TMA too and its walks are long (kLongKeyWalk). (One warpgroup of 64 keys
+  // staging its own tiles waited on each step's chain: 3d-video's dk / dv kernel ran at ~41%
+  // tensor time.) A user's tiles are kept.
+  if (plan.kernel == BackwardKernel::kDqTmaDkdv && dt == 128 && !tiles_given(q_tile, kv_tile)) {
+    Tiling t;
+    NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, t, kTileLog + 1));
+    if (key_walk_on_box_tma(p, dt, t) && mean_key_walk(p, t) >= kLongKeyWalk) {
+      plan.kv_tiling = t;
+      plan.kv_tma = true;
+    }
+  }
   return ok();
 }
 
