@@ -116,7 +116,8 @@ class FusedTiles:
     (the same with the TMA feeding the dq kernel: Hopper, the "wgmma_ws_tma" forward's
     problems), either with a "_tma" suffix where the TMA feeds the dk / dv walk (Hopper, 2-D and
     3-D problems at head dims above 32), or "simt" (float32); `bwd_q_tile` / `bwd_kv_tile`: the
-    query tiles its key-tile walk steps through and the key tiles it owns."""
+    query tiles its key-tile walk steps through and the key tiles it owns (128 keys on two
+    warpgroups in "dq_tma_dkdv_tma" where the walks are long)."""
     mma: str
     kernel: str
     q_tile: tuple
