@@ -20,6 +20,8 @@ CASES = [  # rank, spatial, kernel, stride, dilation, causal, heads, kv_heads, D
     (1, (300,), (65,), (1,), (2,), (False,), 4, 2, 64, 48, False, 0),
     (1, (200,), (40,), (3,), (1,), (True,), 2, 1, 128, 96, False, 0),
     (1, (257,), (100,), (3,), (1,), (True,), 2, 1, 64, 64, False, 0),
+    # Head dim 32 on them: 64-column tiles, the columns past the head dim zero-filled.
+    (1, (300,), (77,), (1,), (2,), (False,), 4, 2, 32, 16, False, 0),
     # Several 192-query tiles whose warpgroups reach different steps (idle turns).
     (1, (1100,), (257,), (1,), (1,), (False,), 2, 1, 64, 64, False, 0),
     # The TMA forward's box walk (Hopper): 2-D on three warpgroups with dilation, stride, causal,

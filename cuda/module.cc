@@ -222,7 +222,7 @@ NB_MODULE(_natten_ext, m) {
         // axis; its box walk: qlog is one warpgroup's 64-query box, config.py stacks them).
         int q_rows = 1;
         for (int x : plan.tiling.qlog) q_rows <<= x;
-        if (plan.kernel == fna::ForwardKernel::kTma) q_rows = fna::tma_fwd_q_rows(dt);
+        if (plan.kernel == fna::ForwardKernel::kTma) q_rows = fna::tma_fwd_q_rows(plan.dt);
         return std::make_tuple(family, fna::kernel_name(plan.kernel), qlog, kvlog, q_rows);
       },
       nb::arg("extent"), nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"),

@@ -20,8 +20,8 @@ atomics. dk, dv and the additional kv gradients never use atomics.
 "auto" (default) runs the Hopper variants (warpgroup MMA, wgmma) on compute capability 9.x GPUs
 when the build holds an sm_90a image and the mma.sync (sm_80) variants elsewhere. The forward of
 1-D problems runs on Hopper's TMA-fed kernel (128-token tiles copied by the tensor memory
-accelerator) where it serves them: head dims above 32, no rpb or additional keys, an axis length
-that the dilation divides, no user tiles; the other 1-D forwards run on mma.sync under "auto"
+accelerator) where it serves them: no rpb or additional keys, an axis length that the dilation
+divides, no user tiles (head dims up to 32 run there as 64-column tiles); the other 1-D forwards run on mma.sync under "auto"
 (faster than the box wgmma kernel there, BENCHMARKS.md). "mma_sync" forces mma.sync everywhere;
 "wgmma" requires the Hopper kernels (the call fails with an error on other GPUs). float32 runs
 on the CUDA cores either way. `jax_natten.fused_tiles` says which kernel and tiles a problem gets.
@@ -111,7 +111,7 @@ class FusedTiles:
     (one walk over key tiles forms dk, dv and dq, dq added to a float32 workspace: Hopper, not
     deterministic, head dims up to 64), "walk_box_tma" (the same with q and do copied and dq
     added by the TMA: 2-D and 3-D problems at head dims 33-64), "walk_tma" (a kernel of its own
-    for 1-D problems at head dims 33-64, fed by the TMA), "dq_dkdv" (a dq kernel, then the
+    for 1-D problems at head dims up to 64, fed by the TMA), "dq_dkdv" (a dq kernel, then the
     key-tile walk for dk and dv: deterministic mode, mma.sync, head dims above 64), "dq_tma_dkdv"
     (the same with the TMA feeding the dq kernel: Hopper, the "wgmma_ws_tma" forward's
     problems), either with a "_tma" suffix where the TMA feeds the dk / dv walk (Hopper, 2-D and

@@ -2,7 +2,7 @@
 walk on 2-D and 3-D problems; forward_ws.cu's TMA variant for those with rpb), which problems they
 serve (planned on the host, no GPU
 needed), and on a Hopper GPU their outputs and the gradients against the float64 oracle; the
-gradients of the 1-D cases at head-dim tile 64 come from the TMA backward (backward_tma.cu). The
+gradients of the 1-D cases at head dims up to 64 come from the TMA backward (backward_tma.cu). The
 problems walk the kernels' edges: partial query tiles and key tiles, windows wider than a step or
 the whole axis, dilation groups, stride, causal, even kernels, GQA / MQA, rpb (2-D), head dims
 that pad to their 64-column blocks, a negative scale."""
@@ -34,6 +34,10 @@ CASES = [
     Case("dil-gqa-d64", (1000,), (301,), None, (2,), heads=4, kv_heads=2, dim=64, value_dim=48,
          batch=1),
     Case("causal-stride-d64", (643,), (130,), (3,), None, (True,), heads=2, dim=64),
+    # Head dims up to 32: the same kernels at head-dim tile 64, the columns past the head dim
+    # zero-filled by the TMA.
+    Case("d32-gqa", (513,), (129,), heads=4, kv_heads=2, dim=32),
+    Case("d16-dil-causal", (400,), (101,), None, (2,), (True,), dim=16, value_dim=32),
 ]
 BOX_CASES = [  # 2-D and 3-D: forward_tma.cu's box walk; with rpb forward_ws.cu's TMA variant
     Case("2d-rpb-gqa", (40, 48), (9, 13), rpb=True, heads=4, kv_heads=2, dim=64),
@@ -106,7 +110,6 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
                                                              dim=64)),
         "rpb": _plan(base, rpb=True),
         "additional keys": _plan(base, additional_keys=5),
-        "head-dim tile 32": _plan(Case("x", (331,), (65,), dim=32)),
         "2-D with rpb": _plan(Case("x", (40, 50), (9, 9), dim=64), rpb=True),
         "2-D with additional keys": _plan(Case("x", (40, 50), (9, 9), dim=64),
                                           additional_keys=5),
@@ -118,6 +121,11 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
     }
     for why, plan in others.items():
         assert plan.kernel != "wgmma_tma", why
+    # 1-D head dims up to 32 run on the TMA kernels as 64-column tiles (tiling.h
+    # tma_head_dim_tile); 2-D ones keep the kernels of their own tile.
+    assert _plan(Case("x", (331,), (65,), dim=32)).kernel == "wgmma_tma"
+    assert _plan(Case("x", (331,), (65,), dim=16, value_dim=32)).kernel == "wgmma_tma"
+    assert _plan(Case("x", (56, 56), (7, 7), dim=32)).kernel == "wgmma"
     with jax_natten.fused_config(q_tile=(64,)):
         assert _plan(base).kernel == "mma_sync"  # auto: the other 1-D forwards
     with jax_natten.fused_config(mma="mma_sync"):
@@ -126,15 +134,15 @@ def test_tma_forward_leaves_the_rest_to_the_box_kernels():
 
 def test_backward_schedules():
     """Which backward each problem gets (cuda/fna/tiling.h plan_backward, as the handler runs it):
-    the TMA backward for the 1-D cases at head-dim tile 64 with its own 128-token tiles, the walk
-    with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the walk cannot
-    add dq and at head-dim tile 128 (on the box problems both its dq kernel and its dk / dv walk
-    fed by the TMA, with or without rpb)."""
+    the TMA backward for the 1-D cases at head-dim tiles 32 and 64 with its own 128-token tiles,
+    the walk with dq elsewhere on Hopper at head-dim tile 64, the two-kernel schedule where the
+    walk cannot add dq and at head-dim tile 128 (on the box problems both its dq kernel and its
+    dk / dv walk fed by the TMA, with or without rpb)."""
     require_extension()
     for case in CASES:
         plan = _plan(case)
         tile = max(32, 1 << (max(case.dim, case.value_dim or case.dim) - 1).bit_length())
-        if tile == 64:
+        if tile <= 64:  # (head-dim tile 32: the same kernel at 64, tiling.h tma_head_dim_tile)
             assert (plan.backward, plan.bwd_q_tile, plan.bwd_kv_tile) == ("walk_tma", (128,),
                                                                           (128,)), case.name
         else:  # head-dim tile 128: the dq kernel, then the 64-key walk for dk / dv

@@ -308,6 +308,16 @@ inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
 constexpr int kTmaFwdKeys = 128;
 constexpr int tma_fwd_wgs(int dt) { return dt <= 64 ? 3 : 2; }
 constexpr int tma_fwd_q_rows(int dt) { return 64 * tma_fwd_wgs(dt); }
+// The head-dim tile the 1-D TMA kernels (forward_tma.cu's 1-D walk, backward_tma.cu) run a
+// problem at: the problem's (dt), but at least 64. Their tiles are rows of 128 bytes (64 16-bit
+// elements: the 128-byte swizzle the wgmma descriptors read), so head dims up to 32 run there as
+// 64-column tiles whose columns past the head dim the TMA fills with zeros and no kernel stores.
+// The products do twice the multiply-adds a 32-column tile needs, but there the softmax bounds
+// the step. Measured on an H100 (BENCHMARKS.md, session 19): a 1-D problem at head dim 32 ran
+// its forward 37% and its backward 36% faster than on the cp.async kernels at tile 32; the box
+// kernels at tile 64 were slower at head dim 32 (nat-2d-small forward +45%, backward +4%: their
+// 128-key steps waste more of small windows), so 2-D / 3-D problems keep their tile.
+constexpr int tma_head_dim_tile(int dt) { return dt < 64 ? 64 : dt; }
 // The tiling the TMA kernels' arguments carry: 2^7 on the long axis (which marks it; the
 // forward's query tiles of tma_fwd_q_rows are counted by its launcher and fused_tiles).
 inline Tiling tma_tiling(const Problem& p) {
@@ -455,6 +465,7 @@ inline const char* kernel_name(ForwardKernel k) {
 struct ForwardPlan {
   ForwardKernel kernel;
   Tiling tiling;
+  int dt;  // the head-dim tile the kernel runs at (the 1-D TMA kernel: tma_head_dim_tile)
   bool wgmma() const {
     return kernel != ForwardKernel::kSimt && kernel != ForwardKernel::kMmaSync;
   }
@@ -465,9 +476,12 @@ struct ForwardPlan {
 // 1-D problems the TMA kernel does not serve run on mma.sync (auto_forward_on_wgmma).
 inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt, bool f32,
                                int64_t mma, bool wgmma_ok, ForwardPlan& plan) {
-  if (!f32 && wgmma_ok && forward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
+  const int tdt = tma_head_dim_tile(dt);
+  plan.dt = dt;
+  if (!f32 && wgmma_ok && forward_on_tma(p, tdt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = ForwardKernel::kTma;
     plan.tiling = tma_tiling(p);
+    plan.dt = tdt;
     return ok();
   }
   if (!f32 && wgmma_ok && forward_on_tma_box(p, dt, tiles_given(q_tile, kv_tile)) &&
@@ -537,6 +551,7 @@ struct BackwardPlan {
   int dq_wgs;         // kWalk: its computing warpgroups (64 keys each); else 0
   Tiling kv_tiling;   // the key-tile walk's tiles (query tiles it walks, key tiles it owns)
   Tiling dq_tiling;   // kDqTmaDkdv: the dq kernel's (the box TMA forward's)
+  int dt;             // the head-dim tile the kernels run at (kWalkTma: tma_head_dim_tile)
   bool kv_tma;        // kWalk (head-dim tile 64), kDqDkdv, kDqTmaDkdv: the key-tile walk fed by
                       // the TMA (key_walk_on_box_tma)
 };
@@ -559,11 +574,14 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
                                 bool f32, bool wgmma, bool deterministic, bool have_dq_acc,
                                 BackwardPlan& plan) {
   const bool walk = !f32 && wgmma && !deterministic && have_dq_acc && dt <= 64;
+  const int tdt = tma_head_dim_tile(dt);
   plan.dq_wgs = walk ? bwd_dq_warpgroups(p) : 0;
   plan.kv_tma = false;
-  if (walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
+  plan.dt = dt;
+  if (walk && backward_on_tma(p, tdt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = BackwardKernel::kWalkTma;
     plan.kv_tiling = tma_tiling(p);  // 128 keys a CTA, 128 queries a step
+    plan.dt = tdt;
     return ok();
   }
   plan.kernel = f32    ? BackwardKernel::kSimt
