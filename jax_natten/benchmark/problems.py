@@ -135,6 +135,8 @@ PROBLEMS = [
       about="3-D, head dim 64, small temporal window"),
     P("3d-causal", 1, 16, (12, 24, 40), 128, (5, 9, 11), causal=(True, False, False),
       group="more", about="3-D, causal on time, head dim 128"),
+    P("1d-d32", 2, 16, (16384,), 32, 513, group="more",
+      about="1-D at head dim 32 (the TMA kernels' 64-column tiles)"),
 ]
 del P
 
