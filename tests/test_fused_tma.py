@@ -163,6 +163,11 @@ def test_backward_schedules():
     assert wide.backward == "dq_tma_dkdv_tma" and math.prod(wide.bwd_kv_tile) == 128
     video = _plan(Case("x", (16, 48, 48), (7, 15, 15), dim=128))
     assert video.backward == "dq_tma_dkdv_tma" and math.prod(video.bwd_kv_tile) == 128
+    for case in BOX_CASES:  # (the GPU cases that run the two-warpgroup walk)
+        if case.name.startswith("2d-long-walk"):
+            plan = _plan(case)
+            assert plan.backward == "dq_tma_dkdv_tma", case.name
+            assert math.prod(plan.bwd_kv_tile) == 128, case.name
     assert _plan(Case("x", (40, 50), (9, 9), dim=128), rpb=True).backward == "dq_tma_dkdv_tma"
     assert _plan(Case("x", (5, 16, 16), (3, 5, 5), dim=128)).backward == "dq_dkdv"
     # (The 3-D cases whose x axis the backward's query tiles do not divide: no TMA there.)

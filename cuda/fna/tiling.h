@@ -516,16 +516,15 @@ inline bool key_walk_on_box_tma(const Problem& p, int dt, const Tiling& t) {
 }
 
 // The mean number of query tiles a key tile's walk visits (the backward's steps a CTA): the
-// pairs of tiles `t` over its key tiles. The pairs are the forward walk's (AxisPairs), which meet
-// the same tiles' windows.
+// pairs of tiles `t` (the forward walk's, AxisPairs: the same tiles' windows meet) over the key
+// tiles the launch's grid holds (every dilation group counted at the first one's length).
 inline double mean_key_walk(const Problem& p, const Tiling& t) {
   double pairs = 1, key_tiles = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const AxisParams& ax = p.axis[a];
-    pairs *= static_cast<double>(AxisPairs(ax, t.qlog[a], t.kvlog[a]).pairs[t.qlog[a]][t.kvlog[a]]);
-    const int longer = ax.length % ax.dilation, lg = ax.length / ax.dilation;
-    key_tiles *= static_cast<double>(longer) * ceil_div(lg + 1, int64_t{1} << t.kvlog[a]) +
-                 static_cast<double>(ax.dilation - longer) * ceil_div(lg, int64_t{1} << t.kvlog[a]);
+    const int ql = t.qlog[a], kl = t.kvlog[a];
+    pairs *= static_cast<double>(AxisPairs(ax, ql, kl).pairs[ql][kl]);
+    key_tiles *= ax.dilation * ceil_div(group_length(ax.length, ax.dilation, 0), int64_t{1} << kl);
   }
   return pairs / key_tiles;
 }
