@@ -17,6 +17,11 @@
 // per key the staging and the workspace adds cost half of what a 64-key tile's would (measured
 // faster on 1-D problems, slower on 2-D ones, whose 128-key tiles walk more query tiles: tiling.h
 // bwd_dq_warpgroups picks).
+//
+// The warp-specialized walk also runs without dq (kDqWgs = 2, kDq = false): the dk / dv kernel
+// at head-dim tile 128 beside the TMA dq kernel, two computing warpgroups on 128-key tiles fed by
+// the TMA, where a key tile's walk is long enough to pay for one CTA an SM (tiling.h
+// mean_key_walk, kLongKeyWalk).
 #include <type_traits>
 
 #include "fna.cuh"
@@ -30,8 +35,9 @@ namespace fna {
 namespace {
 
 // kWg: wgmma on core-matrix tiles (Hopper), else mma.sync (forward.cu explains both); one m64
-// row block of keys per computing warpgroup either way. kDqWgs > 0: also dq and d-rpb, with that
-// many computing warpgroups (see above; wgmma only). (1-D problems on Hopper run
+// row block of keys per computing warpgroup either way. kDqWgs > 0: warp-specialized, with that
+// many computing warpgroups, and with kDq (the default there) also dq and d-rpb (see above;
+// wgmma only). (1-D problems on Hopper run
 // backward_tma.cu's kernel instead, where it serves them.) kTma (wgmma, head-dim tiles 64 and
 // 128 without dq, 64 with; tiling.h key_walk_on_box_tma): one thread (the producer's first with
 // kDq) copies each query tile's q and do by the TMA (`maps`: one box per 64 head dims and dilation
