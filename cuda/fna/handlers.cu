@@ -168,7 +168,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   NATTEN_TRY(pick_wgmma(f32 ? 1 : mma, wgmma));  // the float32 kernels use no MMA
   ForwardPlan plan;
   NATTEN_TRY(plan_forward(p, q_tile, kv_tile, dt, f32, mma, wgmma, plan));
-  dt = plan.dt;  // (the TMA kernels' tile: tiling.h tma_head_dim_tile)
+  dt = plan.dt;  // (the 1-D TMA kernels run head-dim tile 32 at 64: tiling.h tma_head_dim_tile)
   FnaArgs a;
   NATTEN_TRY(make_args(p, plan.tiling, scale, a));
   NATTEN_TRY(poison_outputs(stream, *o, *lse, *stats, *o32));
@@ -236,7 +236,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   BackwardPlan plan;
   NATTEN_TRY(plan_backward(p, q_tile, kv_tile, dt, f32, wgmma, deterministic != 0, have_dq_acc,
                            plan));
-  dt = plan.dt;  // (the TMA kernels' tile: tiling.h tma_head_dim_tile)
+  dt = plan.dt;  // (the 1-D TMA kernels run head-dim tile 32 at 64: tiling.h tma_head_dim_tile)
   const bool tma = plan.kernel == BackwardKernel::kWalkTma;
   const bool dq_tma = plan.kernel == BackwardKernel::kDqTmaDkdv;
   const bool single_walk = tma || plan.kernel == BackwardKernel::kWalk;

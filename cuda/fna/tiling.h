@@ -531,7 +531,8 @@ inline double mean_key_walk(const Problem& p, const Tiling& t) {
 // The two-warpgroup dk / dv walk (one CTA an SM, 128-key tiles) pays its prologue (k and v in,
 // 64 KB at head dim 128) and epilogue (dk, dv out) once per walk with nothing beside it on the
 // SM; the one-warpgroup walk's two CTAs an SM overlap them. Measured on an H100 (BENCHMARKS.md,
-// session 19): 3d-video (~45 steps a walk) dk / dv 13% faster, 2d-rect-d128 (~6) 8% slower.
+// session 19): 3d-video (~45 query tiles a walk) backward 8-13% faster, 2d-rect-d128 (~6) 8%
+// slower.
 constexpr double kLongKeyWalk = 16;
 
 // ---- which backward schedule ----------------------------------------------------------------
