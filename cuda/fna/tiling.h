@@ -290,17 +290,17 @@ inline bool tiles_given(I64Span q_tile, I64Span kv_tile) {
 
 // The TMA forward (forward_tma.cu) serves 1-D problems (at most one axis longer than one token)
 // whose axis splits evenly into its dilation groups (the tensor maps' bounds are then every
-// group's), at head-dim tiles 64 and 128, without rpb or additional keys, and with the kernel's
-// own tiles (tma_fwd_q_rows queries, 128-key steps: a user's q_tile / kv_tile runs the box
-// kernels).
+// group's), at every head-dim tile (32 run at 64: tma_head_dim_tile), without rpb or additional
+// keys, and with the kernel's own tiles (tma_fwd_q_rows queries, 128-key steps: a user's q_tile /
+// kv_tile runs the box kernels).
 inline int long_axis(const Problem& p) { return first_long_axis(p.axis); }
 // The problems both TMA kernels serve, whatever the tiles.
 inline bool tma_problem(const Problem& p) {
   const AxisParams& x = p.axis[long_axis(p)];
   return long_axes(p) <= 1 && !p.has_rpb && p.additional == 0 && x.length % x.dilation == 0;
 }
-inline bool forward_on_tma(const Problem& p, int dt, bool tiles_given) {
-  return tma_problem(p) && dt >= 64 && !tiles_given;
+inline bool forward_on_tma(const Problem& p, bool tiles_given) {
+  return tma_problem(p) && !tiles_given;
 }
 // Its tiles: 128-key steps, and query tiles of 64 rows per computing warpgroup: three at
 // head-dim tile 64 (192 queries: a warpgroup's exponentials, as long as its products there, run
@@ -328,10 +328,10 @@ inline Tiling tma_tiling(const Problem& p) {
 }
 
 // The TMA backward (backward_tma.cu: dq in the walk, the non-deterministic schedule): the same
-// 1-D problems at head-dim tile 64, with its own tiles (128 keys a CTA, 128 queries a step:
-// tma_tiling).
+// 1-D problems at head-dim tiles up to 64 (run at 64: tma_head_dim_tile), with its own tiles (128
+// keys a CTA, 128 queries a step: tma_tiling).
 inline bool backward_on_tma(const Problem& p, int dt, bool tiles_given) {
-  return tma_problem(p) && dt == 64 && !tiles_given;
+  return tma_problem(p) && dt <= 64 && !tiles_given;
 }
 
 // The problems the box TMA kernels serve, whatever the tiles: 2-D and 3-D, every axis split
@@ -476,12 +476,11 @@ struct ForwardPlan {
 // 1-D problems the TMA kernel does not serve run on mma.sync (auto_forward_on_wgmma).
 inline ffi::Error plan_forward(const Problem& p, I64Span q_tile, I64Span kv_tile, int dt, bool f32,
                                int64_t mma, bool wgmma_ok, ForwardPlan& plan) {
-  const int tdt = tma_head_dim_tile(dt);
   plan.dt = dt;
-  if (!f32 && wgmma_ok && forward_on_tma(p, tdt, tiles_given(q_tile, kv_tile))) {
+  if (!f32 && wgmma_ok && forward_on_tma(p, tiles_given(q_tile, kv_tile))) {
     plan.kernel = ForwardKernel::kTma;
     plan.tiling = tma_tiling(p);
-    plan.dt = tdt;
+    plan.dt = tma_head_dim_tile(dt);
     return ok();
   }
   if (!f32 && wgmma_ok && forward_on_tma_box(p, dt, tiles_given(q_tile, kv_tile)) &&
@@ -574,14 +573,13 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
                                 bool f32, bool wgmma, bool deterministic, bool have_dq_acc,
                                 BackwardPlan& plan) {
   const bool walk = !f32 && wgmma && !deterministic && have_dq_acc && dt <= 64;
-  const int tdt = tma_head_dim_tile(dt);
   plan.dq_wgs = walk ? bwd_dq_warpgroups(p) : 0;
   plan.kv_tma = false;
   plan.dt = dt;
-  if (walk && backward_on_tma(p, tdt, tiles_given(q_tile, kv_tile))) {
+  if (walk && backward_on_tma(p, dt, tiles_given(q_tile, kv_tile))) {
     plan.kernel = BackwardKernel::kWalkTma;
     plan.kv_tiling = tma_tiling(p);  // 128 keys a CTA, 128 queries a step
-    plan.dt = tdt;
+    plan.dt = tma_head_dim_tile(dt);
     return ok();
   }
   plan.kernel = f32    ? BackwardKernel::kSimt
