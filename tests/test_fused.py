@@ -188,3 +188,37 @@ def test_large_rpb_gradient_matches_reference():
     for name in ref:
         err = rel_err(g[name], ref[name])
         assert err < 2 * TOLERANCE[jnp.bfloat16], f"d{name}: {err:.2e} (seed {seed})"
+
+
+# Kernels with more than 48 KB of shared memory opt in per device (cuda/fna/launch.h
+# grant_smem): a process driving several GPUs (pmap, sharded jit) launches them on each. The op and
+# its gradients on every local GPU, against the float64 oracle; with one GPU this is the plain
+# check, with several it is the one that finds a kernel opted in on the first device only.
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["3d-tiles-d64", "2d-stride-dil-d128"])
+def test_every_gpu_runs_the_kernels(name):
+    require("fused")
+    case = next(c for c in CASES if c.name == name)
+    rng, seed = fresh_rng()
+    x = make_inputs(case, jnp.bfloat16, rng)
+    out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
+    cot = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    na, kw = na_fn(case.rank), dict(case.kwargs(), backend="fused")
+    f = lambda **x: na(**x, **kw)  # noqa: E731
+
+    def loss(x, c):
+        return jnp.sum(f(**x).astype(jnp.float32) * c)
+
+    args = (x["query"], x["key"], x["value"], *case.oracle_args())
+    ref_out = oracle.attention(*args, scale=case.dim ** -0.5, rpb=x.get("rpb"))[0]
+    ref = oracle.attention_vjp(*args, np.asarray(cot), np.zeros(out_shape[:-1]),
+                               scale=case.dim ** -0.5, rpb=x.get("rpb"))
+    tol = TOLERANCE[jnp.bfloat16]
+    for dev in jax.devices("gpu"):
+        xd, cd = jax.device_put((x, cot), dev)
+        out = jax.jit(lambda x: f(**x))(xd)
+        grads = jax.jit(jax.grad(loss))(xd, cd)
+        assert rel_err(out, ref_out) < tol, f"out on {dev} (seed {seed})"
+        for key, want in ref.items():
+            err = rel_err(grads[key], want)
+            assert err < 2 * tol, f"d{key} on {dev}: {err:.2e} (seed {seed})"

@@ -6,7 +6,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -58,16 +60,45 @@ inline ffi::Error launch_error(const char* what, cudaError_t e) {
                     std::string("natten: ") + what + " failed: " + cudaGetErrorString(e));
 }
 
+// Dynamic shared memory above 48 KB is an opt-in per kernel (cudaFuncSetAttribute) that holds
+// for the current device only: each device's context loads its own copy of the kernel. So it is
+// granted per device, raised to what a launch asks for the first time a launch on that device
+// asks for more (the driver call under a lock; later launches read one atomic), and never past
+// what the launch needs: asking a device for more than it has (a 200 KB limit on an A100's
+// 163 KB) fails even where the launch would fit. One table per kernel (the statics are per
+// instantiation); devices past kMaxDevices set the attribute at every launch.
+constexpr int kMaxDevices = 64;
+template <auto kKernel>
+cudaError_t grant_smem(int smem) {
+  static std::atomic<int> granted[kMaxDevices] = {};
+  static std::mutex raising;
+  int device = 0;
+  const cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device >= kMaxDevices)
+    return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (smem <= granted[device].load(std::memory_order_acquire)) return cudaSuccess;
+  const std::lock_guard<std::mutex> lock(raising);
+  if (smem <= granted[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t set =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (set == cudaSuccess) granted[device].store(smem, std::memory_order_release);
+  return set;
+}
+
 // The one launcher of the FNA kernels: kKernel(a, p, extra...) on `grid` x `threads` (kThreads,
 // or more warpgroups for the warp-specialized kernels) with `smem` bytes of dynamic shared
-// memory, after raising the kernel's limit to `limit` (once per kernel: the static is per
-// instantiation), and the launch checked.
+// memory (at most `limit`, the most the kernel's callers plan for; grant_smem opts in), and the
+// launch checked.
 template <auto kKernel, typename... Extra>
 ffi::Error launch_kernel(const char* what, int limit, int smem, dim3 grid, cudaStream_t stream,
                          const FnaArgs& a, const FnaPtrs& p, int threads = kThreads,
                          const Extra&... extra) {
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (smem > limit)
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("natten: ") + what + " asks for " + std::to_string(smem) +
+                          " bytes of shared memory, past its " + std::to_string(limit));
+  const cudaError_t attr = grant_smem<kKernel>(smem);
   if (attr != cudaSuccess) return launch_error(what, attr);
   kKernel<<<grid, threads, smem, stream>>>(a, p, extra...);
   return check_launch(what);
