@@ -55,10 +55,17 @@ def variants():
     return [named[v] for v in (pick or named) if v in named]
 
 
+def cases():
+    """CASES, or those whose indices SANITIZE_CASES (a comma list) names: a short device call can
+    check the kernels a change touches."""
+    pick = [int(i) for i in os.environ.get("SANITIZE_CASES", "").split(",") if i.strip()]
+    return [CASES[i] for i in pick] if pick else CASES
+
+
 def main():
     rng = np.random.default_rng(0)
     for (rank, spatial, k, s, d, c, h, kvh, dim, dim_v, rpb, add), (dtype, settings) in (
-            (case, v) for case in CASES for v in variants()):
+            (case, v) for case in cases() for v in variants()):
         draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
         x = dict(query=draw(2, *spatial, h, dim), key=draw(2, *spatial, kvh, dim),
                  value=draw(2, *spatial, kvh, dim_v))
