@@ -25,10 +25,12 @@ namespace fna {
 constexpr int kHeadDimTiles[] = {32, 64, 128};
 constexpr int kMaxHeadDim = 128;
 // Shared memory the dq kernel may take with its d-rpb table (fits sm_80's 163 KB and sm_90's 227 KB).
+// These are caps the handlers plan within (launch_kernel refuses more); a device is asked only for
+// what a launch needs (grant_smem).
 constexpr int kMaxDqSmem = 160 * 1024;
 // The same for the TMA dq kernel (sm_90 only: its opt-in maximum, 227 KB).
 constexpr int kMaxDqTmaSmem = 227 * 1024;
-// The same for the key-side backward kernel (its dq variant keeps a d-rpb table too; sm_90 only).
+// The same for the key-side backward kernel (its Hopper dq variant keeps a d-rpb table too).
 constexpr int kMaxBwdSmem = 200 * 1024;
 
 // m16 tiles per warp of the forward kernel: its query tiles hold 64 * fwd_m_tiles tokens. mma.sync
