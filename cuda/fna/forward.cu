@@ -66,6 +66,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas(DT, MT, kWg))
   constexpr bool kQInRegs = !kWg && DT <= 64;
   unsigned qf[kQInRegs ? MT : 1][kQInRegs ? DT / 16 : 1][4];
 
+  // (Double-buffered: a ring of four stages at head-dim tile 32, copies three steps ahead, made
+  // nat-2d-small's forward 4% slower; BENCHMARKS.md, session 21.)
   TileCounter current;  // the spatial key tile being computed
   current.reset();
   stage_keys(0, 0);

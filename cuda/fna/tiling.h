@@ -609,7 +609,9 @@ inline ffi::Error plan_backward(const Problem& p, I64Span q_tile, I64Span kv_til
   // 64 keys (128-key tiles, a producer warpgroup: backward.cu, kDqWgs = 2 without dq), where its
   // tiles are fed by the TMA too and its walks are long (kLongKeyWalk). (One warpgroup of 64 keys
   // staging its own tiles waited on each step's chain: 3d-video's dk / dv kernel ran at ~41%
-  // tensor time.) A user's tiles are kept.
+  // tensor time. The same walk adding dq too, which would drop the dq kernel's recomputation of
+  // S and dP, made 3d-video's backward 40% slower: at ~198 KB of shared memory it runs one CTA an
+  // SM on a two-stage ring. BENCHMARKS.md, session 21.) A user's tiles are kept.
   if (plan.kernel == BackwardKernel::kDqTmaDkdv && dt == 128 && !tiles_given(q_tile, kv_tile)) {
     Tiling t;
     NATTEN_TRY(choose_tiling(p, q_tile, kv_tile, q_log, t, kTileLog + 1));

@@ -187,6 +187,9 @@ struct TileCounter {
 };
 
 // The key tiles a query tile walks: spatial tiles over its key box, then tiles of additional keys.
+// (The tiles start at the box's first key. Starting them up to a tile earlier, so that a boundary
+// falls where the first query part's windows all begin, put more tiles inside on an axis but
+// made 2d-dilated's forward 5% slower and 2d-large's no faster; BENCHMARKS.md, session 21.)
 struct KeyWalk {
   int box_lo[3];   // local origin of the key box
   int n[3];        // key tiles per axis
