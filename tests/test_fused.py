@@ -32,18 +32,25 @@ def test_user_tiles_match_reference(q_tile, kv_tile):
     assert rel_err(lse, ref_lse) < TOLERANCE[jnp.bfloat16], f"{q_tile} {kv_tile} (seed {seed})"
 
 
+def _fused_op_and_loss(name, dtype):
+    """Case `name` on fresh inputs of `dtype`: the fused op f(x) and the loss sum(f(x) * cot), its
+    cotangent a float32 host array (a constant on any device)."""
+    case = next(c for c in CASES if c.name == name)
+    rng, seed = fresh_rng()
+    x = make_inputs(case, dtype, rng)
+    out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
+    cot = rng.standard_normal(out_shape).astype(np.float32)
+    f = lambda x: na_fn(case.rank)(**x, **case.kwargs(), backend="fused")
+    loss = lambda x: jnp.sum(f(x).astype(jnp.float32) * cot)
+    return case, x, cot, f, loss, seed
+
+
 # Deterministic mode runs another schedule (a dq kernel and a dk/dv walk; fna.cuh) than the
 # default on Hopper (one walk adding dq in float32): both head-dim tiles the single walk serves.
 @pytest.mark.parametrize("name", ["2d-tiles-rpb-mqa", "3d-tiles-d64"])
 def test_deterministic_backward_is_bitwise_reproducible(name):
     require("fused")
-    case = next(c for c in CASES if c.name == name)
-    rng, seed = fresh_rng()
-    x = make_inputs(case, jnp.float16, rng)
-    cot = jnp.asarray(rng.standard_normal(x["query"].shape[:-1] + (case.value_dim or case.dim,)),
-                      jnp.float32)
-    f = lambda x: na_fn(case.rank)(**x, **case.kwargs(), backend="fused")
-    loss = lambda x: jnp.sum(f(x).astype(jnp.float32) * cot)
+    _, x, _, _, loss, seed = _fused_op_and_loss(name, jnp.float16)
     with jax_natten.fused_config(deterministic=True):
         g1 = on_backend("fused", jax.grad(loss), x)
         g2 = on_backend("fused", jax.grad(loss), x)
@@ -198,16 +205,10 @@ def test_large_rpb_gradient_matches_reference():
 @pytest.mark.parametrize("name", ["3d-tiles-d64", "2d-stride-dil-d128"])
 def test_every_gpu_runs_the_kernels(name):
     require("fused")
-    case = next(c for c in CASES if c.name == name)
-    rng, seed = fresh_rng()
-    x = make_inputs(case, jnp.bfloat16, rng)
-    out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
-    cot = rng.standard_normal(out_shape).astype(np.float32)  # (host: a constant on any device)
-    f = lambda x: na_fn(case.rank)(**x, **case.kwargs(), backend="fused")
-    loss = lambda x: jnp.sum(f(x).astype(jnp.float32) * cot)
+    case, x, cot, f, loss, seed = _fused_op_and_loss(name, jnp.bfloat16)
     args = (x["query"], x["key"], x["value"], *case.oracle_args())
     ref_out = oracle.attention(*args, scale=case.dim ** -0.5, rpb=x.get("rpb"))[0]
-    ref = oracle.attention_vjp(*args, cot, np.zeros(out_shape[:-1]), scale=case.dim ** -0.5,
+    ref = oracle.attention_vjp(*args, cot, np.zeros(cot.shape[:-1]), scale=case.dim ** -0.5,
                                rpb=x.get("rpb"))
     tol = TOLERANCE[jnp.bfloat16]
     for dev in jax.devices("gpu"):
