@@ -610,18 +610,32 @@ __global__ void __launch_bounds__(bwd_threads(kDqWgs), bwd_min_ctas(kDqWgs))
         if (tid < (kTma ? 1 : kRows)) bulk_wait_read();
         sync_wg();
         const int qr = (warp & 3) * 16 + (lane >> 2);
+        if constexpr (kTma) {
+          // Element (row r = qr + 8 i, column c = wg kN + 8 nb + 2 q), q = lane % 4, goes to box
+          // c / 32 = wg kN / 32 + nb / 4, row r, 16-byte chunk (2 (nb % 4) + q / 2) ^ (r % 8),
+          // word 2 (q % 2); r % 8 = lane / 4 in both rows, so the swizzled chunk takes four
+          // values a thread and the rest is a constant offset from its first element.
+          const int q = lane & 3;
+          float* const first = Qacc + wg * (kN / 32) * kRows * 32 + qr * 32 + 2 * (q & 1);
+          int chunk[4];
 #pragma unroll
-        for (int nb = 0; nb < kN / 8; ++nb)
+          for (int k = 0; k < 4; ++k) chunk[k] = ((2 * k + (q >> 1)) ^ (lane >> 2)) << 2;
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = qr + 8 * i, c = wg * kN + frag_col(nb, 0);
-            float* dst = Qacc + r * kDqLd<DT> + c;
-            if constexpr (kTma) {
-              const int cc = c & 31, swizzled = (((cc >> 2) ^ (r & 7)) << 2) | (cc & 3);
-              dst = Qacc + (c >> 5) * kRows * 32 + r * 32 + swizzled;
-            }
-            *reinterpret_cast<float2*>(dst) = make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
-          }
+          for (int nb = 0; nb < kN / 8; ++nb)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+              *reinterpret_cast<float2*>(first + (nb >> 2) * kRows * 32 + i * 8 * 32 +
+                                         chunk[nb & 3]) =
+                  make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+        } else {
+#pragma unroll
+          for (int nb = 0; nb < kN / 8; ++nb)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+              *reinterpret_cast<float2*>(Qacc + (qr + 8 * i) * kDqLd<DT> + wg * kN +
+                                         frag_col(nb, 0)) =
+                  make_float2(dq[nb][2 * i], dq[nb][2 * i + 1]);
+        }
         fence_proxy_async();
         sync_wg();
         const int cols = imin(kN, a.dim - wg * kN);  // of the head dim, in this half

@@ -26,10 +26,14 @@ __device__ __forceinline__ bool tile_box(const FnaArgs& a, const int (&logs)[kMa
                                          const int (&tpg)[kMaxRank], const int (&units)[kMaxRank],
                                          int64_t slot, Box& t, int stacked = -1, int parts = 1) {
   bool nonempty = true;
+  // (Slots are below 2^31, the grid's x extent: unsigned 32-bit divisions, a fraction of the
+  // instructions of 64-bit signed ones.)
+  unsigned rest = static_cast<unsigned>(slot);
 #pragma unroll
   for (int ax = kMaxRank - 1; ax >= 0; --ax) {
-    const int u = static_cast<int>(slot % units[ax]);
-    slot /= units[ax];
+    const unsigned n = static_cast<unsigned>(units[ax]);
+    const int u = static_cast<int>(rest % n);
+    rest /= n;
     const int boxes = ax == stacked ? parts : 1;
     t.grp[ax] = u / tpg[ax];
     t.lg[ax] = group_length(a.ax[ax].length, a.ax[ax].dilation, t.grp[ax]);
@@ -207,7 +211,7 @@ __device__ __forceinline__ KeyWalk key_walk(const FnaArgs& a, const Box& qb) {
     const int hi = win_end(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
     const int t = 1 << a.kvlog[ax];
     w.box_lo[ax] = lo;
-    w.n[ax] = (hi - lo + t - 1) / t;
+    w.n[ax] = (hi - lo + t - 1) >> a.kvlog[ax];  // (hi >= lo)
     w.full_lo[ax] = win_start(a.ax[ax], qb.lg[ax], qb.hi[ax] - 1);
     w.full_hi[ax] = win_end(a.ax[ax], qb.lg[ax], qb.lo[ax]);
     w.spatial *= w.n[ax];
