@@ -32,15 +32,16 @@ def test_user_tiles_match_reference(q_tile, kv_tile):
     assert rel_err(lse, ref_lse) < TOLERANCE[jnp.bfloat16], f"{q_tile} {kv_tile} (seed {seed})"
 
 
-def _fused_op_and_loss(name, dtype):
-    """Case `name` on fresh inputs of `dtype`: the fused op f(x) and the loss sum(f(x) * cot), its
-    cotangent a float32 host array (a constant on any device)."""
+def _fused_op_and_loss(name, dtype, **kw):
+    """Case `name` on fresh inputs of `dtype`: the fused op f(x) (more keyword arguments `kw`,
+    e.g. scale) and the loss sum(f(x) * cot), its cotangent a float32 host array (a constant on
+    any device)."""
     case = next(c for c in CASES if c.name == name)
     rng, seed = fresh_rng()
     x = make_inputs(case, dtype, rng)
     out_shape = x["query"].shape[:-1] + x["value"].shape[-1:]
     cot = rng.standard_normal(out_shape).astype(np.float32)
-    f = lambda x: na_fn(case.rank)(**x, **case.kwargs(), backend="fused")
+    f = lambda x: na_fn(case.rank)(**x, **case.kwargs(), **kw, backend="fused")
     loss = lambda x: jnp.sum(f(x).astype(jnp.float32) * cot)
     return case, x, cot, f, loss, seed
 
@@ -124,6 +125,33 @@ def test_mma_families_match_reference(case):
         for mma in families[1:]:
             err = rel_err(grads[mma][name], grads[families[0]][name])
             assert err < 2 * TOLERANCE[jnp.float16], f"d{name} {mma} (seed {seed})"
+
+
+# A negative scale: the kernels fold its sign into the scores (the online softmax's running max
+# must be the largest logit's), on their unmasked and masked steps, with and without rpb. Each
+# forward kernel of both MMA families: the one-warpgroup kernels at head-dim tile 32 (2d-mixed
+# without a bias, 2d-tiles-rpb-mqa with one), the box walk on the TMA (3d-tiles-d64), the
+# warp-specialized kernel at 128 (2d-stride-dil-d128); the backward's weights likewise.
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["2d-mixed", "2d-tiles-rpb-mqa", "3d-tiles-d64",
+                                  "2d-stride-dil-d128"])
+def test_negative_scale_matches_reference(name):
+    require("fused")
+    scale = -0.3
+    case, x, cot, f, loss, seed = _fused_op_and_loss(name, jnp.bfloat16, scale=scale)
+    args = (x["query"], x["key"], x["value"], *case.oracle_args())
+    ref_out = oracle.attention(*args, scale=scale, rpb=x.get("rpb"))[0]
+    ref = oracle.attention_vjp(*args, cot, np.zeros(cot.shape[:-1]), scale=scale,
+                               rpb=x.get("rpb"))
+    tol = TOLERANCE[jnp.bfloat16]
+    for mma in ["mma_sync", "wgmma"] if _is_hopper() else ["mma_sync"]:
+        with jax_natten.fused_config(mma=mma):
+            out = on_backend("fused", f, x)
+            grads = on_backend("fused", jax.grad(loss), x)
+        assert rel_err(out, ref_out) < tol, f"{mma} out (seed {seed})"
+        for key, want in ref.items():
+            err = rel_err(grads[key], want)
+            assert err < 2 * tol, f"{mma} d{key}: {err:.2e} (seed {seed})"
 
 
 @pytest.mark.gpu
