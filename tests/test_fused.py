@@ -46,6 +46,15 @@ def _fused_op_and_loss(name, dtype, **kw):
     return case, x, cot, f, loss, seed
 
 
+def _reference(case, x, cot, scale):
+    """The float64 oracle's output and gradients (of sum(out * cot)) for case's inputs x."""
+    args = (x["query"], x["key"], x["value"], *case.oracle_args())
+    out = oracle.attention(*args, scale=scale, rpb=x.get("rpb"))[0]
+    grads = oracle.attention_vjp(*args, cot, np.zeros(cot.shape[:-1]), scale=scale,
+                                 rpb=x.get("rpb"))
+    return out, grads
+
+
 # Deterministic mode runs another schedule (a dq kernel and a dk/dv walk; fna.cuh) than the
 # default on Hopper (one walk adding dq in float32): both head-dim tiles the single walk serves.
 @pytest.mark.parametrize("name", ["2d-tiles-rpb-mqa", "3d-tiles-d64"])
@@ -139,10 +148,7 @@ def test_negative_scale_matches_reference(name):
     require("fused")
     scale = -0.3
     case, x, cot, f, loss, seed = _fused_op_and_loss(name, jnp.bfloat16, scale=scale)
-    args = (x["query"], x["key"], x["value"], *case.oracle_args())
-    ref_out = oracle.attention(*args, scale=scale, rpb=x.get("rpb"))[0]
-    ref = oracle.attention_vjp(*args, cot, np.zeros(cot.shape[:-1]), scale=scale,
-                               rpb=x.get("rpb"))
+    ref_out, ref = _reference(case, x, cot, scale)
     tol = TOLERANCE[jnp.bfloat16]
     for mma in ["mma_sync", "wgmma"] if _is_hopper() else ["mma_sync"]:
         with jax_natten.fused_config(mma=mma):
@@ -234,10 +240,7 @@ def test_large_rpb_gradient_matches_reference():
 def test_every_gpu_runs_the_kernels(name):
     require("fused")
     case, x, cot, f, loss, seed = _fused_op_and_loss(name, jnp.bfloat16)
-    args = (x["query"], x["key"], x["value"], *case.oracle_args())
-    ref_out = oracle.attention(*args, scale=case.dim ** -0.5, rpb=x.get("rpb"))[0]
-    ref = oracle.attention_vjp(*args, cot, np.zeros(cot.shape[:-1]), scale=case.dim ** -0.5,
-                               rpb=x.get("rpb"))
+    ref_out, ref = _reference(case, x, cot, case.dim ** -0.5)
     tol = TOLERANCE[jnp.bfloat16]
     for dev in jax.devices("gpu"):
         xd = jax.device_put(x, dev)
